@@ -1,0 +1,36 @@
+# Every target bootstraps its own virtualenv, so on a fresh clone
+# `make serve` and `make test` are the only two commands that matter.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-dev
+
+.PHONY: serve test lint typecheck unit conformance clean install
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/ojs-trio serve --host 127.0.0.1 --port $${OJS_PORT:-8080} --storage $${OJS_STORAGE:-memory://}
+
+lint: $(STAMP)
+	$(BIN)/ruff check ojs_trio tests examples bench
+	$(BIN)/ruff format --check ojs_trio tests examples bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest -q
+
+test: lint typecheck unit
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
