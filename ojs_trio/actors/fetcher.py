@@ -1,0 +1,163 @@
+"""Fetcher pools: one actor per queue set, claiming for all waiting fetches at once.
+
+HTTP handlers and embedded workers do not call storage to fetch.  They send a
+:class:`FetchRequest` to the pool for their queue set and wait for it to be
+filled.  The pool gathers every waiting request and serves them with one
+``Storage.claim`` call; requests that got nothing and asked to wait stay
+parked until a job arrives in one of the pool's queues (a wake-up from the
+engine, never a poll loop) or their deadline passes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from ojs_trio.engine.job import Job
+from ojs_trio.engine.timeutil import WallClock
+from ojs_trio.storage.port import ClaimRequest, Storage
+
+log = logging.getLogger("ojs_trio.fetcher")
+
+# How long a pool with nothing to do waits before re-checking storage anyway.
+# Jobs made available by another server process on a shared backend arrive
+# through adapter notifications; this bound only limits the damage of a lost one.
+IDLE_RECHECK = 1.0
+
+
+@dataclass(eq=False)
+class FetchRequest:
+    queues: tuple[str, ...]
+    count: int
+    worker_id: str | None
+    visibility_ms: int | None
+    deadline: float  # trio clock; <= now means "do not wait"
+    jobs: list[Job] = field(default_factory=list)
+    done: trio.Event = field(default_factory=trio.Event)
+    abandoned: bool = False
+
+    def claim_request(self) -> ClaimRequest:
+        return ClaimRequest(self.queues, self.count, self.worker_id, self.visibility_ms)
+
+    def fulfil(self, jobs: list[Job]) -> None:
+        self.jobs = jobs
+        self.done.set()
+
+
+@dataclass
+class PoolStatistics:
+    queues: tuple[str, ...]
+    waiting: int
+    claims: int
+    jobs_delivered: int
+
+
+Releaser = Callable[[list[Job]], Awaitable[None]]
+Notifier = Callable[[list[Job]], None]
+
+
+class FetcherPool:
+    """Owns the waiting fetches of one queue set."""
+
+    def __init__(
+        self,
+        queues: tuple[str, ...],
+        storage: Storage,
+        clock: WallClock,
+        release: Releaser,
+        on_claimed: Notifier,
+        buffer: int = 64,
+        max_batch: int = 512,
+    ) -> None:
+        self.queues = queues
+        self._storage = storage
+        self._clock = clock
+        self._release = release
+        self._on_claimed = on_claimed
+        self._max_batch = max_batch
+        self.send_channel, self._receive = trio.open_memory_channel[FetchRequest](buffer)
+        self._waiting: list[FetchRequest] = []
+        self._wake = trio.Event()
+        self._draining = False
+        self._claims = 0
+        self._delivered = 0
+
+    def wake(self) -> None:
+        """Jobs may have become available in one of our queues."""
+        self._wake.set()
+
+    def drain(self) -> None:
+        """Shutdown: answer every waiting fetch now (with whatever it has: nothing)."""
+        self._draining = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._receive_requests)
+            await self._serve()
+            nursery.cancel_scope.cancel()
+
+    async def _receive_requests(self) -> None:
+        async with self._receive:
+            async for request in self._receive:
+                self._waiting.append(request)
+                self._wake.set()
+
+    async def _serve(self) -> None:
+        while True:
+            self._wake = trio.Event()
+            self._waiting = [r for r in self._waiting if not r.abandoned]
+            if self._draining:
+                for request in self._waiting:
+                    request.fulfil([])
+                self._waiting.clear()
+            if self._waiting:
+                await self._claim_round()
+            now = trio.current_time()
+            deadline = min((r.deadline for r in self._waiting), default=now + IDLE_RECHECK)
+            if not self._waiting:
+                await self._wake.wait()
+                continue
+            with trio.move_on_at(min(deadline, now + IDLE_RECHECK)):
+                await self._wake.wait()
+            self._expire(trio.current_time())
+
+    def _expire(self, now: float) -> None:
+        still = []
+        for request in self._waiting:
+            if request.deadline <= now:
+                request.fulfil([])
+            else:
+                still.append(request)
+        self._waiting = still
+
+    async def _claim_round(self) -> None:
+        batch = self._waiting[: self._max_batch]
+        results = await self._storage.claim([r.claim_request() for r in batch], self._clock())
+        self._claims += 1
+        now = trio.current_time()
+        served: set[int] = set()
+        orphans: list[Job] = []
+        for i, (request, jobs) in enumerate(zip(batch, results, strict=True)):
+            if request.abandoned:
+                # The fetcher gave up while we were claiming: hand the jobs back.
+                orphans.extend(jobs)
+                served.add(i)
+            elif jobs or request.deadline <= now or self._draining:
+                self._delivered += len(jobs)
+                self._on_claimed(jobs)
+                request.fulfil(jobs)
+                served.add(i)
+        self._waiting = [r for i, r in enumerate(batch) if i not in served] + self._waiting[
+            len(batch) :
+        ]
+        if orphans:
+            await self._release(orphans)
+        if len(batch) == self._max_batch and any(results):
+            self._wake.set()  # more requests than one batch: go round again at once
+
+    def statistics(self) -> PoolStatistics:
+        return PoolStatistics(self.queues, len(self._waiting), self._claims, self._delivered)

@@ -1,0 +1,62 @@
+"""Delay promoter: scheduled and retryable jobs become available when due.
+
+It keeps the next due time, sleeps until then, and is woken early over its
+channel when a job due sooner arrives (a new delayed job, a retry with a short
+backoff).  ``max_sleep`` bounds the sleep so due times set by other server
+processes on a shared backend are still noticed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import trio
+
+from ojs_trio.actors.timers import trio_deadline_for
+from ojs_trio.engine.job import Job
+from ojs_trio.engine.timeutil import WallClock
+from ojs_trio.storage.port import Storage
+
+
+class DelayPromoter:
+    def __init__(
+        self,
+        storage: Storage,
+        clock: WallClock,
+        on_promoted: Callable[[list[Job]], None],
+        *,
+        batch: int = 1000,
+        max_sleep: float = 1.0,
+    ) -> None:
+        self._storage = storage
+        self._clock = clock
+        self._on_promoted = on_promoted
+        self._batch = batch
+        self._max_sleep = max_sleep
+        self._kick_send, self._kick_receive = trio.open_memory_channel[float](32)
+        self.promoted = 0
+        self.passes = 0
+
+    def notify_due_nowait(self, due_at: float) -> None:
+        """A job is due at ``due_at`` (wall clock).  Never blocks the caller."""
+        try:
+            self._kick_send.send_nowait(due_at)
+        except trio.WouldBlock:
+            pass  # a full channel means a wake-up is already queued
+
+    async def run(self) -> None:
+        while True:
+            self.passes += 1
+            promoted = await self._storage.promote_due(self._clock(), self._batch)
+            if promoted:
+                self.promoted += len(promoted)
+                self._on_promoted(promoted)
+                if len(promoted) >= self._batch:
+                    continue
+            next_due = await self._storage.next_wakeup()
+            deadline = trio_deadline_for(next_due, self._clock, self._max_sleep)
+            with trio.move_on_at(deadline):
+                while True:
+                    due_at = await self._kick_receive.receive()
+                    if next_due is None or due_at < next_due:
+                        break  # sooner than planned: re-plan now

@@ -1,0 +1,1 @@
+"""Pure job rules (model, validation, state machine, retry math) and the Engine."""

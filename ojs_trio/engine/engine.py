@@ -1,0 +1,475 @@
+"""The Engine: owns the actors, the storage handle and the public job API.
+
+``async with open_engine(storage, config) as engine:`` opens storage, starts
+the supervised actors in the engine's own nurseries and yields the engine.
+Leaving the block drains in order: waiting fetches are answered first, then
+fetcher pools stop, then the timed actors (promoter, reaper, heartbeater),
+and storage is closed last.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ojs_trio.actors.fetcher import FetcherPool, FetchRequest
+from ojs_trio.actors.heartbeater import HeartbeatCall, VisibilityHeartbeater
+from ojs_trio.actors.promoter import DelayPromoter
+from ojs_trio.actors.reaper import Reaper
+from ojs_trio.actors.supervisor import Supervisor
+from ojs_trio.engine.errors import InvalidRequest, OjsError, ShuttingDown
+from ojs_trio.engine.events import EventBus, job_event
+from ojs_trio.engine.job import Job
+from ojs_trio.engine.lifecycle import Failure
+from ojs_trio.engine.middleware import EnqueueMiddleware, ExecutionMiddleware, build_enqueue_chain
+from ojs_trio.engine.states import JobState
+from ojs_trio.engine.timeutil import WallClock, system_clock
+from ojs_trio.engine.validation import parse_job, validate_queue, validate_type
+from ojs_trio.engine.worker import Handler, WorkerPool
+from ojs_trio.storage.port import DeadLetterPage, EnqueueResult, QueueInfo, Storage
+
+log = logging.getLogger("ojs_trio.engine")
+
+WORKER_STATES = ("running", "quiet", "terminate")
+
+
+@dataclass
+class EngineConfig:
+    """Tunables.  Defaults suit a server; tests shrink the timers."""
+
+    default_visibility_ms: int = 30_000
+    max_fetch_count: int = 1000
+    max_fetch_wait_ms: int = 60_000
+    heartbeat_interval: float = 5.0  # embedded workers' lease extension period
+    timer_max_sleep: float = 1.0  # promoter/reaper re-check bound (shared backends)
+    event_log_size: int = 10_000
+    event_subscriber_buffer: int = 256
+    honour_test_directives: bool = False  # conformance hook; off in production
+    clock: WallClock = system_clock
+    rng: random.Random | None = None
+    supervisor: Supervisor = field(default_factory=Supervisor)
+
+
+@dataclass
+class WorkerInfo:
+    worker_id: str
+    last_seen: float
+    directive: str = "running"
+    active_jobs: int = 0
+
+
+@dataclass
+class HeartbeatReply:
+    state: str
+    extended: list[str]
+    server_time: float
+
+
+@dataclass
+class EngineStatistics:
+    enqueued: int
+    fetched: int
+    acked: int
+    nacked: int
+    fetcher_pools: int
+    waiting_fetches: int
+    promoted: int
+    reaped: int
+    events: int
+    actors: list[dict[str, Any]]
+
+
+class Engine:
+    def __init__(self, storage: Storage, config: EngineConfig | None = None) -> None:
+        self.storage = storage
+        self.config = config or EngineConfig()
+        self.clock = self.config.clock
+        self.events = EventBus(self.config.event_log_size, self.config.event_subscriber_buffer)
+        self.supervisor = self.config.supervisor
+        self._pools: dict[tuple[str, ...], FetcherPool] = {}
+        self._pools_by_queue: dict[str, set[FetcherPool]] = {}
+        self._pool_nursery: trio.Nursery | None = None
+        self._workers: dict[str, WorkerInfo] = {}
+        self.handlers: dict[str, Handler] = {}
+        self._enqueue_middleware: list[EnqueueMiddleware] = []
+        self.execution_middleware: list[ExecutionMiddleware] = []
+        self.draining = False
+        self.started_at = self.clock()
+        self._counters = {"enqueued": 0, "fetched": 0, "acked": 0, "nacked": 0}
+        self.promoter = DelayPromoter(
+            storage, self.clock, self._jobs_became_available, max_sleep=self.config.timer_max_sleep
+        )
+        self.reaper = Reaper(
+            storage, self.clock, self._jobs_reaped, max_sleep=self.config.timer_max_sleep
+        )
+        self.heartbeater = VisibilityHeartbeater(
+            storage, self.clock, interval=self.config.heartbeat_interval
+        )
+
+    # -- middleware ----------------------------------------------------------------
+
+    def use_enqueue(self, middleware: EnqueueMiddleware) -> None:
+        self._enqueue_middleware.append(middleware)
+
+    def use_execution(self, middleware: ExecutionMiddleware) -> None:
+        self.execution_middleware.append(middleware)
+
+    # -- embedded workers -------------------------------------------------------------
+
+    def register(self, job_type: str, handler: Handler) -> None:
+        """Route jobs of ``job_type`` to ``handler`` in this process's workers."""
+        self.handlers[validate_type(job_type)] = handler
+
+    def worker_pool(
+        self, queues: Sequence[str], concurrency: int = 1, **options: Any
+    ) -> WorkerPool:
+        return WorkerPool(self, self.handlers, queues, concurrency, **options)
+
+    async def run_workers(
+        self,
+        queues: Sequence[str],
+        concurrency: int = 1,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+        **options: Any,
+    ) -> None:
+        """Run ``concurrency`` workers until the engine shuts down or the task is cancelled."""
+        await self.worker_pool(queues, concurrency, **options).run(task_status=task_status)
+
+    # -- wake-ups and events -------------------------------------------------------
+
+    def notify_available(self, queues: Iterable[str]) -> None:
+        """Jobs became available in ``queues``: wake the pools that serve them.
+
+        Adapters shared between processes call this from their own listeners
+        (e.g. PostgreSQL LISTEN/NOTIFY) as well.
+        """
+        for queue in set(queues):
+            for pool in self._pools_by_queue.get(queue, ()):
+                pool.wake()
+
+    def _publish(self, kind: str, job: Job, **data: Any) -> None:
+        self.events.publish(job_event(kind, job, self.clock(), **data))
+
+    def _jobs_became_available(self, jobs: list[Job]) -> None:
+        self.notify_available(j.queue for j in jobs if j.state is JobState.AVAILABLE)
+
+    def _jobs_reaped(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            if job.state is JobState.DISCARDED:
+                self._publish("job.discarded", job, reason=(job.error or {}).get("code"))
+            elif job.state is JobState.RETRYABLE:
+                self._publish("job.failed", job, error=job.error)
+                self._publish("job.retrying", job, retry_delay_ms=job.retry_delay_ms)
+                if job.scheduled_at is not None:
+                    self.promoter.notify_due_nowait(job.scheduled_at)
+            else:
+                self._publish("job.requeued", job, reason=(job.error or {}).get("code"))
+        self._jobs_became_available(jobs)
+
+    def _jobs_claimed(self, jobs: list[Job]) -> None:
+        self._counters["fetched"] += len(jobs)
+        for job in jobs:
+            self._publish("job.started", job, worker_id=job.worker_id)
+
+    # -- producing -----------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self.draining:
+            raise ShuttingDown("The engine is shutting down")
+
+    async def submit(self, body: Any) -> EnqueueResult:
+        """Enqueue one job from an OJS envelope (the HTTP request body)."""
+        return (await self.submit_many([body]))[0]
+
+    async def submit_many(self, bodies: Sequence[Any]) -> list[EnqueueResult]:
+        """Validate every envelope first, then store them in one storage call."""
+        now = self.clock()
+        errors: list[dict[str, Any]] = []
+        jobs: list[Job] = []
+        for index, body in enumerate(bodies):
+            try:
+                jobs.append(parse_job(body, now))
+            except OjsError as exc:
+                if len(bodies) == 1:
+                    raise
+                errors.append({"index": index, **exc.to_wire()})
+        if errors:
+            raise InvalidRequest(
+                f"{len(errors)} of {len(bodies)} jobs are invalid; none were enqueued",
+                details={"errors": errors},
+            )
+        return await self.enqueue_jobs(jobs)
+
+    async def enqueue(
+        self, job_type: str, args: list[Any] | None = None, **options: Any
+    ) -> EnqueueResult:
+        """Embedded convenience: ``await engine.enqueue("email.send", [to], queue="mail")``."""
+        body: dict[str, Any] = {"type": job_type, "args": args if args is not None else []}
+        meta = options.pop("meta", None)
+        if meta is not None:
+            body["meta"] = meta
+        job_id = options.pop("id", None)
+        if job_id is not None:
+            body["id"] = job_id
+        if options:
+            body["options"] = options
+        return await self.submit(body)
+
+    async def enqueue_jobs(self, jobs: Sequence[Job]) -> list[EnqueueResult]:
+        self._check_open()
+        if self._enqueue_middleware:
+            chain = build_enqueue_chain(self._enqueue_middleware, _identity)
+            kept = []
+            for job in jobs:
+                out = await chain(job)
+                if out is not None:
+                    kept.append(out)
+            jobs = kept
+        if not jobs:
+            return []
+        results = await self.storage.enqueue(jobs, self.clock())
+        self._counters["enqueued"] += sum(1 for r in results if r.created)
+        for result in results:
+            if not result.created:
+                continue
+            job = result.job
+            self._publish("job.enqueued", job)
+            if job.state is JobState.SCHEDULED and job.scheduled_at is not None:
+                self.promoter.notify_due_nowait(job.scheduled_at)
+        self._jobs_became_available([r.job for r in results])
+        return results
+
+    # -- consuming -----------------------------------------------------------------
+
+    def _pool_for(self, queues: tuple[str, ...]) -> FetcherPool:
+        pool = self._pools.get(queues)
+        if pool is None:
+            if self._pool_nursery is None:
+                raise ShuttingDown("The engine is not running")
+            pool = FetcherPool(queues, self.storage, self.clock, self._release, self._jobs_claimed)
+            self._pools[queues] = pool
+            for queue in queues:
+                self._pools_by_queue.setdefault(queue, set()).add(pool)
+            self.supervisor.start(self._pool_nursery, "fetcher:" + ",".join(queues), pool.run)
+        return pool
+
+    async def fetch(
+        self,
+        queues: Sequence[str],
+        count: int = 1,
+        *,
+        worker_id: str | None = None,
+        visibility_ms: int | None = None,
+        wait_ms: int = 0,
+    ) -> list[Job]:
+        """Claim up to ``count`` jobs; wait up to ``wait_ms`` for the first to arrive."""
+        if not queues:
+            raise InvalidRequest("'queues' must list at least one queue", details={"field": "queues"})
+        key = tuple(validate_queue(q, "queues") for q in queues)
+        count = max(1, min(count, self.config.max_fetch_count))
+        wait = min(max(0, wait_ms), self.config.max_fetch_wait_ms) / 1000.0
+        if self.draining:
+            return []
+        if worker_id is not None:
+            self._touch_worker(worker_id)
+        request = FetchRequest(
+            queues=key,
+            count=count,
+            worker_id=worker_id,
+            visibility_ms=visibility_ms,
+            deadline=trio.current_time() + wait,
+        )
+        await self._pool_for(key).send_channel.send(request)
+        try:
+            await request.done.wait()
+        except BaseException:
+            request.abandoned = True
+            if request.done.is_set() and request.jobs:
+                with trio.CancelScope(shield=True):
+                    await self._release(request.jobs)
+            raise
+        return request.jobs
+
+    async def _release(self, jobs: list[Job]) -> None:
+        """Give claimed-but-undelivered jobs back (their fetcher went away)."""
+        failure = Failure(code="released", message="fetch abandoned before delivery")
+        for job in jobs:
+            try:
+                await self.storage.nack(job.id, job.worker_id, failure, True, self.clock())
+            except OjsError:
+                log.warning("could not release job %s; its lease will expire", job.id)
+        self._jobs_became_available(jobs)
+
+    async def ack(
+        self, job_id: str, result: Any = None, *, has_result: bool = True, worker_id: str | None = None
+    ) -> Job:
+        job = await self.storage.ack(job_id, worker_id, result, has_result, self.clock())
+        self._counters["acked"] += 1
+        duration_ms = None
+        if job.started_at is not None and job.completed_at is not None:
+            duration_ms = round((job.completed_at - job.started_at) * 1000)
+        self._publish("job.completed", job, duration_ms=duration_ms)
+        return job
+
+    async def nack(
+        self,
+        job_id: str,
+        failure: Failure | None = None,
+        *,
+        worker_id: str | None = None,
+        requeue: bool = False,
+    ) -> Job:
+        job = await self.storage.nack(
+            job_id, worker_id, failure or Failure(), requeue, self.clock()
+        )
+        self._counters["nacked"] += 1
+        if requeue:
+            self._publish("job.requeued", job)
+        else:
+            self._publish("job.failed", job, error=job.error)
+            if job.state is JobState.RETRYABLE:
+                self._publish("job.retrying", job, retry_delay_ms=job.retry_delay_ms)
+                if job.scheduled_at is not None:
+                    self.promoter.notify_due_nowait(job.scheduled_at)
+            elif job.state is JobState.DISCARDED:
+                self._publish("job.discarded", job, dead_letter=job.dead_letter)
+        self._jobs_became_available([job])
+        return job
+
+    def _touch_worker(self, worker_id: str) -> WorkerInfo:
+        info = self._workers.get(worker_id)
+        if info is None:
+            info = self._workers[worker_id] = WorkerInfo(worker_id, self.clock())
+        info.last_seen = self.clock()
+        return info
+
+    def set_worker_directive(self, worker_id: str, directive: str) -> WorkerInfo:
+        if directive not in WORKER_STATES:
+            raise InvalidRequest(f"unknown worker directive {directive!r}")
+        info = self._touch_worker(worker_id)
+        info.directive = directive
+        return info
+
+    def workers(self) -> list[WorkerInfo]:
+        return list(self._workers.values())
+
+    async def heartbeat(
+        self,
+        worker_id: str,
+        job_ids: Sequence[str] = (),
+        *,
+        visibility_ms: int | None = None,
+    ) -> HeartbeatReply:
+        info = self._touch_worker(worker_id)
+        info.active_jobs = len(job_ids)
+        call = HeartbeatCall(worker_id, tuple(job_ids), visibility_ms)
+        await self.heartbeater.send_channel.send(call)
+        await call.done.wait()
+        if call.error is not None:
+            raise call.error
+        state = info.directive
+        if self.draining:
+            state = "terminate"
+        elif self.config.honour_test_directives:
+            for job in call.extended:
+                if job.directive in WORKER_STATES:
+                    state = job.directive
+        return HeartbeatReply(state, [j.id for j in call.extended], self.clock())
+
+    # -- inspection and control ------------------------------------------------------
+
+    async def get(self, job_id: str) -> Job:
+        return await self.storage.get(job_id)
+
+    async def cancel(self, job_id: str) -> Job:
+        job = await self.storage.cancel(job_id, self.clock())
+        self._publish("job.cancelled", job)
+        return job
+
+    async def list_dead_letter(
+        self, queue: str | None = None, limit: int = 50, offset: int = 0
+    ) -> DeadLetterPage:
+        return await self.storage.list_dead_letter(queue, limit, offset)
+
+    async def retry_dead_letter(self, job_id: str) -> Job:
+        job = await self.storage.retry_dead_letter(job_id, self.clock())
+        self._publish("job.enqueued", job, from_dead_letter=True)
+        self._jobs_became_available([job])
+        return job
+
+    async def delete_dead_letter(self, job_id: str) -> Job:
+        return await self.storage.delete_dead_letter(job_id)
+
+    async def list_queues(self) -> list[QueueInfo]:
+        return await self.storage.list_queues()
+
+    async def reset(self) -> None:
+        """Empty storage and the event log (test isolation)."""
+        await self.storage.reset()
+        self.events.clear()
+        self._workers.clear()
+
+    async def health(self) -> dict[str, Any]:
+        backend = await self.storage.ping()
+        return {"backend": backend, "uptime_seconds": round(self.clock() - self.started_at)}
+
+    def statistics(self) -> EngineStatistics:
+        pools = [p.statistics() for p in self._pools.values()]
+        return EngineStatistics(
+            enqueued=self._counters["enqueued"],
+            fetched=self._counters["fetched"],
+            acked=self._counters["acked"],
+            nacked=self._counters["nacked"],
+            fetcher_pools=len(pools),
+            waiting_fetches=sum(p.waiting for p in pools),
+            promoted=self.promoter.promoted,
+            reaped=self.reaper.reaped,
+            events=self.events.statistics().published,
+            actors=[vars(s).copy() for s in self.supervisor.statistics()],
+        )
+
+    def begin_shutdown(self) -> None:
+        """Stop taking work: waiting fetches are answered now, new ones get nothing."""
+        self.draining = True
+        for pool in self._pools.values():
+            pool.drain()
+
+
+async def _identity(job: Job) -> Job:
+    return job
+
+
+@asynccontextmanager
+async def open_engine(
+    storage: Storage, config: EngineConfig | None = None
+) -> AsyncIterator[Engine]:
+    """Run an engine for the duration of the ``async with`` block."""
+    engine = Engine(storage, config)
+    await storage.open()
+    try:
+        async with trio.open_nursery() as timed_actors:
+            sup = engine.supervisor
+            sup.start(timed_actors, "promoter", engine.promoter.run)
+            sup.start(timed_actors, "reaper", engine.reaper.run)
+            sup.start(timed_actors, "heartbeater", engine.heartbeater.run)
+            async with trio.open_nursery() as pools:
+                engine._pool_nursery = pools
+                try:
+                    yield engine
+                finally:
+                    engine.begin_shutdown()
+                    # Let drained fetches reach their callers before pools stop.
+                    await trio.lowlevel.checkpoint()
+                    engine._pool_nursery = None
+                    pools.cancel_scope.cancel()
+            timed_actors.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await storage.aclose()

@@ -1,0 +1,166 @@
+"""Lifecycle events (ojs-events.md): a bounded log plus live subscriptions.
+
+Publishing never blocks the engine: the log is a ring buffer, and each
+subscriber has a small buffer; a subscriber that falls behind loses events and
+is told so (``dropped`` counts them) instead of slowing anyone down.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ojs_trio.engine.ids import uuid7
+from ojs_trio.engine.job import Job
+from ojs_trio.engine.timeutil import format_ts
+
+JOB_EVENTS = (
+    "job.enqueued",
+    "job.started",
+    "job.completed",
+    "job.failed",
+    "job.retrying",
+    "job.cancelled",
+    "job.discarded",
+    "job.requeued",
+    "job.expired",
+)
+
+
+def job_event(kind: str, job: Job, now: float, **data: Any) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "job_id": job.id,
+        "job_type": job.type,
+        "queue": job.queue,
+        "state": job.state.value,
+        "attempt": job.attempt,
+    }
+    payload.update(data)
+    return {
+        "specversion": "1.0",
+        "id": uuid7(),
+        "type": kind,
+        "source": "ojs-trio",
+        "subject": job.id,
+        "time": format_ts(now),
+        "timestamp": format_ts(now),
+        "job_id": job.id,
+        "queue": job.queue,
+        "state": job.state.value,
+        "data": payload,
+    }
+
+
+@dataclass(eq=False)
+class Subscription:
+    """A live event feed.  Iterate with ``async for``; check ``dropped`` for gaps."""
+
+    types: frozenset[str] | None
+    queues: frozenset[str] | None
+    job_id: str | None
+    send: trio.MemorySendChannel[dict[str, Any]]
+    receive: trio.MemoryReceiveChannel[dict[str, Any]]
+    dropped: int = 0
+
+    def wants(self, event: dict[str, Any]) -> bool:
+        if self.types is not None and event["type"] not in self.types:
+            return False
+        if self.queues is not None and event.get("queue") not in self.queues:
+            return False
+        return self.job_id is None or event.get("job_id") == self.job_id
+
+
+@dataclass
+class EventStatistics:
+    published: int
+    retained: int
+    subscribers: int
+    dropped: int
+
+
+@dataclass
+class EventBus:
+    capacity: int = 10_000
+    subscriber_buffer: int = 256
+    _log: deque[tuple[int, dict[str, Any]]] = field(init=False)
+    _seq: itertools.count[int] = field(init=False, default_factory=itertools.count)
+    _subs: set[Subscription] = field(init=False, default_factory=set)
+    _published: int = field(init=False, default=0)
+    _dropped: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self._log = deque(maxlen=self.capacity)
+
+    def publish(self, event: dict[str, Any]) -> None:
+        self._published += 1
+        self._log.append((next(self._seq), event))
+        for sub in self._subs:
+            if not sub.wants(event):
+                continue
+            try:
+                sub.send.send_nowait(event)
+            except trio.WouldBlock:
+                sub.dropped += 1
+                self._dropped += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    def publish_many(self, events: Iterable[dict[str, Any]]) -> None:
+        for event in events:
+            self.publish(event)
+
+    def query(
+        self,
+        types: Iterable[str] | None = None,
+        queues: Iterable[str] | None = None,
+        job_id: str | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """The most recent ``limit`` matching events, oldest first."""
+        type_set = frozenset(types) if types else None
+        queue_set = frozenset(queues) if queues else None
+        matched: list[dict[str, Any]] = []
+        for _, event in reversed(self._log):
+            if type_set is not None and event["type"] not in type_set:
+                continue
+            if queue_set is not None and event.get("queue") not in queue_set:
+                continue
+            if job_id is not None and event.get("job_id") != job_id:
+                continue
+            matched.append(event)
+            if len(matched) >= limit:
+                break
+        matched.reverse()
+        return matched
+
+    def subscribe(
+        self,
+        types: Iterable[str] | None = None,
+        queues: Iterable[str] | None = None,
+        job_id: str | None = None,
+    ) -> Subscription:
+        send, receive = trio.open_memory_channel[dict[str, Any]](self.subscriber_buffer)
+        sub = Subscription(
+            types=frozenset(types) if types else None,
+            queues=frozenset(queues) if queues else None,
+            job_id=job_id,
+            send=send,
+            receive=receive,
+        )
+        self._subs.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        self._subs.discard(sub)
+        sub.send.close()
+
+    def clear(self) -> None:
+        self._log.clear()
+
+    def statistics(self) -> EventStatistics:
+        return EventStatistics(self._published, len(self._log), len(self._subs), self._dropped)

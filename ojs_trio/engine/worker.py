@@ -1,0 +1,163 @@
+"""Embedded workers: run job handlers inside a Trio application.
+
+Register handlers by job type, then run a pool of workers::
+
+    engine.register("email.send", send_email)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine_workers.run, ["default"], 8)
+
+A handler receives a :class:`JobContext` and returns the job's result.  Raising
+fails the attempt (retried per the job's policy); raise :class:`Discard` or
+:class:`DeadLetter` to end the job at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ojs_trio.engine.errors import OjsError
+from ojs_trio.engine.job import Job
+from ojs_trio.engine.lifecycle import Failure
+from ojs_trio.engine.middleware import build_execution_chain
+
+if TYPE_CHECKING:
+    from ojs_trio.engine.engine import Engine
+
+log = logging.getLogger("ojs_trio.worker")
+
+Handler = Callable[["JobContext"], Awaitable[Any]]
+
+
+class HandlerSignal(Exception):
+    """Base for exceptions that carry an OJS handler response code."""
+
+    code = "RETRY"
+
+
+class Retry(HandlerSignal):
+    code = "RETRY"
+
+
+class Discard(HandlerSignal):
+    code = "DISCARD"
+
+
+class DeadLetter(HandlerSignal):
+    code = "DEAD_LETTER"
+
+
+@dataclass
+class JobContext:
+    job: Job
+    engine: Engine
+    worker_id: str
+    state: dict[str, Any] = field(default_factory=dict)  # for middleware to share data
+
+    @property
+    def args(self) -> list[Any]:
+        return self.job.args
+
+
+def failure_from_exception(exc: BaseException) -> Failure:
+    if isinstance(exc, HandlerSignal):
+        return Failure(code=exc.code, message=str(exc) or exc.code, type=type(exc).__name__)
+    if isinstance(exc, trio.TooSlowError):
+        return Failure(
+            code="handler_timeout", message="handler exceeded timeout_ms", type="TimeoutError"
+        )
+    return Failure(code="handler_error", message=str(exc) or repr(exc), type=type(exc).__name__)
+
+
+@dataclass
+class WorkerPoolStatistics:
+    workers: int
+    busy: int
+    completed: int
+    failed: int
+
+
+class WorkerPool:
+    """N concurrent in-process workers fetching from a list of queues."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        handlers: dict[str, Handler],
+        queues: Sequence[str],
+        concurrency: int,
+        *,
+        worker_id: str = "embedded",
+        visibility_ms: int | None = None,
+        poll_wait_ms: int = 30_000,
+    ) -> None:
+        self._engine = engine
+        self._handlers = handlers
+        self.queues = list(queues)
+        self.concurrency = concurrency
+        self.worker_id = worker_id
+        self._visibility_ms = visibility_ms
+        self._poll_wait_ms = poll_wait_ms
+        self._busy = 0
+        self.completed = 0
+        self.failed = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for n in range(self.concurrency):
+                nursery.start_soon(self._work, f"{self.worker_id}-{n}")
+            task_status.started()
+
+    async def _work(self, worker_id: str) -> None:
+        engine = self._engine
+        while not engine.draining:
+            jobs = await engine.fetch(
+                self.queues,
+                1,
+                worker_id=worker_id,
+                visibility_ms=self._visibility_ms,
+                wait_ms=self._poll_wait_ms,
+            )
+            for job in jobs:
+                await self._execute(job, worker_id)
+
+    async def _execute(self, job: Job, worker_id: str) -> None:
+        engine = self._engine
+        handler = self._handlers.get(job.type)
+        self._busy += 1
+        try:
+            if handler is None:
+                raise Discard(f"no handler registered for job type {job.type!r}")
+            ctx = JobContext(job, engine, worker_id)
+
+            async def terminal(ctx: JobContext) -> Any:
+                assert handler is not None
+                return await handler(ctx)
+
+            chain = build_execution_chain(engine.execution_middleware, terminal)
+            timeout = job.timeout_ms / 1000.0 if job.timeout_ms else float("inf")
+            with engine.heartbeater.track(job, worker_id, self._visibility_ms):
+                with trio.fail_after(timeout):
+                    result = await chain(ctx)
+        except Exception as exc:
+            self.failed += 1
+            await self._settle(engine.nack(job.id, failure_from_exception(exc), worker_id=worker_id))
+        else:
+            self.completed += 1
+            await self._settle(engine.ack(job.id, result, worker_id=worker_id))
+        finally:
+            self._busy -= 1
+
+    async def _settle(self, call: Awaitable[Job]) -> None:
+        try:
+            await call
+        except OjsError as exc:
+            # e.g. the job was cancelled meanwhile: its outcome no longer matters.
+            log.info("could not settle job: %s", exc.message)
+
+    def statistics(self) -> WorkerPoolStatistics:
+        return WorkerPoolStatistics(self.concurrency, self._busy, self.completed, self.failed)

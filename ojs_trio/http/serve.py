@@ -1,0 +1,51 @@
+"""Serve the app with Hypercorn on Trio."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve as hypercorn_serve
+
+from ojs_trio.config import Settings
+from ojs_trio.engine.engine import Engine
+from ojs_trio.http.app import create_app
+
+
+def hypercorn_config(settings: Settings) -> Config:
+    config = Config()
+    host = settings.host
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    config.bind = [f"{host}:{settings.port}"]
+    config.graceful_timeout = settings.graceful_timeout
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")  # through our formatter
+    config.keep_alive_timeout = 75
+    # Long-poll fetches hold a request open; hypercorn must not cut them off.
+    config.read_timeout = None
+    return config
+
+
+async def serve(
+    engine: Engine,
+    settings: Settings,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the OJS API for ``engine`` until ``shutdown_trigger`` returns.
+
+    ``await nursery.start(serve, engine, settings)`` gives back the bound
+    addresses (useful with port 0).  On shutdown Hypercorn stops accepting and
+    lets in-flight requests finish within ``settings.graceful_timeout``.
+    """
+    app = create_app(engine, settings)
+    await hypercorn_serve(
+        app,
+        hypercorn_config(settings),
+        shutdown_trigger=shutdown_trigger,
+        task_status=task_status,
+    )

@@ -1,0 +1,59 @@
+"""The server process: storage, engine and HTTP, with ordered, signal-driven shutdown."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import trio
+
+from ojs_trio.config import Settings
+from ojs_trio.engine.engine import EngineConfig, open_engine
+from ojs_trio.http.serve import serve
+from ojs_trio.storage import open_storage
+
+log = logging.getLogger("ojs_trio.server")
+
+
+async def run_server(
+    settings: Settings,
+    *,
+    shutdown: trio.Event | None = None,
+    handle_signals: bool = True,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run until SIGINT/SIGTERM (or ``shutdown`` is set), then drain and return.
+
+    Shutdown order: waiting long-poll fetches are answered at once, Hypercorn
+    stops accepting and finishes in-flight requests (bounded by the graceful
+    timeout), then the actors stop and storage closes.
+    """
+    settings.check_bind()
+    stop = shutdown or trio.Event()
+    storage = open_storage(settings.storage_url)
+    engine_config = EngineConfig(honour_test_directives=settings.enable_reset)
+    async with open_engine(storage, engine_config) as engine:
+
+        async def shutdown_trigger() -> None:
+            await stop.wait()
+            log.info("shutting down: draining in-flight requests")
+            engine.begin_shutdown()
+
+        async with trio.open_nursery() as signal_scope:
+            if handle_signals:
+                signal_scope.start_soon(_watch_signals, stop)
+            async with trio.open_nursery() as http:
+                addresses = await http.start(serve, engine, settings, shutdown_trigger)
+                log.info("ojs-trio serving on %s (storage %s)", ", ".join(addresses), storage.name)
+                task_status.started(addresses)
+            # serve() has returned: the graceful drain is over.
+            signal_scope.cancel_scope.cancel()
+    log.info("ojs-trio stopped")
+
+
+async def _watch_signals(stop: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s", signal.Signals(signum).name)
+            stop.set()
+            return
