@@ -955,6 +955,23 @@ async def test_run_cases_report(tmp_path: Path) -> None:
     assert Report().summary_line() == "conformance: 0 passed, 0 failed"
 
 
+async def test_run_cases_concurrency(tmp_path: Path) -> None:
+    # Each case blocks on the fake's barrier, so this only passes if both overlap.
+    barrier = {"id": "b", "action": "GET", "path": "/barrier", "assertions": {"status": 200}}
+    write_case(tmp_path, "one", [barrier])
+    write_case(tmp_path, "two", [barrier])
+    fake = FakeOJS()
+    report = await run_cases(
+        "http://ojs.test",
+        load_cases(tmp_path),
+        concurrency=2,
+        reset=False,
+        transport=httpx.MockTransport(fake.handler),
+    )
+    assert [r.case.name for r in report.results] == ["one", "two"]
+    assert report.summary_line() == "conformance: 2 passed, 0 failed"
+
+
 # --------------------------------------------------------------------------- official suites
 
 

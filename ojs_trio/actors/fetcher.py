@@ -38,6 +38,7 @@ class FetchRequest:
     jobs: list[Job] = field(default_factory=list)
     done: trio.Event = field(default_factory=trio.Event)
     abandoned: bool = False
+    tried: bool = False  # has a claim round looked for jobs for it yet?
 
     def claim_request(self) -> ClaimRequest:
         return ClaimRequest(self.queues, self.count, self.worker_id, self.visibility_ms)
@@ -101,10 +102,11 @@ class FetcherPool:
             nursery.cancel_scope.cancel()
 
     async def _receive_requests(self) -> None:
-        async with self._receive:
-            async for request in self._receive:
-                self._waiting.append(request)
-                self._wake.set()
+        # The channel belongs to the pool object, not to one run: a restarted
+        # run() keeps receiving on it, so it is never closed here.
+        async for request in self._receive:
+            self._waiting.append(request)
+            self._wake.set()
 
     async def _serve(self) -> None:
         while True:
@@ -128,7 +130,8 @@ class FetcherPool:
     def _expire(self, now: float) -> None:
         still = []
         for request in self._waiting:
-            if request.deadline <= now:
+            # A fetch that never had a claim round gets one before it may expire.
+            if request.tried and request.deadline <= now:
                 request.fulfil([])
             else:
                 still.append(request)
@@ -142,6 +145,7 @@ class FetcherPool:
         served: set[int] = set()
         orphans: list[Job] = []
         for i, (request, jobs) in enumerate(zip(batch, results, strict=True)):
+            request.tried = True
             if request.abandoned:
                 # The fetcher gave up while we were claiming: hand the jobs back.
                 orphans.extend(jobs)

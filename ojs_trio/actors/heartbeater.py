@@ -55,16 +55,15 @@ class VisibilityHeartbeater:
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._extend_tracked)
-            async with self._receive:
-                async for call in self._receive:
-                    batch = [call]
-                    while True:
-                        try:
-                            batch.append(self._receive.receive_nowait())
-                        except trio.WouldBlock:
-                            break
-                    await self._apply(batch)
-            nursery.cancel_scope.cancel()
+            # The channel outlives one run(): a restart after a crash keeps it open.
+            async for call in self._receive:
+                batch = [call]
+                while True:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                await self._apply(batch)
 
     async def _apply(self, batch: list[HeartbeatCall]) -> None:
         now = self._clock()

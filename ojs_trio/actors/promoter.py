@@ -53,7 +53,7 @@ class DelayPromoter:
                 self._on_promoted(promoted)
                 if len(promoted) >= self._batch:
                     continue
-            next_due = await self._storage.next_wakeup()
+            next_due = await self._storage.next_due_at()
             deadline = trio_deadline_for(next_due, self._clock, self._max_sleep)
             with trio.move_on_at(deadline):
                 while True:

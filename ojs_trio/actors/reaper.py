@@ -45,5 +45,5 @@ class Reaper:
                 self._on_reaped(reaped)
                 if len(reaped) >= self._batch:
                     continue
-            next_due = await self._storage.next_wakeup()
+            next_due = await self._storage.next_reap_at()
             await trio.sleep_until(trio_deadline_for(next_due, self._clock, self._max_sleep))

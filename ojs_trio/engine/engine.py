@@ -23,8 +23,10 @@ from ojs_trio.actors.heartbeater import HeartbeatCall, VisibilityHeartbeater
 from ojs_trio.actors.promoter import DelayPromoter
 from ojs_trio.actors.reaper import Reaper
 from ojs_trio.actors.supervisor import Supervisor
+from ojs_trio.actors.cron import CronTicker
+from ojs_trio.engine.cron import CronFire, CronRecord, parse_cron_request
 from ojs_trio.engine.errors import InvalidRequest, OjsError, ShuttingDown
-from ojs_trio.engine.events import EventBus, job_event
+from ojs_trio.engine.events import EventBus, job_event, workflow_event
 from ojs_trio.engine.job import Job
 from ojs_trio.engine.lifecycle import Failure
 from ojs_trio.engine.middleware import EnqueueMiddleware, ExecutionMiddleware, build_enqueue_chain
@@ -32,6 +34,7 @@ from ojs_trio.engine.states import JobState
 from ojs_trio.engine.timeutil import WallClock, system_clock
 from ojs_trio.engine.validation import parse_job, validate_queue, validate_type
 from ojs_trio.engine.worker import Handler, WorkerPool
+from ojs_trio.engine.workflows import Workflow, parse_workflow
 from ojs_trio.storage.port import DeadLetterPage, EnqueueResult, QueueInfo, Storage
 
 log = logging.getLogger("ojs_trio.engine")
@@ -43,7 +46,6 @@ WORKER_STATES = ("running", "quiet", "terminate")
 class EngineConfig:
     """Tunables.  Defaults suit a server; tests shrink the timers."""
 
-    default_visibility_ms: int = 30_000
     max_fetch_count: int = 1000
     max_fetch_wait_ms: int = 60_000
     heartbeat_interval: float = 5.0  # embedded workers' lease extension period
@@ -108,6 +110,7 @@ class Engine:
         self.reaper = Reaper(
             storage, self.clock, self._jobs_reaped, max_sleep=self.config.timer_max_sleep
         )
+        self.cron_ticker = CronTicker(storage, self.clock, self._cron_fired)
         self.heartbeater = VisibilityHeartbeater(
             storage, self.clock, interval=self.config.heartbeat_interval
         )
@@ -160,6 +163,29 @@ class Engine:
     def _jobs_became_available(self, jobs: list[Job]) -> None:
         self.notify_available(j.queue for j in jobs if j.state is JobState.AVAILABLE)
 
+    def _storage_created(self, jobs: list[Job]) -> None:
+        """Jobs the adapter created or released by itself (workflow steps, callbacks, cron)."""
+        for job in jobs:
+            self._publish("job.enqueued", job, workflow_id=job.workflow_id)
+            if job.state is JobState.SCHEDULED and job.scheduled_at is not None:
+                self.promoter.notify_due_nowait(job.scheduled_at)
+        self._jobs_became_available(jobs)
+
+    async def _after_settle(self, job: Job) -> None:
+        """Publish workflow.completed/failed when a member's settling finished its workflow."""
+        if job.workflow_id is None or not job.state.is_terminal:
+            return
+        try:
+            workflow = await self.storage.get_workflow(job.workflow_id)
+        except OjsError:
+            return
+        if workflow.state in ("completed", "failed") and workflow.completed_at == job_settled_at(
+            job
+        ):
+            self.events.publish(
+                workflow_event(f"workflow.{workflow.state}", workflow, self.clock())
+            )
+
     def _jobs_reaped(self, jobs: list[Job]) -> None:
         for job in jobs:
             if job.state is JobState.DISCARDED:
@@ -184,9 +210,13 @@ class Engine:
         if self.draining:
             raise ShuttingDown("The engine is shutting down")
 
-    async def submit(self, body: Any) -> EnqueueResult:
-        """Enqueue one job from an OJS envelope (the HTTP request body)."""
-        return (await self.submit_many([body]))[0]
+    async def submit(self, body: Any) -> EnqueueResult | None:
+        """Enqueue one job from an OJS envelope (the HTTP request body).
+
+        Returns None when enqueue middleware dropped the job.
+        """
+        results = await self.submit_many([body])
+        return results[0] if results else None
 
     async def submit_many(self, bodies: Sequence[Any]) -> list[EnqueueResult]:
         """Validate every envelope first, then store them in one storage call."""
@@ -209,7 +239,7 @@ class Engine:
 
     async def enqueue(
         self, job_type: str, args: list[Any] | None = None, **options: Any
-    ) -> EnqueueResult:
+    ) -> EnqueueResult | None:
         """Embedded convenience: ``await engine.enqueue("email.send", [to], queue="mail")``."""
         body: dict[str, Any] = {"type": job_type, "args": args if args is not None else []}
         meta = options.pop("meta", None)
@@ -316,6 +346,7 @@ class Engine:
         if job.started_at is not None and job.completed_at is not None:
             duration_ms = round((job.completed_at - job.started_at) * 1000)
         self._publish("job.completed", job, duration_ms=duration_ms)
+        await self._after_settle(job)
         return job
 
     async def nack(
@@ -340,6 +371,7 @@ class Engine:
                     self.promoter.notify_due_nowait(job.scheduled_at)
             elif job.state is JobState.DISCARDED:
                 self._publish("job.discarded", job, dead_letter=job.dead_letter)
+                await self._after_settle(job)
         self._jobs_became_available([job])
         return job
 
@@ -410,6 +442,63 @@ class Engine:
     async def list_queues(self) -> list[QueueInfo]:
         return await self.storage.list_queues()
 
+    async def queue_info(self, queue: str) -> QueueInfo:
+        return await self.storage.queue_info(validate_queue(queue), self.clock())
+
+    async def pause_queue(self, queue: str) -> QueueInfo:
+        return await self.storage.set_queue_paused(validate_queue(queue), True, self.clock())
+
+    async def resume_queue(self, queue: str) -> QueueInfo:
+        info = await self.storage.set_queue_paused(validate_queue(queue), False, self.clock())
+        self.notify_available([queue])
+        return info
+
+    # -- cron ------------------------------------------------------------------------
+
+    async def put_cron(self, body: Any) -> CronRecord:
+        """Register (or replace) a cron schedule from an OJS cron request body."""
+        record = await self.storage.put_cron(parse_cron_request(body, self.clock()))
+        self.cron_ticker.notify_changed_nowait()
+        return record
+
+    async def list_crons(self) -> list[CronRecord]:
+        return await self.storage.list_crons()
+
+    async def get_cron(self, name: str) -> CronRecord:
+        return await self.storage.get_cron(name)
+
+    async def delete_cron(self, name: str) -> CronRecord:
+        record = await self.storage.delete_cron(name)
+        self.cron_ticker.notify_changed_nowait()
+        return record
+
+    def _cron_fired(self, fire: CronFire) -> None:
+        if fire.fired and fire.job is not None:
+            self._storage_created([fire.job])
+
+    # -- workflows -------------------------------------------------------------------
+
+    async def create_workflow(self, body: Any) -> Workflow:
+        self._check_open()
+        now = self.clock()
+        workflow, jobs = parse_workflow(body, now)
+        stored = await self.storage.create_workflow(workflow, jobs, now)
+        self.events.publish(workflow_event("workflow.started", stored, now))
+        for job in jobs:
+            self._publish("job.enqueued", job, workflow_id=stored.id)
+        self._jobs_became_available(jobs)
+        return stored
+
+    async def get_workflow(self, workflow_id: str) -> Workflow:
+        return await self.storage.get_workflow(workflow_id)
+
+    async def cancel_workflow(self, workflow_id: str) -> Workflow:
+        workflow, cancelled = await self.storage.cancel_workflow(workflow_id, self.clock())
+        for job in cancelled:
+            self._publish("job.cancelled", job, workflow_id=workflow_id)
+        self.events.publish(workflow_event("workflow.cancelled", workflow, self.clock()))
+        return workflow
+
     async def reset(self) -> None:
         """Empty storage and the event log (test isolation)."""
         await self.storage.reset()
@@ -446,12 +535,18 @@ async def _identity(job: Job) -> Job:
     return job
 
 
+def job_settled_at(job: Job) -> float | None:
+    """When a terminal job reached its terminal state."""
+    return job.completed_at or job.discarded_at or job.cancelled_at
+
+
 @asynccontextmanager
 async def open_engine(
     storage: Storage, config: EngineConfig | None = None
 ) -> AsyncIterator[Engine]:
     """Run an engine for the duration of the ``async with`` block."""
     engine = Engine(storage, config)
+    storage.set_listener(engine._storage_created)
     await storage.open()
     try:
         async with trio.open_nursery() as timed_actors:
@@ -459,6 +554,7 @@ async def open_engine(
             sup.start(timed_actors, "promoter", engine.promoter.run)
             sup.start(timed_actors, "reaper", engine.reaper.run)
             sup.start(timed_actors, "heartbeater", engine.heartbeater.run)
+            sup.start(timed_actors, "cron", engine.cron_ticker.run)
             async with trio.open_nursery() as pools:
                 engine._pool_nursery = pools
                 try:

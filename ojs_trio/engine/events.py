@@ -18,6 +18,7 @@ import trio
 from ojs_trio.engine.ids import uuid7
 from ojs_trio.engine.job import Job
 from ojs_trio.engine.timeutil import format_ts
+from ojs_trio.engine.workflows import Workflow
 
 JOB_EVENTS = (
     "job.enqueued",
@@ -53,6 +54,28 @@ def job_event(kind: str, job: Job, now: float, **data: Any) -> dict[str, Any]:
         "queue": job.queue,
         "state": job.state.value,
         "data": payload,
+    }
+
+
+def workflow_event(kind: str, workflow: Workflow, now: float) -> dict[str, Any]:
+    wire = workflow.to_wire()
+    return {
+        "specversion": "1.0",
+        "id": uuid7(),
+        "type": kind,
+        "source": "ojs-trio",
+        "subject": workflow.id,
+        "time": format_ts(now),
+        "timestamp": format_ts(now),
+        "workflow_id": workflow.id,
+        "state": workflow.state,
+        "data": {
+            "workflow_id": workflow.id,
+            "workflow_type": workflow.type,
+            "name": workflow.name,
+            "state": workflow.state,
+            "metadata": wire["metadata"],
+        },
     }
 
 

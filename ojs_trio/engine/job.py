@@ -12,7 +12,7 @@ from ojs_trio.engine.timeutil import format_ts
 
 SPEC_VERSION = "1.0"
 DEFAULT_QUEUE = "default"
-DEFAULT_VISIBILITY_MS = 30_000
+DEFAULT_VISIBILITY_MS = 1_800_000  # ojs-worker-protocol 5.2: 30 minutes
 MAX_ERROR_HISTORY = 25  # the spec asks for at least 10
 
 
@@ -58,6 +58,15 @@ class Job:
     directive: str | None = None  # worker directive requested via the job (test mode)
     options_extra: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # unknown top-level fields
+    # Absolute times as the client wrote them (field -> (text, epoch)): echoed back
+    # verbatim while the field still holds that value.
+    client_times: dict[str, tuple[str, float]] = field(default_factory=dict)
+
+    def _time_text(self, name: str, value: float) -> str:
+        given = self.client_times.get(name)
+        if given is not None and given[1] == value:
+            return given[0]
+        return format_ts(value)
 
     @property
     def max_attempts(self) -> int:
@@ -98,9 +107,10 @@ class Job:
             wire["timeout_ms"] = self.timeout_ms
         if self.visibility_timeout_ms is not None:
             wire["visibility_timeout_ms"] = self.visibility_timeout_ms
+        if self.expires_at is not None:
+            wire["expires_at"] = self._time_text("expires_at", self.expires_at)
         for name in (
             "enqueued_at",
-            "expires_at",
             "started_at",
             "completed_at",
             "cancelled_at",
@@ -110,7 +120,7 @@ class Job:
             if value is not None:
                 wire[name] = format_ts(value)
         if self.scheduled_at is not None:
-            wire["scheduled_at"] = format_ts(self.scheduled_at)
+            wire["scheduled_at"] = self._time_text("scheduled_at", self.scheduled_at)
             if self.state is JobState.RETRYABLE:
                 wire["next_attempt_at"] = wire["scheduled_at"]
         if self.has_result:
@@ -155,6 +165,7 @@ class Job:
             "workflow_step": self.workflow_step,
             "directive": self.directive,
             "extra_keys": sorted(self.extra),
+            "client_times": {k: list(v) for k, v in self.client_times.items()},
         }
         return record
 
@@ -201,4 +212,5 @@ class Job:
             directive=p["directive"],
             options_extra=record.get("options", {}),
             extra=extra,
+            client_times={k: (v[0], v[1]) for k, v in p.get("client_times", {}).items()},
         )

@@ -11,13 +11,19 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from ojs_trio.engine.errors import Conflict, InvalidRequest
+from ojs_trio.engine.errors import Conflict, InvalidRequest, InvalidStateTransition
 from ojs_trio.engine.job import DEFAULT_VISIBILITY_MS, MAX_ERROR_HISTORY, Job
 from ojs_trio.engine.retry import backoff_delay, matches_non_retryable
 from ojs_trio.engine.states import JobState, check_transition
 from ojs_trio.engine.timeutil import format_ts
 
 HANDLER_CODES = frozenset({"RETRY", "DISCARD", "DEAD_LETTER", "FAIL"})
+# ojs-core expires_at: a job not yet started is discarded once its TTL passes.
+# That is not a lifecycle transition (the table has no available -> discarded),
+# so it is checked here rather than through check_transition.
+TTL_EXPIRABLE = frozenset(
+    {JobState.SCHEDULED, JobState.AVAILABLE, JobState.PENDING, JobState.RETRYABLE}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +222,10 @@ def expire_lease(job: Job, now: float) -> None:
     ``available`` (no backoff: nothing failed, the worker vanished) unless that
     was its last attempt, in which case ``on_exhaustion`` applies.
     """
+    if job.state is not JobState.ACTIVE:
+        raise InvalidStateTransition(
+            job.id, job.state.value, "expire_lease", JobState.AVAILABLE.value
+        )
     failure = Failure(
         code="visibility_timeout",
         message=f"No ack or heartbeat from worker {job.worker_id!r} before the lease expired",
@@ -227,11 +237,14 @@ def expire_lease(job: Job, now: float) -> None:
         return
     job.state = JobState.AVAILABLE
     job.worker_id = None
+    job.started_at = None  # ojs-core 6.3: active -(timeout)-> available clears started_at
     _end_lease(job)
 
 
 def execution_timeout(job: Job, now: float, rng: random.Random | None = None) -> None:
     """timeout_ms elapsed since start: a failed attempt (retryable per policy)."""
+    if job.state is not JobState.ACTIVE:
+        raise InvalidStateTransition(job.id, job.state.value, "timeout", None)
     failure = Failure(
         code="handler_timeout",
         message=f"Job exceeded its execution timeout of {job.timeout_ms} ms",
@@ -243,7 +256,8 @@ def execution_timeout(job: Job, now: float, rng: random.Random | None = None) ->
 
 def expire_ttl(job: Job, now: float) -> None:
     """expires_at passed before the job started: it must never run."""
-    check_transition(job.id, job.state, JobState.DISCARDED, "expire")
+    if job.state not in TTL_EXPIRABLE:
+        raise InvalidStateTransition(job.id, job.state.value, "expire", JobState.DISCARDED.value)
     _record_error(
         job,
         Failure(code="expired", message="Job expired before it could start", type="JobExpired"),

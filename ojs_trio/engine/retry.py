@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -69,7 +70,7 @@ def _duration_field(raw: dict[str, Any], name: str, default: float) -> float:
         return seconds
     if ms_name in raw and raw[ms_name] is not None:
         value = raw[ms_name]
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
             raise InvalidRetryPolicy(
                 f"retry.{ms_name} must be a number of milliseconds", details={"field": ms_name}
             )
@@ -101,7 +102,7 @@ def parse_retry_policy(raw: Any) -> RetryPolicy:
         raise InvalidRetryPolicy(
             "retry.backoff_coefficient must be a number", details={"field": "backoff_coefficient"}
         )
-    if coefficient < 1.0:
+    if not coefficient >= 1.0:  # also rejects NaN
         raise InvalidRetryPolicy(
             "retry.backoff_coefficient must be >= 1.0",
             details={"field": "backoff_coefficient", "value": coefficient},
@@ -168,7 +169,10 @@ def raw_delay(policy: RetryPolicy, retry_number: int) -> float:
         case "linear":
             delay = base * n
         case "polynomial":
-            delay = base * n**policy.backoff_coefficient
+            try:
+                delay = base * n**policy.backoff_coefficient
+            except OverflowError:
+                delay = policy.max_interval
         case _:
             # Overflow-safe: past the cap the exact value no longer matters.
             try:
@@ -181,10 +185,11 @@ def raw_delay(policy: RetryPolicy, retry_number: int) -> float:
 def backoff_delay(
     policy: RetryPolicy, retry_number: int, rng: random.Random | None = None
 ) -> float:
-    """Seconds to wait before retry ``retry_number``: cap first, then jitter in [0.5, 1.5)."""
+    """Seconds to wait before retry ``retry_number``: cap, jitter in [0.5, 1.5), cap again."""
     delay = raw_delay(policy, retry_number)
     if policy.jitter:
-        delay *= (rng or random).uniform(0.5, 1.5)
+        # RET-06 (ojs-retry.md 5.3): the cap applies again after jitter.
+        delay = min(delay * (rng or random).uniform(0.5, 1.5), policy.max_interval)
     return max(0.0, delay)
 
 
@@ -199,6 +204,13 @@ def matches_non_retryable(patterns: tuple[str, ...] | list[str], error_type: str
             return True
         # "Auth.*" also names the family "AuthenticationError", "AuthError", ...:
         # class-style names have no dot, so treat the stem as a name prefix too.
-        if pattern.endswith(".*") and "." not in error_type and error_type.startswith(pattern[:-2]):
+        # The bare stem itself ("auth" for "auth.*") never matches (section 6.2).
+        stem = pattern[:-2]
+        if (
+            pattern.endswith(".*")
+            and "." not in error_type
+            and len(error_type) > len(stem)
+            and error_type.startswith(stem)
+        ):
             return True
     return False

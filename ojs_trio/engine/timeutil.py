@@ -6,6 +6,7 @@ import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from decimal import Decimal
 
 # A wall clock: returns epoch seconds.  Injectable so MockClock tests can drive it.
 WallClock = Callable[[], float]
@@ -53,7 +54,7 @@ def format_duration(seconds: float) -> str:
     if seconds <= 0:
         return "PT0S"
     whole = int(seconds)
-    frac = round(seconds - whole, 3)
+    frac = seconds - whole  # exact: no rounding, so parse_duration gives `seconds` back
     hours, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)
     out = "PT"
@@ -61,8 +62,11 @@ def format_duration(seconds: float) -> str:
         out += f"{hours}H"
     if minutes:
         out += f"{minutes}M"
-    if secs or frac:
-        out += f"{secs + frac:g}S"
+    if frac:
+        # repr is the shortest exact spelling; Decimal writes it without an exponent.
+        out += format(Decimal(repr(secs + frac)), "f") + "S"
+    elif secs:
+        out += f"{secs}S"
     return out
 
 

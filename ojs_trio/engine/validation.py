@@ -51,7 +51,20 @@ SYSTEM_FIELDS = frozenset(
         "parent_results",
     }
 )
-KNOWN_TOP = frozenset({"specversion", "id", "type", "queue", "args", "meta", "options", "schema"})
+KNOWN_TOP = frozenset(
+    {
+        "specversion",
+        "id",
+        "type",
+        "queue",
+        "args",
+        "meta",
+        "options",
+        "schema",
+        "scheduled_at",
+        "expires_at",
+    }
+)
 KNOWN_OPTIONS = frozenset(
     {
         "queue",
@@ -143,7 +156,12 @@ def _positive_ms(value: Any, field: str, *, allow_zero: bool = False) -> int:
 def parse_priority(value: Any) -> int:
     if isinstance(value, str) and value.upper() in NAMED_PRIORITIES:
         return NAMED_PRIORITIES[value.upper()]
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value != int(value)
+    ):
         raise _fail("options.priority must be an integer or HIGH/NORMAL/LOW", "priority")
     if not PRIORITY_MIN <= value <= PRIORITY_MAX:
         raise _fail(
@@ -154,16 +172,25 @@ def parse_priority(value: Any) -> int:
     return int(value)
 
 
-def _time_option(options: dict[str, Any], name: str, now: float) -> float | None:
+def _time_option(
+    options: dict[str, Any],
+    name: str,
+    now: float,
+    texts: dict[str, tuple[str, float]],
+    key: str,
+) -> float | None:
     value = options.get(name)
     if value is None:
         return None
     if not isinstance(value, str):
         raise _fail(f"options.{name} must be an RFC 3339 timestamp or '+<ISO duration>'", name)
     try:
-        return parse_time_spec(value, now)
+        parsed = parse_time_spec(value, now)
     except ValueError as exc:
         raise _fail(f"options.{name}: {exc}", name) from None
+    if value.endswith("Z"):  # echoed verbatim only when already in the UTC form we emit
+        texts[key] = (value, parsed)
+    return parsed
 
 
 def validate_unique(raw: Any) -> dict[str, Any]:
@@ -244,7 +271,9 @@ def parse_job(body: Any, now: float, *, field_prefix: str = "") -> Job:
     if schema is not None and not isinstance(schema, str):
         raise _fail("'schema' must be a string", "schema")
 
-    options = body.get("options") or {}
+    options = body.get("options")
+    if options is None:
+        options = {}
     if not isinstance(options, dict):
         raise _fail("'options' must be a JSON object", "options")
     check_json_native(options, "options")
@@ -264,12 +293,17 @@ def parse_job(body: Any, now: float, *, field_prefix: str = "") -> Job:
         raise _fail("options.tags must be an array of strings", "tags")
     retry = parse_retry_policy(options.get("retry"))
 
-    scheduled_at = _time_option(options, "scheduled_at", now)
+    texts: dict[str, tuple[str, float]] = {}
+    scheduled_at = _time_option(options, "scheduled_at", now, texts, "scheduled_at")
     if scheduled_at is None:
-        scheduled_at = _time_option(options, "delay_until", now)
+        scheduled_at = _time_option(options, "delay_until", now, texts, "scheduled_at")
+    if scheduled_at is None:  # the envelope attribute (ojs-core.md 5.2)
+        scheduled_at = _time_option(body, "scheduled_at", now, texts, "scheduled_at")
     if scheduled_at is None and options.get("delay_ms") is not None:
         scheduled_at = now + _positive_ms(options["delay_ms"], "delay_ms", allow_zero=True) / 1e3
-    expires_at = _time_option(options, "expires_at", now)
+    expires_at = _time_option(options, "expires_at", now, texts, "expires_at")
+    if expires_at is None:
+        expires_at = _time_option(body, "expires_at", now, texts, "expires_at")
     unique = validate_unique(options["unique"]) if options.get("unique") is not None else None
 
     state = JobState.AVAILABLE
@@ -282,6 +316,7 @@ def parse_job(body: Any, now: float, *, field_prefix: str = "") -> Job:
     check_json_native(extra, "job")
     options_extra = {k: v for k, v in options.items() if k not in KNOWN_OPTIONS}
     return Job(
+        client_times=texts,
         directive=_requested_directive(meta, options_extra),
         id=job_id,
         type=job_type,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from quart import Response, request
 from quart_trio import QuartTrio
 
 from ojs_trio.engine.timeutil import format_ts
 from ojs_trio.http.common import ApiContext, ojs_response, query_int
+from ojs_trio.storage.port import QueueInfo
 
 
 def register(app: QuartTrio, ctx: ApiContext) -> None:
@@ -38,6 +41,40 @@ def register(app: QuartTrio, ctx: ApiContext) -> None:
                 },
             }
         )
+
+    def queue_wire(q: QueueInfo) -> dict[str, Any]:
+        wire: dict[str, Any] = {
+            "name": q.name,
+            "status": "paused" if q.paused else "active",
+            "paused": q.paused,
+            "created_at": format_ts(q.created_at),
+        }
+        if q.counts:
+            wire.update(q.counts)
+            wire["counts"] = q.counts
+            wire["total"] = sum(q.counts.values())
+            wire["throughput"] = {
+                "completed_last_minute": q.completed_last_minute,
+                "failed_last_minute": q.failed_last_minute,
+                "per_second": round(q.completed_last_minute / 60.0, 3),
+            }
+        if q.rate_limit is not None:
+            wire["rate_limit"] = q.rate_limit
+        if q.concurrency is not None:
+            wire["concurrency"] = q.concurrency
+        return wire
+
+    @app.get("/ojs/v1/queues/<name>/stats")
+    async def queue_stats(name: str) -> Response:
+        return ojs_response({"queue": queue_wire(await engine.queue_info(name))})
+
+    @app.post("/ojs/v1/queues/<name>/pause")
+    async def pause_queue(name: str) -> Response:
+        return ojs_response({"queue": queue_wire(await engine.pause_queue(name))})
+
+    @app.post("/ojs/v1/queues/<name>/resume")
+    async def resume_queue(name: str) -> Response:
+        return ojs_response({"queue": queue_wire(await engine.resume_queue(name))})
 
     @app.get("/ojs/v1/dead-letter")
     async def list_dead_letter() -> Response:

@@ -10,20 +10,31 @@ jobs they act on, never the whole store.
 
 from __future__ import annotations
 
+import copy
 import heapq
 import itertools
 import random
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
 import trio
 
-from ojs_trio.engine import lifecycle
+from ojs_trio.engine import lifecycle, unique, workflows
+from ojs_trio.engine.cron import CronFire, CronRecord
 from ojs_trio.engine.errors import DuplicateJob, NotFound
-from ojs_trio.engine.job import Job
+from ojs_trio.engine.job import DEFAULT_VISIBILITY_MS, Job
 from ojs_trio.engine.lifecycle import Failure
 from ojs_trio.engine.states import JobState
-from ojs_trio.storage.port import ClaimRequest, DeadLetterPage, EnqueueResult, QueueInfo
+from ojs_trio.engine.workflows import Workflow
+from ojs_trio.storage.port import (
+    ClaimRequest,
+    DeadLetterPage,
+    EnqueueResult,
+    JobsListener,
+    QueueInfo,
+)
+from ojs_trio.storage.queue_limits import RateWindow, queue_limits_from
 
 
 class MemoryStorage:
@@ -32,7 +43,11 @@ class MemoryStorage:
     def __init__(self, *, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
         self._seq = itertools.count()
+        self._listener: JobsListener | None = None
         self.reset_nowait()
+
+    def set_listener(self, listener: JobsListener | None) -> None:
+        self._listener = listener
 
     def reset_nowait(self) -> None:
         self._jobs: dict[str, Job] = {}
@@ -44,6 +59,12 @@ class MemoryStorage:
         self._dead: dict[str, None] = {}  # insertion-ordered dead letter ids
         self._queues: dict[str, QueueInfo] = {}
         self._expired_unreported: list[Job] = []
+        self._unique: dict[str, list[str]] = {}  # fingerprint -> job ids
+        self._active: dict[str, set[str]] = {}  # queue -> active job ids
+        self._starts: dict[str, RateWindow] = {}  # queue -> recent claim times
+        self._finished: dict[str, deque[tuple[float, bool]]] = {}  # queue -> (t, ok)
+        self._workflows: dict[str, Workflow] = {}
+        self._crons: dict[str, CronRecord] = {}
 
     # -- lifecycle of the adapter ------------------------------------------------
 
@@ -89,6 +110,40 @@ class MemoryStorage:
             self._dead[job.id] = None
         else:
             self._dead.pop(job.id, None)
+        active = self._active.setdefault(job.queue, set())
+        if job.state is JobState.ACTIVE:
+            active.add(job.id)
+        else:
+            active.discard(job.id)
+        if job.state in (JobState.COMPLETED, JobState.DISCARDED):
+            done = self._finished.setdefault(job.queue, deque(maxlen=100_000))
+            done.append((now, job.state is JobState.COMPLETED))
+
+    def _store(self, job: Job, now: float) -> None:
+        """Make ``job`` the current version and file it; run workflow rules on settling."""
+        self._jobs[job.id] = job
+        self._index(job, now)
+        if job.workflow_id is None:
+            return
+        workflow = self._workflows.get(job.workflow_id)
+        if workflow is None:
+            return
+        if job.state is JobState.ACTIVE:
+            workflows.on_job_started(workflow, job, now)
+            return
+        spawned = workflows.on_job_finished(workflow, job, now)
+        for new in spawned:
+            self._insert(new, now)
+        if spawned and self._listener is not None:
+            self._listener([j.clone() for j in spawned])
+
+    def _insert(self, job: Job, now: float) -> None:
+        stored = job.clone()
+        stored.unique_key = unique.fingerprint(stored)
+        if stored.unique_key is not None:
+            self._unique.setdefault(stored.unique_key, []).append(stored.id)
+        self._queue(stored.queue, now)
+        self._store(stored, now)
 
     def _live(self, stamp: int, job_id: str) -> Job | None:
         if self._stamp.get(job_id) != stamp:
@@ -111,22 +166,77 @@ class MemoryStorage:
 
     async def enqueue(self, jobs: Sequence[Job], now: float) -> list[EnqueueResult]:
         await trio.lowlevel.checkpoint()
+        # Decide everything before changing anything, so the batch is all or nothing.
         seen: set[str] = set()
-        for job in jobs:  # validate the whole batch first: all or nothing
+        keys: dict[str, str] = {}  # fingerprint -> id of the batch job that claimed it
+        plan: list[tuple[Job, Job | None]] = []  # (job, existing duplicate)
+        for job in jobs:
             if job.id in self._jobs or job.id in seen:
                 raise DuplicateJob(
-                    f"A job with id {job.id} already exists",
-                    details={"existing_job_id": job.id},
+                    f"A job with id {job.id} already exists", details={"existing_job_id": job.id}
                 )
             seen.add(job.id)
+            key = unique.fingerprint(job)
+            existing = None
+            if key is not None:
+                existing = self._find_duplicate(job, key, now)
+                if existing is None and key in keys:
+                    existing = next(j for j in jobs if j.id == keys[key])
+                if existing is not None and unique.on_conflict(job) == "reject":
+                    raise DuplicateJob(
+                        "A job with the same unique key already exists",
+                        details={"existing_job_id": existing.id, "unique_key": key},
+                    )
+                if existing is None or unique.on_conflict(job) != "ignore":
+                    keys[key] = job.id
+            plan.append((job, existing))
         results = []
-        for job in jobs:
-            stored = job.clone()
-            self._jobs[stored.id] = stored
-            self._queue(stored.queue, now)
-            self._index(stored, now)
-            results.append(EnqueueResult(stored.clone(), created=True))
+        for job, existing in plan:
+            if existing is not None and unique.on_conflict(job) == "ignore":
+                results.append(EnqueueResult(existing.clone(), created=False))
+                continue
+            if existing is not None and existing.id in self._jobs:
+                replaced = self._jobs[existing.id].clone()
+                if not replaced.state.is_terminal:
+                    lifecycle.cancel(replaced, now)
+                    self._store(replaced, now)
+            self._apply_queue_limits(job, now)
+            self._insert(job, now)
+            results.append(EnqueueResult(self._jobs[job.id].clone(), created=True))
         return results
+
+    def _find_duplicate(self, job: Job, key: str, now: float) -> Job | None:
+        ids = self._unique.get(key, [])
+        # Drop ids of jobs that are gone or can no longer block anyone.
+        ids[:] = [i for i in ids if i in self._jobs]
+        for job_id in reversed(ids):
+            if unique.conflicts(job, self._jobs[job_id], now):
+                return self._jobs[job_id]
+        return None
+
+    def _apply_queue_limits(self, job: Job, now: float) -> None:
+        limits = queue_limits_from(job.options_extra)
+        if limits is None:
+            return
+        info = self._queue(job.queue, now)
+        rate, concurrency = limits
+        if rate is not None:
+            if info.rate_limit != rate:
+                self._starts.pop(job.queue, None)  # a new limit starts a new window
+            info.rate_limit = rate
+        if concurrency is not None:
+            info.concurrency = concurrency
+
+    def _budget(self, queue: QueueInfo, now: float) -> int | None:
+        """How many more jobs this queue may start now (None: unlimited)."""
+        budget: int | None = None
+        if queue.rate_limit is not None:
+            window = self._starts.setdefault(queue.name, RateWindow.from_config(queue.rate_limit))
+            budget = window.remaining(now)
+        if queue.concurrency is not None:
+            room = max(0, queue.concurrency - len(self._active.get(queue.name, ())))
+            budget = room if budget is None else min(budget, room)
+        return budget
 
     async def claim(self, requests: Sequence[ClaimRequest], now: float) -> list[list[Job]]:
         await trio.lowlevel.checkpoint()
@@ -137,19 +247,25 @@ class MemoryStorage:
                 info = self._queues.get(queue)
                 if info is None or info.paused:
                     continue
+                budget = self._budget(info, now)
                 heap = self._ready.get(queue)
-                while heap and len(got) < request.count:
+                while heap and len(got) < request.count and budget != 0:
                     _, stamp, job_id = heapq.heappop(heap)
                     job = self._live(stamp, job_id)
                     if job is None or job.state is not JobState.AVAILABLE:
                         continue
                     if lifecycle.is_expired(job, now):
                         lifecycle.expire_ttl(job, now)
-                        self._index(job, now)
+                        self._store(job, now)
                         self._expired_unreported.append(job.clone())
                         continue
                     lifecycle.claim(job, request.worker_id, request.visibility_ms, now)
-                    self._index(job, now)
+                    self._store(job, now)
+                    if budget is not None:
+                        budget -= 1
+                    window = self._starts.get(queue)
+                    if window is not None:
+                        window.record(now)
                     got.append(job.clone())
                 if len(got) >= request.count:
                     break
@@ -163,8 +279,7 @@ class MemoryStorage:
         job = self._lookup(job_id)
         updated = job.clone()
         lifecycle.ack(updated, worker_id, result, has_result, now)
-        self._jobs[job_id] = updated
-        self._index(updated, now)
+        self._store(updated, now)
         return updated.clone()
 
     async def nack(
@@ -174,8 +289,7 @@ class MemoryStorage:
         job = self._lookup(job_id)
         updated = job.clone()
         lifecycle.nack(updated, worker_id, failure, requeue, now, self._rng)
-        self._jobs[job_id] = updated
-        self._index(updated, now)
+        self._store(updated, now)
         return updated.clone()
 
     async def heartbeat(
@@ -189,7 +303,7 @@ class MemoryStorage:
                 continue
             if worker_id is not None and job.worker_id not in (None, worker_id):
                 continue
-            ms = visibility_ms or job.visibility_timeout_ms or 30_000
+            ms = visibility_ms or job.visibility_timeout_ms or DEFAULT_VISIBILITY_MS
             job.lease_expires_at = now + ms / 1000.0
             self._index(job, now)
             extended.append(job.clone())
@@ -199,8 +313,7 @@ class MemoryStorage:
         await trio.lowlevel.checkpoint()
         updated = self._lookup(job_id).clone()
         lifecycle.cancel(updated, now)
-        self._jobs[job_id] = updated
-        self._index(updated, now)
+        self._store(updated, now)
         return updated.clone()
 
     async def get(self, job_id: str) -> Job:
@@ -235,7 +348,7 @@ class MemoryStorage:
                 lifecycle.execution_timeout(job, now, self._rng)
             else:
                 lifecycle.expire_lease(job, now)
-            self._index(job, now)
+            self._store(job, now)
             reaped.append(job.clone())
         while self._ttl and self._ttl[0][0] <= now and len(reaped) < limit:
             _, stamp, job_id = heapq.heappop(self._ttl)
@@ -243,20 +356,33 @@ class MemoryStorage:
             if job is None or job.state.is_terminal or job.state is JobState.ACTIVE:
                 continue
             lifecycle.expire_ttl(job, now)
-            self._index(job, now)
+            self._store(job, now)
             reaped.append(job.clone())
         return reaped
 
-    async def next_wakeup(self) -> float | None:
-        await trio.lowlevel.checkpoint()
+    def _earliest(self, *heaps: list[tuple[float, int, str]]) -> float | None:
         candidates = []
-        for heap in (self._due, self._leases, self._ttl):
+        for heap in heaps:
             # Drop stale heads so a cancelled job does not cause a wasted wakeup.
             while heap and self._live(heap[0][1], heap[0][2]) is None:
                 heapq.heappop(heap)
             if heap:
                 candidates.append(heap[0][0])
         return min(candidates) if candidates else None
+
+    async def next_wakeup(self) -> float | None:
+        await trio.lowlevel.checkpoint()
+        return self._earliest(self._due, self._leases, self._ttl)
+
+    async def next_due_at(self) -> float | None:
+        await trio.lowlevel.checkpoint()
+        return self._earliest(self._due)
+
+    async def next_reap_at(self) -> float | None:
+        await trio.lowlevel.checkpoint()
+        if self._expired_unreported:
+            return float("-inf")  # claim already expired some: report them now
+        return self._earliest(self._leases, self._ttl)
 
     async def list_dead_letter(self, queue: str | None, limit: int, offset: int) -> DeadLetterPage:
         await trio.lowlevel.checkpoint()
@@ -275,8 +401,7 @@ class MemoryStorage:
         await trio.lowlevel.checkpoint()
         updated = self._dead_letter_job(job_id).clone()
         lifecycle.retry_dead_letter(updated, now)
-        self._jobs[job_id] = updated
-        self._index(updated, now)
+        self._store(updated, now)
         return updated.clone()
 
     async def delete_dead_letter(self, job_id: str) -> Job:
@@ -297,3 +422,141 @@ class MemoryStorage:
             QueueInfo(name=i.name, paused=i.paused, created_at=i.created_at, counts=counts[i.name])
             for i in sorted(self._queues.values(), key=lambda q: q.name)
         ]
+
+    async def queue_info(self, queue: str, now: float) -> QueueInfo:
+        await trio.lowlevel.checkpoint()
+        info = self._queues.get(queue)
+        if info is None:
+            raise NotFound(f"Queue {queue} not found", details={"queue": queue})
+        counts: dict[str, int] = {state.value: 0 for state in JobState}
+        for job in self._jobs.values():
+            if job.queue == queue:
+                counts[job.state.value] += 1
+        finished = self._finished.get(queue, deque())
+        while finished and finished[0][0] < now - 3600:
+            finished.popleft()
+        recent = [ok for t, ok in finished if t >= now - 60]
+        return QueueInfo(
+            name=info.name,
+            paused=info.paused,
+            created_at=info.created_at,
+            counts=counts,
+            rate_limit=info.rate_limit,
+            concurrency=info.concurrency,
+            completed_last_minute=sum(1 for ok in recent if ok),
+            failed_last_minute=sum(1 for ok in recent if not ok),
+        )
+
+    async def set_queue_paused(self, queue: str, paused: bool, now: float) -> QueueInfo:
+        await trio.lowlevel.checkpoint()
+        info = self._queue(queue, now)
+        info.paused = paused
+        if not paused and self._listener is not None:
+            self._listener([])  # nothing new, but fetchers of this queue may proceed
+        return QueueInfo(name=info.name, paused=info.paused, created_at=info.created_at)
+
+    # -- workflows -----------------------------------------------------------------
+
+    async def create_workflow(self, workflow: Workflow, jobs: Sequence[Job], now: float) -> Workflow:
+        await trio.lowlevel.checkpoint()
+        if workflow.id in self._workflows:
+            raise DuplicateJob(
+                f"A workflow with id {workflow.id} already exists",
+                details={"existing_workflow_id": workflow.id},
+            )
+        for job in jobs:
+            if job.id in self._jobs:
+                raise DuplicateJob(
+                    f"A job with id {job.id} already exists", details={"existing_job_id": job.id}
+                )
+        self._workflows[workflow.id] = workflow.clone()
+        for job in jobs:
+            self._insert(job, now)
+        return self._workflows[workflow.id].clone()
+
+    def _workflow(self, workflow_id: str) -> Workflow:
+        workflow = self._workflows.get(workflow_id)
+        if workflow is None:
+            raise NotFound(
+                f"Workflow {workflow_id} not found", details={"workflow_id": workflow_id}
+            )
+        return workflow
+
+    async def get_workflow(self, workflow_id: str) -> Workflow:
+        await trio.lowlevel.checkpoint()
+        return self._workflow(workflow_id).clone()
+
+    async def cancel_workflow(self, workflow_id: str, now: float) -> tuple[Workflow, list[Job]]:
+        await trio.lowlevel.checkpoint()
+        workflow = self._workflow(workflow_id).clone()
+        to_cancel = workflows.cancel(workflow, now)
+        self._workflows[workflow_id] = workflow
+        cancelled = []
+        for job_id in to_cancel:
+            job = self._jobs[job_id].clone()
+            lifecycle.cancel(job, now)
+            self._store(job, now)
+            cancelled.append(job.clone())
+        return workflow.clone(), cancelled
+
+    # -- cron ----------------------------------------------------------------------
+
+    async def put_cron(self, record: CronRecord) -> CronRecord:
+        await trio.lowlevel.checkpoint()
+        existing = self._crons.get(record.name)
+        stored = copy.deepcopy(record)
+        if existing is not None:
+            stored.created_at = existing.created_at
+            stored.last_run_at = existing.last_run_at
+            stored.last_job_id = existing.last_job_id
+            stored.runs = existing.runs
+            stored.skipped = existing.skipped
+        self._crons[record.name] = stored
+        return copy.deepcopy(stored)
+
+    async def list_crons(self) -> list[CronRecord]:
+        await trio.lowlevel.checkpoint()
+        return [copy.deepcopy(c) for c in sorted(self._crons.values(), key=lambda c: c.name)]
+
+    def _cron(self, name: str) -> CronRecord:
+        record = self._crons.get(name)
+        if record is None:
+            raise NotFound(f"Cron schedule {name!r} not found", details={"name": name})
+        return record
+
+    async def get_cron(self, name: str) -> CronRecord:
+        await trio.lowlevel.checkpoint()
+        return copy.deepcopy(self._cron(name))
+
+    async def delete_cron(self, name: str) -> CronRecord:
+        await trio.lowlevel.checkpoint()
+        record = self._cron(name)
+        del self._crons[name]
+        return copy.deepcopy(record)
+
+    async def fire_cron(
+        self, name: str, occurrence: float, next_run_at: float | None, job: Job, now: float
+    ) -> CronFire:
+        await trio.lowlevel.checkpoint()
+        record = self._crons.get(name)
+        if record is None:
+            return CronFire(False, reason="missing")
+        if record.next_run_at != occurrence:
+            return CronFire(False, reason="already_fired", record=copy.deepcopy(record))
+        record.next_run_at = next_run_at
+        if not record.enabled:
+            return CronFire(False, reason="disabled", record=copy.deepcopy(record))
+        previous = self._jobs.get(record.last_job_id) if record.last_job_id else None
+        if previous is not None and not previous.state.is_terminal:
+            if record.overlap_policy == "skip":
+                record.skipped += 1
+                return CronFire(False, reason="overlap", record=copy.deepcopy(record))
+            if record.overlap_policy == "cancel_previous":
+                replaced = previous.clone()
+                lifecycle.cancel(replaced, now)
+                self._store(replaced, now)
+        self._insert(job, now)
+        record.last_run_at = occurrence
+        record.last_job_id = job.id
+        record.runs += 1
+        return CronFire(True, job=self._jobs[job.id].clone(), record=copy.deepcopy(record))

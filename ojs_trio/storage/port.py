@@ -13,12 +13,19 @@ so tests can drive time.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from ojs_trio.engine.cron import CronFire, CronRecord
 from ojs_trio.engine.job import Job
 from ojs_trio.engine.lifecycle import Failure
+from ojs_trio.engine.workflows import Workflow
+
+# Called by an adapter with jobs it created or made available on its own
+# (workflow steps, batch callbacks, cron firings, another process's NOTIFY),
+# so the engine can wake fetchers and publish events.
+JobsListener = Callable[[list[Job]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +50,10 @@ class QueueInfo:
     paused: bool = False
     created_at: float = 0.0
     counts: dict[str, int] = field(default_factory=dict)
+    rate_limit: dict[str, Any] | None = None  # {"max_per_second": n} or per_minute/window_ms
+    concurrency: int | None = None  # max active jobs at once
+    completed_last_minute: int = 0
+    failed_last_minute: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +77,17 @@ class Storage(Protocol):
     async def ping(self) -> dict[str, Any]:
         """Health probe; raises BackendUnavailable when the backend is down."""
 
+    def set_listener(self, listener: JobsListener | None) -> None:
+        """Register the engine's callback for jobs the adapter creates by itself."""
+
     async def enqueue(self, jobs: Sequence[Job], now: float) -> list[EnqueueResult]:
-        """Insert jobs atomically: all or none.  Raises DuplicateJob on an id clash."""
+        """Insert jobs atomically: all or none.
+
+        Raises DuplicateJob on an id clash or a unique-policy ``reject``; a
+        unique ``ignore`` yields the existing job with ``created=False``; a
+        ``replace`` cancels the existing job in the same step.  A job with
+        ``options.rate_limit`` / ``options.concurrency`` sets its queue's limits.
+        """
 
     async def claim(self, requests: Sequence[ClaimRequest], now: float) -> list[list[Job]]:
         """Serve many fetches in one call: available -> active, exclusively.
@@ -108,6 +128,12 @@ class Storage(Protocol):
     async def next_wakeup(self) -> float | None:
         """Earliest time at which promote_due or reap would have work, if known."""
 
+    async def next_due_at(self) -> float | None:
+        """Earliest time at which promote_due would have work, if known."""
+
+    async def next_reap_at(self) -> float | None:
+        """Earliest time at which reap would have work (lease, timeout, TTL), if known."""
+
     async def list_dead_letter(
         self, queue: str | None, limit: int, offset: int
     ) -> DeadLetterPage: ...
@@ -117,6 +143,44 @@ class Storage(Protocol):
     async def delete_dead_letter(self, job_id: str) -> Job: ...
 
     async def list_queues(self) -> list[QueueInfo]: ...
+
+    async def queue_info(self, queue: str, now: float) -> QueueInfo:
+        """One queue with per-state counts and last-minute throughput (NotFound if unknown)."""
+
+    async def set_queue_paused(self, queue: str, paused: bool, now: float) -> QueueInfo:
+        """Pause/resume delivery from a queue (created if unknown)."""
+
+    # -- workflows ---------------------------------------------------------------
+
+    async def create_workflow(self, workflow: Workflow, jobs: Sequence[Job], now: float) -> Workflow:
+        """Store the workflow and its initial jobs in one atomic step."""
+
+    async def get_workflow(self, workflow_id: str) -> Workflow: ...
+
+    async def cancel_workflow(self, workflow_id: str, now: float) -> tuple[Workflow, list[Job]]:
+        """Cancel the workflow and its non-terminal jobs atomically; returns both."""
+
+    # -- cron --------------------------------------------------------------------
+
+    async def put_cron(self, record: CronRecord) -> CronRecord:
+        """Create or replace the schedule named ``record.name``."""
+
+    async def list_crons(self) -> list[CronRecord]: ...
+
+    async def get_cron(self, name: str) -> CronRecord: ...
+
+    async def delete_cron(self, name: str) -> CronRecord: ...
+
+    async def fire_cron(
+        self, name: str, occurrence: float, next_run_at: float | None, job: Job, now: float
+    ) -> CronFire:
+        """Fire one occurrence exactly once.
+
+        Atomically: if the schedule exists, is enabled and its ``next_run_at``
+        still equals ``occurrence`` (nobody fired it yet), advance it to
+        ``next_run_at`` and, unless the overlap policy is ``skip`` and the
+        previous run's job is not terminal, insert ``job``.
+        """
 
     async def reset(self) -> None:
         """Delete everything (test isolation only)."""

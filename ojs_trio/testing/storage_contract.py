@@ -36,6 +36,7 @@ __all__ = [
     "ContractCheck",
     "StorageFactory",
     "check_storage",
+    "make_job",
     "storage_factory",
 ]
 
@@ -47,7 +48,7 @@ BIG = 10_000  # a promote/reap limit no check reaches
 QUEUE = "default"
 FAILURE = Failure(code="handler_error", message="boom")
 # A deterministic policy: no jitter, so retry times can be asserted exactly.
-NO_JITTER = {"max_attempts": 3, "initial_interval": "PT2S", "jitter": False}
+NO_JITTER: dict[str, Any] = {"max_attempts": 3, "initial_interval": "PT2S", "jitter": False}
 
 E = TypeVar("E", bound=BaseException)
 
@@ -75,18 +76,14 @@ def storage_factory(make: Callable[[], Storage]) -> StorageFactory:
 # -- helpers -------------------------------------------------------------------
 
 
-def _fail(message: str) -> AssertionError:
-    return AssertionError(message)
-
-
 def _expect(cond: bool, message: str) -> None:
     if not cond:
-        raise _fail(message)
+        raise AssertionError(message)
 
 
 def _expect_eq(actual: Any, expected: Any, what: str) -> None:
     if actual != expected:
-        raise _fail(f"{what}: expected {expected!r}, got {actual!r}")
+        raise AssertionError(f"{what}: expected {expected!r}, got {actual!r}")
 
 
 class _Raised(Generic[E]):
@@ -101,7 +98,7 @@ def _raises(exc_type: type[E], what: str) -> Iterator[_Raised[E]]:
     except exc_type as exc:
         raised.value = exc
     else:
-        raise _fail(f"{what}: expected {exc_type.__name__}, nothing was raised")
+        raise AssertionError(f"{what}: expected {exc_type.__name__}, nothing was raised")
 
 
 def make_job(
@@ -156,6 +153,13 @@ async def _claim_one(storage: Storage, now: float, job: Job, **kwargs: Any) -> J
 
 async def _state(storage: Storage, job_id: str) -> JobState:
     return (await storage.get(job_id)).state
+
+
+async def _snapshot(storage: Storage, job_id: str) -> Job | None:
+    try:
+        return await storage.get(job_id)
+    except NotFound:
+        return None
 
 
 async def _dead_letter_ids(storage: Storage, queue: str | None = None) -> set[str]:
@@ -224,7 +228,9 @@ async def check_enqueue_batch_is_atomic_on_duplicate(factory: StorageFactory) ->
             with _raises(NotFound, "job from a batch with an internal duplicate"):
                 await storage.get(job.id)
 
-        _expect_eq(_ids(await _claim(storage, T0, QUEUE, "fresh", count=10)), [first.id], "jobs")
+        _expect_eq(
+            _ids(await _claim(storage, T0, QUEUE, "fresh", count=10)), [first.id], "claimable"
+        )
         # The rejected ids stay free: a clean retry of the batch goes through.
         results = await storage.enqueue([fresh, other, twin], T0)
         _expect_eq([r.job.id for r in results], [fresh.id, other.id, twin.id], "retried batch")
@@ -301,6 +307,24 @@ async def check_claim_requests_in_one_call_are_disjoint(factory: StorageFactory)
         _expect_eq(set(seen), set(_ids(a_jobs + b_jobs)), "jobs handed out by one claim call")
         for job_id, worker in seen.items():
             _expect_eq((await storage.get(job_id)).worker_id, worker, "stored holder")
+
+
+async def check_paused_queue_yields_nothing(factory: StorageFactory) -> None:
+    async with factory() as storage:
+        paused = make_job(queue="paused", priority=100)
+        open_ = make_job(queue="open")
+        await _enqueue(storage, paused, open_)
+        info = await storage.set_queue_paused("paused", True, T0)
+        _expect_eq((info.name, info.paused), ("paused", True), "queue info after pausing")
+        got = await _claim(storage, T0, "paused", "open", count=10)
+        _expect_eq(_ids(got), [open_.id], "claim across a paused and an open queue")
+        _expect_eq(await _state(storage, paused.id), JobState.AVAILABLE, "job in a paused queue")
+        listed = {i.name: i.paused for i in await storage.list_queues()}
+        _expect_eq(listed, {"paused": True, "open": False}, "paused flags in list_queues")
+
+        await storage.set_queue_paused("paused", False, T0 + 1)
+        got = await _claim(storage, T0 + 1, "paused", "open", count=10)
+        _expect_eq(_ids(got), [paused.id], "claim after resuming the queue")
 
 
 async def check_claim_sets_active_fields(factory: StorageFactory) -> None:
@@ -491,9 +515,8 @@ async def check_nack_on_last_attempt_discards(factory: StorageFactory) -> None:
     """Exhaustion discards; only on_exhaustion=dead_letter puts the job in the DLQ."""
     async with factory() as storage:
         for policy in ("discard", "dead_letter"):
-            job = make_job(queue=policy.replace("_", "-"), retry={**NO_JITTER, "max_attempts": 2})
-            retry = dict(NO_JITTER, max_attempts=2, on_exhaustion=policy)
-            job = make_job(queue=job.queue, retry=retry)
+            retry = {**NO_JITTER, "max_attempts": 2, "on_exhaustion": policy}
+            job = make_job(queue=policy.replace("_", "-"), retry=retry)
             await _enqueue(storage, job)
             await _claim_one(storage, T0, job)
             first = await storage.nack(job.id, "w1", FAILURE, False, T0)
@@ -597,13 +620,6 @@ async def check_dead_letter_ops_require_dead_lettered_job(factory: StorageFactor
             with _raises(NotFound, f"delete_dead_letter of non-DLQ job {job_id}"):
                 await storage.delete_dead_letter(job_id)
             _expect_eq(await _snapshot(storage, job_id), before, "job after a rejected DLQ op")
-
-
-async def _snapshot(storage: Storage, job_id: str) -> Job | None:
-    try:
-        return await storage.get(job_id)
-    except NotFound:
-        return None
 
 
 # -- cancel --------------------------------------------------------------------
@@ -720,6 +736,41 @@ async def check_reap_expired_lease_returns_job_to_available(factory: StorageFact
         _expect_eq(again.attempt, 2, "the expired attempt still counts")
 
 
+async def check_lease_expiry_clears_started_at(factory: StorageFactory) -> None:
+    """ojs-core 6.3: active --Timeout--> available "clear started_at, record timeout error"."""
+    async with factory() as storage:
+        job = make_job(retry=NO_JITTER)
+        await _enqueue(storage, job)
+        await _claim_one(storage, T0, job, visibility_ms=10_000)
+        (reaped,) = await storage.reap(T0 + 10, BIG)
+        _expect_eq(len(reaped.errors), 1, "errors recorded by a lease expiry")
+        _expect(reaped.error is not None, "a lease expiry records the timeout as the error")
+        _expect_eq(reaped.started_at, None, "started_at after a lease expiry")
+
+
+async def check_settle_after_lease_reaped_is_rejected(factory: StorageFactory) -> None:
+    """Worker protocol 10.4: a worker declared dead cannot settle the job afterwards."""
+    async with factory() as storage:
+        job = make_job(retry=NO_JITTER)
+        await _enqueue(storage, job)
+        await _claim_one(storage, T0, job, worker_id="a", visibility_ms=10_000)
+        await storage.reap(T0 + 10, BIG)
+        with _raises(InvalidStateTransition, "ack by the presumed-dead worker") as raised:
+            await storage.ack(job.id, "a", "late", True, T0 + 11)
+        _expect_eq(raised.value.current, "available", "state named by the late ack")
+
+        await _claim_one(storage, T0 + 12, job, worker_id="b")
+        _expect_eq(await storage.heartbeat("a", [job.id], 60_000, T0 + 13), [], "a's heartbeat")
+        for verb in ("ack", "nack"):
+            with _raises(Conflict, f"late {verb} by a after b claimed the job"):
+                if verb == "ack":
+                    await storage.ack(job.id, "a", "late", True, T0 + 13)
+                else:
+                    await storage.nack(job.id, "a", FAILURE, False, T0 + 13)
+        acked = await storage.ack(job.id, "b", "ok", True, T0 + 14)
+        _expect_eq((acked.state, acked.result), (JobState.COMPLETED, "ok"), "b's ack")
+
+
 async def check_reap_expired_lease_on_last_attempt_discards(factory: StorageFactory) -> None:
     async with factory() as storage:
         plain = make_job(queue="plain", retry={**NO_JITTER, "max_attempts": 1})
@@ -785,13 +836,14 @@ async def check_reap_discards_ttl_expired_jobs(factory: StorageFactory) -> None:
         _expect_eq(reaped[0].state, JobState.DISCARDED, "state of a TTL-expired job")
         _expect_eq(reaped[0].discarded_at, T0 + 10, "discarded_at of a TTL-expired job")
         _expect_eq(await storage.get(available.id), reaped[0], "stored TTL-expired job")
+        _expect_eq(await storage.reap(T0 + 10, BIG), [], "second reap at the same now")
 
-        # A scheduled job past its TTL is not promoted, and is discarded by the reaper.
-        _expect_eq(await storage.promote_due(T0 + 60, BIG), [], "promotion of an expired job")
-        reaped = await storage.reap(T0 + 60, BIG)
-        _expect_eq(_ids(reaped), [scheduled.id], "reap of the expired scheduled job")
+        # A scheduled job can expire before it is ever due; it then never runs.
+        reaped = await storage.reap(T0 + 30, BIG)
+        _expect_eq(_ids(reaped), [scheduled.id], "reap at the scheduled job's expires_at")
         _expect_eq(reaped[0].state, JobState.DISCARDED, "state of the expired scheduled job")
-        _expect_eq(await storage.reap(T0 + 60, BIG), [], "second reap of TTL-expired jobs")
+        _expect_eq(await storage.promote_due(T0 + 60, BIG), [], "promotion of an expired job")
+        _expect_eq(await _claim(storage, T0 + 60, "ttl", count=10), [], "claim of expired jobs")
 
         _expect_eq(await _state(storage, running.id), JobState.ACTIVE, "started job past TTL")
         _expect_eq(await _state(storage, untimed.id), JobState.AVAILABLE, "job without TTL")
@@ -799,12 +851,15 @@ async def check_reap_discards_ttl_expired_jobs(factory: StorageFactory) -> None:
 
 async def check_claim_skips_ttl_expired_jobs(factory: StorageFactory) -> None:
     async with factory() as storage:
-        expired = make_job(priority=100, expires_at="+PT10S")  # would be claimed first
+        # Claim order: first, expired, fresh.  The expired job sits between two
+        # claimable ones, so skipping it must neither end the claim nor lose `first`.
+        first = make_job(priority=100)
+        expired = make_job(priority=50, expires_at="+PT10S")
         fresh = make_job()
-        await _enqueue(storage, expired, fresh)
-        got = await _claim(storage, T0 + 10, count=2)
-        _expect_eq(_ids(got), [fresh.id], "claim after the first job's expires_at")
-        _expect_eq(await _claim(storage, T0 + 10, count=2), [], "second claim")
+        await _enqueue(storage, first, expired, fresh)
+        got = await _claim(storage, T0 + 10, count=3)
+        _expect_eq(_ids(got), [first.id, fresh.id], "claim after the middle job's expires_at")
+        _expect_eq(await _claim(storage, T0 + 10, count=3), [], "second claim")
         await storage.reap(T0 + 10, BIG)
         _expect_eq(await _state(storage, expired.id), JobState.DISCARDED, "expired job's state")
         _expect_eq(await storage.reap(T0 + 10, BIG), [], "reap after the expiry was applied")
@@ -929,6 +984,7 @@ CONTRACT_CHECKS: list[ContractCheck] = [
     check_claim_order_queue_then_priority_then_fifo,
     check_claim_count_returns_up_to_n,
     check_claim_requests_in_one_call_are_disjoint,
+    check_paused_queue_yields_nothing,
     check_claim_sets_active_fields,
     check_concurrent_claims_are_exclusive,
     check_scheduled_job_claimable_only_after_promote,
@@ -947,6 +1003,8 @@ CONTRACT_CHECKS: list[ContractCheck] = [
     check_cancelled_job_is_never_claimed,
     check_heartbeat_extends_only_own_active_leases,
     check_reap_expired_lease_returns_job_to_available,
+    check_lease_expiry_clears_started_at,
+    check_settle_after_lease_reaped_is_rejected,
     check_reap_expired_lease_on_last_attempt_discards,
     check_reap_spares_heartbeat_extended_leases,
     check_reap_applies_execution_timeout,

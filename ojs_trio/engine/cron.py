@@ -1,0 +1,245 @@
+"""Cron schedules (ojs-cron.md): the record adapters store.
+
+The scheduling math (expression parsing, time zones, next occurrence) lives
+below the record; the storage port only stores records and performs the atomic
+"fire this occurrence" step, guarded by ``next_run_at`` so that an occurrence
+fires once even when several server processes tick on one backend.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import croniter
+
+from ojs_trio.engine.errors import InvalidCronExpression, InvalidRequest
+from ojs_trio.engine.job import Job
+from ojs_trio.engine.timeutil import format_ts, parse_duration
+from ojs_trio.engine.validation import parse_job
+
+OVERLAP_POLICIES = ("skip", "allow", "cancel_previous")
+
+
+@dataclass
+class CronRecord:
+    name: str
+    expression: str
+    job_template: dict[str, Any]  # a validated enqueue body
+    timezone: str = "UTC"
+    overlap_policy: str = "skip"
+    enabled: bool = True
+    description: str | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    next_run_at: float | None = None
+    last_run_at: float | None = None
+    last_job_id: str | None = None
+    runs: int = 0
+    skipped: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = dict(self.extra)
+        wire.update(
+            name=self.name,
+            expression=self.expression,
+            timezone=self.timezone,
+            overlap_policy=self.overlap_policy,
+            enabled=self.enabled,
+            job_template=self.job_template,
+            created_at=format_ts(self.created_at),
+            updated_at=format_ts(self.updated_at),
+            next_run_at=format_ts(self.next_run_at) if self.next_run_at is not None else None,
+            last_run_at=format_ts(self.last_run_at) if self.last_run_at is not None else None,
+            last_job_id=self.last_job_id,
+            runs=self.runs,
+            skipped=self.skipped,
+        )
+        if self.description is not None:
+            wire["description"] = self.description
+        return wire
+
+
+@dataclass(frozen=True)
+class CronFire:
+    """Outcome of one occurrence: a job was created, or why not."""
+
+    fired: bool
+    job: Any = None  # the created Job when fired
+    reason: str | None = None  # "overlap", "already_fired", "disabled", "missing"
+    record: CronRecord | None = None
+
+
+# -- scheduling math ---------------------------------------------------------------
+
+_NICKNAMES = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$")
+
+
+def _interval(expression: str) -> float | None:
+    """Seconds for ``@every <ISO 8601 duration | Go-style 30s/5m/1h>``, else None."""
+    if not expression.startswith("@every"):
+        return None
+    text = expression[len("@every") :].strip()
+    try:
+        seconds = parse_duration(text.upper()) if text.upper().startswith("P") else _go(text)
+    except ValueError:
+        raise InvalidCronExpression(
+            f"invalid @every interval {text!r}", details={"field": "expression"}
+        ) from None
+    if seconds < 1:
+        raise InvalidCronExpression("@every interval must be at least 1s")
+    return seconds
+
+
+def _go(text: str) -> float:
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|m|s)", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(text)
+    unit = {"h": 3600, "m": 60, "s": 1}
+    return sum(float(n) * unit[u] for n, u in parts)
+
+
+def normalize_expression(expression: str) -> str:
+    """The 5/6-field form croniter evaluates; raises InvalidCronExpression."""
+    expr = " ".join(expression.split())
+    expr = _NICKNAMES.get(expr.lower(), expr)
+    fields = expr.split(" ")
+    if len(fields) not in (5, 6) or not croniter.is_valid(expr):
+        raise InvalidCronExpression(
+            f"invalid cron expression {expression!r}: expected 5 fields "
+            "(minute hour day-of-month month day-of-week), 6 with seconds, "
+            "or @hourly/@daily/@weekly/@monthly/@yearly/@every <duration>",
+            details={"field": "expression", "value": expression},
+        )
+    return expr
+
+
+def zone(name: str) -> ZoneInfo:
+    """An IANA zone; fixed offsets and abbreviations are refused (ojs-cron 5.1)."""
+    if not isinstance(name, str) or not name or "/" not in name and name != "UTC":
+        raise InvalidRequest(
+            f"timezone must be an IANA name such as 'America/New_York', got {name!r}",
+            details={"field": "timezone"},
+        )
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise InvalidRequest(
+            f"unknown IANA timezone {name!r}", details={"field": "timezone"}
+        ) from None
+
+
+def next_occurrence(expression: str, timezone: str, after: float) -> float:
+    """The first occurrence strictly after ``after`` (epoch seconds).
+
+    Evaluated in the schedule's local wall time so the hour stays put across
+    DST: a wall time skipped by spring-forward does not fire that day, and a
+    wall time repeated by fall-back fires once (its first instance).
+    """
+    interval = _interval(expression)
+    if interval is not None:
+        return after + interval
+    tz = zone(timezone)
+    expr = normalize_expression(expression)
+    local_after = datetime.fromtimestamp(after, tz).replace(tzinfo=None)
+    # Start one step back so a candidate at the same wall minute is not missed
+    # when ``after`` sits in the second pass of a repeated hour.
+    it = croniter(expr, local_after - timedelta(hours=1))
+    for _ in range(100_000):
+        candidate: datetime = it.get_next(datetime)
+        aware = candidate.replace(tzinfo=tz, fold=0)
+        roundtrip = aware.astimezone(UTC).astimezone(tz).replace(tzinfo=None)
+        if roundtrip != candidate:
+            continue  # nonexistent local time (spring-forward gap)
+        epoch = aware.timestamp()
+        if epoch > after:
+            return epoch
+    raise InvalidCronExpression(f"cron expression {expression!r} never fires")
+
+
+def parse_cron_request(body: Any, now: float) -> CronRecord:
+    """Validate a register-cron body (ojs-cron 8.1) into a record with next_run_at."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("cron registration must be a JSON object")
+    name = body.get("name")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise InvalidRequest(
+            "'name' is required: letters, digits and _ . : - (at most 200 chars)",
+            details={"field": "name"},
+        )
+    expression = body.get("expression", body.get("schedule"))
+    if not isinstance(expression, str) or not expression.strip():
+        raise InvalidCronExpression("'expression' is required", details={"field": "expression"})
+    timezone = body.get("timezone", "UTC")
+    zone(timezone)
+    if _interval(expression) is None:
+        normalize_expression(expression)
+    overlap = body.get("overlap_policy", "skip")
+    if overlap == "enqueue":
+        overlap = "allow"
+    if overlap not in OVERLAP_POLICIES:
+        raise InvalidRequest(
+            "overlap_policy must be skip, allow or cancel_previous",
+            details={"field": "overlap_policy"},
+        )
+    enabled = body.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise InvalidRequest("'enabled' must be a boolean", details={"field": "enabled"})
+    template = body.get("job_template", body.get("job"))
+    if not isinstance(template, dict):
+        raise InvalidRequest(
+            "'job_template' must be a job envelope (type, args, options)",
+            details={"field": "job_template"},
+        )
+    parse_job(template, now)  # validate now, not at the first firing
+    description = body.get("description")
+    if description is not None and not isinstance(description, str):
+        raise InvalidRequest("'description' must be a string", details={"field": "description"})
+    known = {
+        "name",
+        "expression",
+        "schedule",
+        "timezone",
+        "overlap_policy",
+        "enabled",
+        "job_template",
+        "job",
+        "description",
+    }
+    return CronRecord(
+        name=name,
+        expression=expression,
+        job_template=template,
+        timezone=timezone,
+        overlap_policy=overlap,
+        enabled=enabled,
+        description=description,
+        created_at=now,
+        updated_at=now,
+        next_run_at=next_occurrence(expression, timezone, now),
+        extra={k: v for k, v in body.items() if k not in known},
+    )
+
+
+def job_for_occurrence(record: CronRecord, occurrence: float, now: float) -> Job:
+    """The job one firing creates: the template, tagged with its schedule."""
+    job = parse_job(record.job_template, now)
+    job.meta = {
+        **(job.meta or {}),
+        "cron_name": record.name,
+        "cron_occurrence": format_ts(occurrence),
+    }
+    return job

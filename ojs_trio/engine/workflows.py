@@ -1,0 +1,243 @@
+"""Workflows (ojs-workflows.md): chain, group and batch, as pure rules.
+
+A :class:`Workflow` records its jobs and, for a chain, the templates of the
+steps not yet started.  :func:`on_job_finished` is called by an adapter in the
+same atomic step as the ack/nack/cancel that ended a member job; it updates the
+workflow and returns the jobs to create next (the following chain step, batch
+callbacks).  Because both happen in one storage step, a crash can neither lose
+nor duplicate a step.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from ojs_trio.engine.errors import Conflict, InvalidRequest
+from ojs_trio.engine.ids import is_uuid7, uuid7
+from ojs_trio.engine.job import Job
+from ojs_trio.engine.states import JobState
+from ojs_trio.engine.timeutil import format_ts
+from ojs_trio.engine.validation import parse_job
+
+KINDS = ("chain", "group", "batch")
+CALLBACKS = ("on_complete", "on_success", "on_failure")
+TERMINAL = frozenset({"completed", "failed", "cancelled"})
+MAX_JOBS = 10_000
+
+
+@dataclass
+class Workflow:
+    id: str
+    type: str
+    name: str | None
+    state: str
+    created_at: float
+    # One entry per member, in definition order: the job id once it exists.
+    job_ids: list[str | None]
+    # Envelopes of chain steps not yet enqueued (index -> body).
+    pending_steps: dict[int, dict[str, Any]] = field(default_factory=dict)
+    job_states: dict[str, str] = field(default_factory=dict)
+    results: dict[int, Any] = field(default_factory=dict)
+    callbacks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    fired_callbacks: dict[str, str] = field(default_factory=dict)  # name -> job id
+    started_at: float | None = None
+    completed_at: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return len(self.job_ids)
+
+    def count(self, state: str) -> int:
+        return sum(1 for s in self.job_states.values() if s == state)
+
+    def index_of(self, job_id: str) -> int:
+        return self.job_ids.index(job_id)
+
+    def to_wire(self) -> dict[str, Any]:
+        completed = self.count("completed")
+        failed = self.count("discarded") + self.count("cancelled")
+        wire: dict[str, Any] = {
+            "id": self.id,
+            "type": self.type,
+            "name": self.name,
+            "state": self.state,
+            "created_at": format_ts(self.created_at),
+            "jobs": [
+                {
+                    "index": i,
+                    "job_id": job_id,
+                    "state": self.job_states.get(job_id, "pending") if job_id else "waiting",
+                }
+                for i, job_id in enumerate(self.job_ids)
+            ],
+            "metadata": {
+                "job_count": self.total,
+                "completed_count": completed,
+                "failed_count": failed,
+                "created_at": format_ts(self.created_at),
+            },
+        }
+        if self.type == "chain":
+            wire["steps_total"] = self.total
+            wire["steps_completed"] = completed
+        else:
+            wire["jobs_total"] = self.total
+            wire["jobs_completed"] = completed
+            wire["jobs_failed"] = failed
+        if self.callbacks:
+            wire["callbacks"] = {
+                name: {"fired": name in self.fired_callbacks, "job_id": self.fired_callbacks.get(name)}
+                for name in self.callbacks
+            }
+        if self.started_at is not None:
+            wire["started_at"] = format_ts(self.started_at)
+            wire["metadata"]["started_at"] = wire["started_at"]
+        if self.completed_at is not None:
+            wire["completed_at"] = format_ts(self.completed_at)
+            wire["metadata"]["completed_at"] = wire["completed_at"]
+        return wire
+
+    def clone(self) -> Workflow:
+        return copy.deepcopy(self)
+
+
+def _member(job: Job, workflow_id: str, index: int) -> Job:
+    job.workflow_id = workflow_id
+    job.workflow_step = index
+    return job
+
+
+def parse_workflow(body: Any, now: float) -> tuple[Workflow, list[Job]]:
+    """Validate a create-workflow request; return the workflow and the jobs to enqueue now."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("workflow must be a JSON object")
+    kind = body.get("type")
+    if kind not in KINDS:
+        raise InvalidRequest(
+            "workflow 'type' must be one of chain, group, batch", details={"field": "type"}
+        )
+    member_field = "steps" if kind == "chain" else "jobs"
+    members = body.get(member_field)
+    if members is None:
+        members = body.get("jobs" if kind == "chain" else "steps")
+    if not isinstance(members, list) or not members:
+        raise InvalidRequest(
+            f"workflow '{member_field}' must be a non-empty array of jobs",
+            details={"field": member_field},
+        )
+    if len(members) > MAX_JOBS:
+        raise InvalidRequest(f"a workflow holds at most {MAX_JOBS} jobs")
+    name = body.get("name")
+    if name is not None and not isinstance(name, str):
+        raise InvalidRequest("workflow 'name' must be a string", details={"field": "name"})
+    wf_id = body.get("id") or uuid7()
+    if not isinstance(wf_id, str) or not is_uuid7(wf_id):
+        raise InvalidRequest("workflow 'id' must be a lowercase UUIDv7", details={"field": "id"})
+    # Validate every member (and callback) up front: all or nothing.
+    jobs = [parse_job(m, now) for m in members]
+    callbacks_raw = body.get("callbacks") or {}
+    if not isinstance(callbacks_raw, dict) or set(callbacks_raw) - set(CALLBACKS):
+        raise InvalidRequest(
+            "workflow 'callbacks' may hold on_complete, on_success, on_failure",
+            details={"field": "callbacks"},
+        )
+    if callbacks_raw and kind != "batch":
+        raise InvalidRequest("only batch workflows take callbacks", details={"field": "callbacks"})
+    for cb in callbacks_raw.values():
+        parse_job(cb, now)
+    workflow = Workflow(
+        id=wf_id,
+        type=kind,
+        name=name,
+        state="running",
+        created_at=now,
+        job_ids=[None] * len(jobs),
+        callbacks=dict(callbacks_raw),
+    )
+    if kind == "chain":
+        first = _member(jobs[0], wf_id, 0)
+        first.parent_results = []
+        workflow.pending_steps = {i: members[i] for i in range(1, len(members))}
+        start = [first]
+    else:
+        start = [_member(job, wf_id, i) for i, job in enumerate(jobs)]
+    for job in start:
+        workflow.job_ids[job.workflow_step or 0] = job.id
+        workflow.job_states[job.id] = job.state.value
+    return workflow, start
+
+
+def _finish(workflow: Workflow, state: str, now: float) -> None:
+    workflow.state = state
+    workflow.completed_at = now
+
+
+def on_job_started(workflow: Workflow, job: Job, now: float) -> None:
+    if workflow.started_at is None:
+        workflow.started_at = now
+    workflow.job_states[job.id] = job.state.value
+
+
+def on_job_finished(workflow: Workflow, job: Job, now: float) -> list[Job]:
+    """Record a member's new state; return jobs to create as a consequence."""
+    if job.id not in workflow.job_states:
+        return []
+    workflow.job_states[job.id] = job.state.value
+    if not job.state.is_terminal or workflow.state in TERMINAL:
+        return []
+    index = workflow.index_of(job.id)
+    if job.state is JobState.COMPLETED:
+        workflow.results[index] = job.result
+    if workflow.type == "chain":
+        if job.state is not JobState.COMPLETED:
+            workflow.pending_steps.clear()
+            _finish(workflow, "failed" if job.state is JobState.DISCARDED else "cancelled", now)
+            return []
+        nxt = index + 1
+        body = workflow.pending_steps.pop(nxt, None)
+        if body is None:
+            _finish(workflow, "completed", now)
+            return []
+        step = _member(parse_job(body, now), workflow.id, nxt)
+        step.parent_results = [job.result]
+        workflow.job_ids[nxt] = step.id
+        workflow.job_states[step.id] = step.state.value
+        return [step]
+    # group and batch: done when every member is terminal
+    if any(not JobState(s).is_terminal for s in workflow.job_states.values()):
+        return []
+    all_ok = all(s == "completed" for s in workflow.job_states.values())
+    _finish(workflow, "completed" if all_ok else "failed", now)
+    spawned: list[Job] = []
+    if workflow.type == "batch":
+        results = [workflow.results.get(i) for i in range(workflow.total)]
+        names = ["on_complete", "on_success" if all_ok else "on_failure"]
+        for name in names:
+            body = workflow.callbacks.get(name)
+            if body is None or name in workflow.fired_callbacks:
+                continue
+            cb = parse_job(body, now)
+            cb.parent_results = results
+            cb.meta = {**(cb.meta or {}), "workflow_id": workflow.id, "callback": name}
+            workflow.fired_callbacks[name] = cb.id
+            spawned.append(cb)
+    return spawned
+
+
+def cancel(workflow: Workflow, now: float) -> list[str]:
+    """Cancel the workflow; return ids of member jobs that must be cancelled."""
+    if workflow.state in TERMINAL:
+        raise Conflict(
+            f"Workflow {workflow.id} is already {workflow.state}",
+            details={"workflow_id": workflow.id, "current_state": workflow.state},
+        )
+    workflow.pending_steps.clear()
+    _finish(workflow, "cancelled", now)
+    return [
+        job_id
+        for job_id, state in workflow.job_states.items()
+        if not JobState(state).is_terminal
+    ]
