@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
+import trio.lowlevel
 
 from ojs_trio.engine.engine import Engine, EngineConfig, open_engine
 from ojs_trio.engine.job import Job
@@ -30,9 +31,12 @@ async def running_engine(**config: Any) -> AsyncIterator[Engine]:
         yield engine
 
 
-async def wait_until(predicate: Any, timeout: float = 30.0, what: str = "condition") -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
+async def wait_until(predicate: Any, within: float = 30.0) -> None:
+    """Poll ``predicate`` until it holds; fail after ``within`` seconds."""
+    with trio.fail_after(within):
+        while True:
+            if predicate():
+                return
             await trio.sleep(0.005)
 
 
@@ -51,7 +55,7 @@ async def test_eight_workers_complete_2000_jobs_exactly_once() -> None:
                 overlaps.append(job_id)
             in_flight.add(job_id)
             max_concurrent = max(max_concurrent, len(in_flight))
-            await trio.sleep(0)  # let every other worker run while we hold the job
+            await trio.lowlevel.checkpoint()  # let every other worker run while we hold the job
             in_flight.discard(job_id)
             completions[job_id] += 1
             by_worker[ctx.worker_id] += 1
@@ -65,7 +69,7 @@ async def test_eight_workers_complete_2000_jobs_exactly_once() -> None:
             )
             enqueued = {r.job.id for r in results}
             assert len(enqueued) == JOBS
-            await wait_until(lambda: engine.statistics().acked >= JOBS, what="all acked")
+            await wait_until(lambda: engine.statistics().acked >= JOBS)
             nursery.cancel_scope.cancel()
 
         assert overlaps == []
@@ -94,7 +98,7 @@ async def test_workers_started_before_jobs_arrive_share_trickled_work() -> None:
             if ctx.job.id in holders:
                 overlaps.append(ctx.job.id)
             holders[ctx.job.id] = ctx.worker_id
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
             del holders[ctx.job.id]
             completions[ctx.job.id] += 1
 
@@ -107,7 +111,7 @@ async def test_workers_started_before_jobs_arrive_share_trickled_work() -> None:
                 await engine.submit_many(
                     [{"type": "bulk.job", "args": [n]} for n in range(start, start + 5)]
                 )
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
             await wait_until(lambda: engine.statistics().acked >= total)
             nursery.cancel_scope.cancel()
 
@@ -130,7 +134,7 @@ async def test_raw_fetchers_racing_over_one_queue_never_share_a_job() -> None:
                 if not jobs:
                     return
                 delivered.extend(j.id for j in jobs)
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
                 for job in jobs:
                     await engine.ack(job.id, worker_id=f"f{n}")
 
@@ -167,7 +171,7 @@ async def test_long_polling_fetchers_over_overlapping_queue_sets() -> None:
                         overlaps.append(job.id)
                     active.add(job.id)
                     delivered.append((worker, job))
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
                 for job in jobs:
                     active.discard(job.id)
                     await engine.ack(job.id, worker_id=worker)
@@ -179,7 +183,7 @@ async def test_long_polling_fetchers_over_overlapping_queue_sets() -> None:
                 await engine.enqueue("race.job", [n], queue="a")
                 await engine.enqueue("race.job", [n], queue="b")
                 if n % 7 == 0:
-                    await trio.sleep(0)
+                    await trio.lowlevel.checkpoint()
 
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:

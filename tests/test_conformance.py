@@ -27,7 +27,9 @@ from ojs_trio.http.serve import serve
 from ojs_trio.storage.memory import MemoryStorage
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITES = Path(os.environ.get("OJS_CONFORMANCE_SUITES", ROOT.parent / "shared/ojs-conformance/suites"))
+SUITES = Path(
+    os.environ.get("OJS_CONFORMANCE_SUITES", ROOT.parent / "shared/ojs-conformance/suites")
+)
 
 
 def _cases() -> list[Case]:
@@ -69,6 +71,9 @@ async def open_server() -> AsyncIterator[str]:
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.test_id}-{c.name}" for c in CASES])
 async def test_conformance_case(case: Case) -> None:
-    async with open_server() as base_url, httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+    async with (
+        open_server() as base_url,
+        httpx.AsyncClient(base_url=base_url, timeout=30) as client,
+    ):
         result = await run_case(client, case)
     assert result.passed, result.describe()

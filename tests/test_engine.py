@@ -60,10 +60,10 @@ async def running_workers(
 
 
 async def wait_for_state(
-    engine: Engine, job_id: str, *states: JobState, timeout: float = 10.0
+    engine: Engine, job_id: str, *states: JobState, within: float = 10.0
 ) -> Job:
-    """Poll until the job reaches one of ``states`` (fails after ``timeout`` seconds)."""
-    with trio.fail_after(timeout):
+    """Poll until the job reaches one of ``states`` (fails after ``within`` seconds)."""
+    with trio.fail_after(within):
         while True:
             job = await engine.get(job_id)
             if job.state in states:
@@ -288,19 +288,16 @@ async def test_cancelled_long_poll_loses_no_job(autojump_clock: trio.testing.Moc
         assert scope.cancelled_caught
         job = (await engine.enqueue("t.job")).job
         fetched_at = trio.current_time()
-        # wait_ms > 0 here: see the xfail test below for the wait_ms=0 variant.
-        assert [j.id for j in await engine.fetch(["default"], wait_ms=1_000)] == [job.id]
+        assert [j.id for j in await engine.fetch(["default"])] == [job.id]
         assert trio.current_time() == fetched_at
         assert engine.statistics().waiting_fetches == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FetcherPool._serve expires a newly arrived fetch before claiming for it",
-)
 async def test_non_waiting_fetch_is_served_while_another_fetch_is_parked(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
+    """Regression: a wait_ms=0 fetch arriving while the pool was parked for another
+    fetch used to be expired (answered []) before any claim was tried for it."""
     storage = MemoryStorage()
     async with open_engine(storage, EngineConfig(clock=wall)) as engine:
         parked: list[list[Job]] = []
@@ -539,11 +536,8 @@ async def test_enqueue_middleware_modifies_and_drops_jobs() -> None:
         assert [e["data"]["job_type"] for e in engine.events.query()] == ["t.keep", "t.keep"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Engine.submit indexes [0] into an empty result when middleware drops the job",
-)
 async def test_enqueue_middleware_dropping_a_single_job() -> None:
+    """Regression: Engine.submit used to index [0] into the empty result (IndexError)."""
     async with running_engine() as engine:
 
         async def drop_all(job: Job, nxt: Callable[[Job], Any]) -> Job | None:
@@ -601,12 +595,24 @@ async def test_execution_middleware_wraps_in_registration_order() -> None:
             ok = (await engine.enqueue("t.add", [2, 3])).job
             done = await wait_for_state(engine, ok.id, JobState.COMPLETED)
             assert done.result == {"wrapped": 5}  # middleware replaced the result
-            assert trace == ["outer:before", "inner:before", "handler", "inner:after", "outer:after"]
+            assert trace == [
+                "outer:before",
+                "inner:before",
+                "handler",
+                "inner:after",
+                "outer:after",
+            ]
 
             trace.clear()
             bad = (await engine.enqueue("t.explode", retry=no_jitter(max_attempts=1))).job
             failed = await wait_for_state(engine, bad.id, JobState.DISCARDED)
-            assert trace == ["outer:before", "inner:before", "handler", "inner:after", "outer:error"]
+            assert trace == [
+                "outer:before",
+                "inner:before",
+                "handler",
+                "inner:after",
+                "outer:error",
+            ]
         assert outcomes == [("result", 5), ("error", "ValueError")]
         assert failed.error is not None and failed.error["type"] == "ValueError"
 
@@ -712,18 +718,24 @@ async def test_handler_timeout_fails_the_attempt(autojump_clock: trio.testing.Mo
 
         engine.register("t.hang", hang)
         async with running_workers(engine):
-            job = (await engine.enqueue("t.hang", timeout_ms=500, retry=no_jitter(max_attempts=1))).job
+            job = (
+                await engine.enqueue("t.hang", timeout_ms=500, retry=no_jitter(max_attempts=1))
+            ).job
             done = await wait_for_state(engine, job.id, JobState.DISCARDED)
         assert done.error is not None and done.error["code"] == "handler_timeout"
 
 
 async def test_workers_stop_when_the_engine_drains() -> None:
     async with running_engine() as engine:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(engine.run_workers, ["default"], 4)
-            with trio.fail_after(5):
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(engine.run_workers, ["default"], 4)
+                while True:  # until all four are parked in long polls
+                    if engine.statistics().waiting_fetches == 4:
+                        break
+                    await trio.sleep(0.001)
                 engine.begin_shutdown()
-        # The nursery exited by itself: every worker saw the drain and returned.
+            # The nursery exited by itself: every worker saw the drain and returned.
 
 
 # -- events ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ visibility leases pass instantly and exactly.
 
 from __future__ import annotations
 
+import itertools
 import random
 from typing import Any
 
@@ -34,17 +35,20 @@ def actor_stats(engine: Engine, name: str) -> dict[str, Any]:
     return found[0] if found else {"name": name, "restarts": 0, "running": False}
 
 
-async def wait_until(predicate: Any, timeout: float = 10.0) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
+async def wait_until(predicate: Any, within: float = 10.0) -> None:
+    """Poll ``predicate`` until it holds; fail after ``within`` seconds."""
+    with trio.fail_after(within):
+        while True:
+            if predicate():
+                return
             await trio.sleep(0.001)
 
 
 # -- through the engine --------------------------------------------------------------
 #
-# The restart acceptance tests run on the real clock with short leases: under
-# MockClock the promoter/reaper busy-loop described in the xfail tests below
-# livelocks the run (mock time cannot advance while a task spins).
+# The restart acceptance tests run on the real clock with short leases: should the
+# promoter/reaper busy-loop guarded against below ever come back, a MockClock run
+# would livelock (mock time cannot advance while a task spins) instead of failing.
 
 
 async def test_crashed_reaper_is_restarted_and_engine_keeps_serving() -> None:
@@ -76,7 +80,9 @@ async def test_crashed_reaper_is_restarted_and_engine_keeps_serving() -> None:
         assert fetched.id == job.id
         assert (await engine.get(job.id)).state is JobState.ACTIVE
         with trio.fail_after(5):
-            while (await engine.get(job.id)).state is not JobState.AVAILABLE:
+            while True:
+                if (await engine.get(job.id)).state is JobState.AVAILABLE:
+                    break
                 await trio.sleep(0.005)
         assert trio.current_time() - fetched_at >= 0.3
         assert engine.statistics().reaped == 1
@@ -117,14 +123,11 @@ async def test_crashed_promoter_is_restarted_and_retries_still_promote() -> None
         assert actor_stats(engine, "promoter")["last_error"] == "OSError: simulated promoter crash"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FetcherPool.run closes its receive channel (async with) on a crash, so the "
-    "restarted pool dies with ClosedResourceError and fetches get BrokenResourceError",
-)
 async def test_crashed_fetcher_pool_is_restarted(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
+    """Regression: run() closed its receive channel on a crash (``async with``), so
+    the restarted pool died with ClosedResourceError and fetches hit BrokenResourceError."""
     storage = MemoryStorage(rng=random.Random(0))
     real_claim = storage.claim
     crashes = 0
@@ -149,12 +152,8 @@ async def test_crashed_fetcher_pool_is_restarted(
         assert [j.id for j in await engine.fetch(["default"])] == [other.id]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="VisibilityHeartbeater.run closes its receive channel (async with) on a crash, "
-    "so it cannot be restarted and later heartbeats get BrokenResourceError",
-)
 async def test_crashed_heartbeater_is_restarted(autojump_clock: trio.testing.MockClock) -> None:
+    """Regression: like the fetcher pool, a crash closed the heartbeater's channel."""
     storage = MemoryStorage(rng=random.Random(0))
     real_heartbeat = storage.heartbeat
     crashes = 0
@@ -179,12 +178,9 @@ async def test_crashed_heartbeater_is_restarted(autojump_clock: trio.testing.Moc
         assert reply.state == "running"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the promoter sleeps until storage.next_wakeup(), which includes lease "
-    "deadlines only the reaper acts on: while the reaper is down it busy-loops",
-)
 async def test_promoter_does_not_spin_on_a_lease_while_the_reaper_is_down() -> None:
+    """Regression: the promoter slept until the storage-wide next wakeup, which
+    includes leases only the reaper acts on, so it busy-looped while the reaper was down."""
     storage = MemoryStorage()
 
     async def reap_always_crashes(now: float, limit: int) -> list[Job]:
@@ -204,12 +200,8 @@ async def test_promoter_does_not_spin_on_a_lease_while_the_reaper_is_down() -> N
         assert engine.promoter.passes - before <= 25
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the reaper sleeps until storage.next_wakeup(), which includes due times "
-    "only the promoter acts on: while the promoter is down it busy-loops",
-)
 async def test_reaper_does_not_spin_on_a_due_job_while_the_promoter_is_down() -> None:
+    """Regression: the mirror image, a due job the promoter has not promoted yet."""
     storage = MemoryStorage()
 
     async def promote_always_crashes(now: float, limit: int) -> list[Job]:
@@ -279,7 +271,7 @@ async def test_supervisor_backoff_is_capped(autojump_clock: trio.testing.MockClo
             raise ValueError("crash")
 
     await supervisor.supervise("capped", actor)
-    gaps = [b - a for a, b in zip(runs, runs[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(runs)]
     assert gaps == pytest.approx([1.0, 2.0, 3.0, 3.0, 3.0])
 
 
@@ -395,7 +387,7 @@ async def test_actor_that_catches_exceptions_broadly_still_gets_cancelled(
             try:
                 loops += 1
                 await trio.sleep(1)
-            except Exception:  # noqa: S110 - the point of the test
+            except Exception:  # the point of the test: a broad except
                 pass
 
     with trio.move_on_after(3.5):

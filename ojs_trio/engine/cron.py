@@ -129,7 +129,7 @@ def normalize_expression(expression: str) -> str:
 
 def zone(name: str) -> ZoneInfo:
     """An IANA zone; fixed offsets and abbreviations are refused (ojs-cron 5.1)."""
-    if not isinstance(name, str) or not name or "/" not in name and name != "UTC":
+    if not isinstance(name, str) or not name or ("/" not in name and name != "UTC"):
         raise InvalidRequest(
             f"timezone must be an IANA name such as 'America/New_York', got {name!r}",
             details={"field": "timezone"},

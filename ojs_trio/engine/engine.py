@@ -18,12 +18,12 @@ from typing import Any
 
 import trio
 
+from ojs_trio.actors.cron import CronTicker
 from ojs_trio.actors.fetcher import FetcherPool, FetchRequest
 from ojs_trio.actors.heartbeater import HeartbeatCall, VisibilityHeartbeater
 from ojs_trio.actors.promoter import DelayPromoter
 from ojs_trio.actors.reaper import Reaper
 from ojs_trio.actors.supervisor import Supervisor
-from ojs_trio.actors.cron import CronTicker
 from ojs_trio.engine.cron import CronFire, CronRecord, parse_cron_request
 from ojs_trio.engine.errors import InvalidRequest, OjsError, ShuttingDown
 from ojs_trio.engine.events import EventBus, job_event, workflow_event
@@ -301,7 +301,9 @@ class Engine:
     ) -> list[Job]:
         """Claim up to ``count`` jobs; wait up to ``wait_ms`` for the first to arrive."""
         if not queues:
-            raise InvalidRequest("'queues' must list at least one queue", details={"field": "queues"})
+            raise InvalidRequest(
+                "'queues' must list at least one queue", details={"field": "queues"}
+            )
         key = tuple(validate_queue(q, "queues") for q in queues)
         count = max(1, min(count, self.config.max_fetch_count))
         wait = min(max(0, wait_ms), self.config.max_fetch_wait_ms) / 1000.0
@@ -338,7 +340,12 @@ class Engine:
         self._jobs_became_available(jobs)
 
     async def ack(
-        self, job_id: str, result: Any = None, *, has_result: bool = True, worker_id: str | None = None
+        self,
+        job_id: str,
+        result: Any = None,
+        *,
+        has_result: bool = True,
+        worker_id: str | None = None,
     ) -> Job:
         job = await self.storage.ack(job_id, worker_id, result, has_result, self.clock())
         self._counters["acked"] += 1

@@ -145,7 +145,9 @@ class WorkerPool:
                     result = await chain(ctx)
         except Exception as exc:
             self.failed += 1
-            await self._settle(engine.nack(job.id, failure_from_exception(exc), worker_id=worker_id))
+            await self._settle(
+                engine.nack(job.id, failure_from_exception(exc), worker_id=worker_id)
+            )
         else:
             self.completed += 1
             await self._settle(engine.ack(job.id, result, worker_id=worker_id))

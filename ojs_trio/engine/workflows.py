@@ -89,7 +89,10 @@ class Workflow:
             wire["jobs_failed"] = failed
         if self.callbacks:
             wire["callbacks"] = {
-                name: {"fired": name in self.fired_callbacks, "job_id": self.fired_callbacks.get(name)}
+                name: {
+                    "fired": name in self.fired_callbacks,
+                    "job_id": self.fired_callbacks.get(name),
+                }
                 for name in self.callbacks
             }
         if self.started_at is not None:
@@ -237,7 +240,5 @@ def cancel(workflow: Workflow, now: float) -> list[str]:
     workflow.pending_steps.clear()
     _finish(workflow, "cancelled", now)
     return [
-        job_id
-        for job_id, state in workflow.job_states.items()
-        if not JobState(state).is_terminal
+        job_id for job_id, state in workflow.job_states.items() if not JobState(state).is_terminal
     ]

@@ -26,7 +26,7 @@ from ojs_trio.engine.errors import (
     Unauthenticated,
 )
 from ojs_trio.engine.ids import uuid7
-from ojs_trio.http import cron, jobs, queues, system, workers, workflows
+from ojs_trio.http import cron, jobs, queues, streams, system, workers, workflows
 from ojs_trio.http.common import OJS_VERSION, ApiContext, ojs_response
 
 log = logging.getLogger("ojs_trio.http")
@@ -78,9 +78,9 @@ def create_app(engine: Engine, settings: Settings | None = None) -> QuartTrio:
         # Read the body now (Quart caches it for the handler): a route that ignores
         # its body must not leave bytes on a keep-alive connection, or the next
         # request on it stalls.
-        if request.method in ("POST", "PUT", "PATCH") and (length or "chunked" in (
-            request.headers.get("Transfer-Encoding") or ""
-        )):
+        if request.method in ("POST", "PUT", "PATCH") and (
+            length or "chunked" in (request.headers.get("Transfer-Encoding") or "")
+        ):
             await request.get_data()
         return None
 
@@ -121,6 +121,6 @@ def create_app(engine: Engine, settings: Settings | None = None) -> QuartTrio:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(BackendError("Internal server error; see the server log"))
 
-    for module in (system, jobs, workers, queues, workflows, cron):
+    for module in (system, jobs, workers, queues, workflows, cron, streams):
         module.register(app, ctx)
     return app

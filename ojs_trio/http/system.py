@@ -12,20 +12,21 @@ from ojs_trio.engine.errors import BackendUnavailable, NotFound, OjsError
 from ojs_trio.engine.timeutil import format_ts
 from ojs_trio.http.common import ApiContext, ojs_response, query_int, query_list
 
-CONFORMANCE_LEVEL = 1
+CONFORMANCE_LEVEL = 4
 CAPABILITIES: dict[str, bool] = {
-    "batch_enqueue": False,
-    "cron_jobs": False,
+    "batch_enqueue": True,
+    "cron_jobs": True,
     "dead_letter": True,
     "delayed_jobs": True,
     "job_ttl": True,
     "priority_queues": True,
-    "rate_limiting": False,
+    "rate_limiting": True,
     "schema_validation": False,
-    "unique_jobs": False,
-    "workflows": False,
-    "pause_resume": False,
+    "unique_jobs": True,
+    "workflows": True,
+    "pause_resume": True,
     "events": True,
+    "server_sent_events": True,
     "long_poll_fetch": True,
 }
 
@@ -44,6 +45,8 @@ def manifest(ctx: ApiContext) -> dict[str, Any]:
         "protocols": ["http"],
         "backend": ctx.engine.storage.name,
         "capabilities": CAPABILITIES,
+        # ojs-unique-jobs.md 8.3: checked and inserted in one atomic storage step.
+        "unique_jobs": {"strength": "strong"},
         "extensions": {
             "official": [{"urn": "urn:ojs:ext:dead-letter", "version": "1.0.0"}],
         },
@@ -76,8 +79,8 @@ def register(app: QuartTrio, ctx: ApiContext) -> None:
                 },
                 status,
             )
-        status = "draining" if engine.draining else "ok"
-        return ojs_response({**base, "status": status, **info})
+        state = "draining" if engine.draining else "ok"
+        return ojs_response({**base, "status": state, **info})
 
     @app.get("/ojs/v1/events")
     async def list_events() -> Response:

@@ -457,7 +457,9 @@ class MemoryStorage:
 
     # -- workflows -----------------------------------------------------------------
 
-    async def create_workflow(self, workflow: Workflow, jobs: Sequence[Job], now: float) -> Workflow:
+    async def create_workflow(
+        self, workflow: Workflow, jobs: Sequence[Job], now: float
+    ) -> Workflow:
         await trio.lowlevel.checkpoint()
         if workflow.id in self._workflows:
             raise DuplicateJob(

@@ -152,7 +152,9 @@ class Storage(Protocol):
 
     # -- workflows ---------------------------------------------------------------
 
-    async def create_workflow(self, workflow: Workflow, jobs: Sequence[Job], now: float) -> Workflow:
+    async def create_workflow(
+        self, workflow: Workflow, jobs: Sequence[Job], now: float
+    ) -> Workflow:
         """Store the workflow and its initial jobs in one atomic step."""
 
     async def get_workflow(self, workflow_id: str) -> Workflow: ...

@@ -17,8 +17,10 @@ from ojs_trio.engine.errors import InvalidRequest
 
 def parse_rate_limit(raw: Any) -> dict[str, Any]:
     if not isinstance(raw, dict):
-        raise InvalidRequest("options.rate_limit must be an object", details={"field": "rate_limit"})
-    for key, window_ms in (("max_per_second", 1000), ("max_per_minute", 60_000)):
+        raise InvalidRequest(
+            "options.rate_limit must be an object", details={"field": "rate_limit"}
+        )
+    for key, per_ms in (("max_per_second", 1000), ("max_per_minute", 60_000)):
         if key in raw:
             value = raw[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -26,7 +28,7 @@ def parse_rate_limit(raw: Any) -> dict[str, Any]:
                     f"options.rate_limit.{key} must be a positive integer",
                     details={"field": f"rate_limit.{key}"},
                 )
-            return {"limit": value, "window_ms": window_ms}
+            return {"limit": value, "window_ms": per_ms}
     limit, window_ms = raw.get("limit"), raw.get("window_ms")
     if (
         isinstance(limit, bool)
