@@ -222,9 +222,7 @@ BAD_INPUT = [
     post("enqueue-args-not-array", "/ojs/v1/jobs", {"type": "a.b", "args": {"x": 1}}),
     post("enqueue-args-missing", "/ojs/v1/jobs", {"type": "a.b"}),
     post("enqueue-bad-type-pattern", "/ojs/v1/jobs", {"type": "Email Send", "args": []}),
-    post(
-        "enqueue-options-not-object", "/ojs/v1/jobs", {"type": "a.b", "args": [], "options": []}
-    ),
+    post("enqueue-options-not-object", "/ojs/v1/jobs", {"type": "a.b", "args": [], "options": []}),
     post(
         "enqueue-bad-priority",
         "/ojs/v1/jobs",

@@ -45,13 +45,11 @@ async def wait_until(predicate: Any, within: float = 10.0) -> None:
 
 
 # -- through the engine --------------------------------------------------------------
-#
-# The restart acceptance tests run on the real clock with short leases: should the
-# promoter/reaper busy-loop guarded against below ever come back, a MockClock run
-# would livelock (mock time cannot advance while a task spins) instead of failing.
 
 
-async def test_crashed_reaper_is_restarted_and_engine_keeps_serving() -> None:
+async def test_crashed_reaper_is_restarted_and_engine_keeps_serving(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     storage = MemoryStorage(rng=random.Random(0))
     real_reap = storage.reap
     crashes = 0
@@ -64,7 +62,7 @@ async def test_crashed_reaper_is_restarted_and_engine_keeps_serving() -> None:
         return await real_reap(now, limit)
 
     storage.reap = reap_that_crashes_once  # type: ignore[method-assign]
-    async with open_engine(storage, EngineConfig(timer_max_sleep=0.05)) as engine:
+    async with open_engine(storage, EngineConfig(clock=wall)) as engine:
         await wait_until(lambda: actor_stats(engine, "reaper")["restarts"] == 1)
         await wait_until(lambda: actor_stats(engine, "reaper")["running"])
         reaper = actor_stats(engine, "reaper")
@@ -75,16 +73,14 @@ async def test_crashed_reaper_is_restarted_and_engine_keeps_serving() -> None:
 
         # The restarted reaper still does its job: an unacked lease is returned.
         job = (await engine.enqueue("t.job")).job
-        (fetched,) = await engine.fetch(["default"], worker_id="gone", visibility_ms=300)
+        (fetched,) = await engine.fetch(["default"], worker_id="gone", visibility_ms=2_000)
         fetched_at = trio.current_time()
         assert fetched.id == job.id
+        await trio.sleep_until(fetched_at + 1.9)
         assert (await engine.get(job.id)).state is JobState.ACTIVE
-        with trio.fail_after(5):
-            while True:
-                if (await engine.get(job.id)).state is JobState.AVAILABLE:
-                    break
-                await trio.sleep(0.005)
-        assert trio.current_time() - fetched_at >= 0.3
+        assert engine.statistics().reaped == 0
+        await trio.sleep_until(fetched_at + 2.1)
+        assert (await engine.get(job.id)).state is JobState.AVAILABLE
         assert engine.statistics().reaped == 1
 
         # And the engine serves as before.
@@ -97,7 +93,9 @@ async def test_crashed_reaper_is_restarted_and_engine_keeps_serving() -> None:
         assert actor_stats(engine, "reaper")["restarts"] == 1
 
 
-async def test_crashed_promoter_is_restarted_and_retries_still_promote() -> None:
+async def test_crashed_promoter_is_restarted_and_retries_still_promote(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     storage = MemoryStorage(rng=random.Random(0))
     real_promote = storage.promote_due
     crashed = trio.Event()
@@ -109,15 +107,16 @@ async def test_crashed_promoter_is_restarted_and_retries_still_promote() -> None
         return await real_promote(now, limit)
 
     storage.promote_due = promote_that_crashes_once  # type: ignore[method-assign]
-    async with open_engine(storage, EngineConfig()) as engine:
+    async with open_engine(storage, EngineConfig(clock=wall)) as engine:
         await crashed.wait()
-        retry = {"initial_interval": "PT0.2S", "jitter": False}
+        retry = {"initial_interval": "PT2S", "jitter": False}
         job = (await engine.enqueue("t.job", retry=retry)).job
         await engine.fetch(["default"])
         await engine.nack(job.id)
-        with trio.fail_after(5):
-            (again,) = await engine.fetch(["default"], wait_ms=5_000)
+        nacked_at = trio.current_time()
+        (again,) = await engine.fetch(["default"], wait_ms=5_000)
         assert again.id == job.id
+        assert trio.current_time() - nacked_at == pytest.approx(2.0, abs=0.01)
         assert engine.statistics().promoted == 1
         assert actor_stats(engine, "promoter")["restarts"] == 1
         assert actor_stats(engine, "promoter")["last_error"] == "OSError: simulated promoter crash"

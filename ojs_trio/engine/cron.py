@@ -8,6 +8,7 @@ fires once even when several server processes tick on one backend.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -62,6 +63,13 @@ class CronRecord:
         if self.description is not None:
             wire["description"] = self.description
         return wire
+
+    def to_record(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> CronRecord:
+        return cls(**record)
 
 
 @dataclass(frozen=True)

@@ -163,7 +163,12 @@ class Engine:
     def _jobs_became_available(self, jobs: list[Job]) -> None:
         self.notify_available(j.queue for j in jobs if j.state is JobState.AVAILABLE)
 
-    def _storage_created(self, jobs: list[Job]) -> None:
+    # StorageListener: the adapter reports work it did on its own.
+
+    def queues_ready(self, queues: list[str]) -> None:
+        self.notify_available(queues)
+
+    def jobs_created(self, jobs: list[Job]) -> None:
         """Jobs the adapter created or released by itself (workflow steps, callbacks, cron)."""
         for job in jobs:
             self._publish("job.enqueued", job, workflow_id=job.workflow_id)
@@ -481,7 +486,7 @@ class Engine:
 
     def _cron_fired(self, fire: CronFire) -> None:
         if fire.fired and fire.job is not None:
-            self._storage_created([fire.job])
+            self.jobs_created([fire.job])
 
     # -- workflows -------------------------------------------------------------------
 
@@ -553,7 +558,7 @@ async def open_engine(
 ) -> AsyncIterator[Engine]:
     """Run an engine for the duration of the ``async with`` block."""
     engine = Engine(storage, config)
-    storage.set_listener(engine._storage_created)
+    storage.set_listener(engine)
     await storage.open()
     try:
         async with trio.open_nursery() as timed_actors:
@@ -562,6 +567,7 @@ async def open_engine(
             sup.start(timed_actors, "reaper", engine.reaper.run)
             sup.start(timed_actors, "heartbeater", engine.heartbeater.run)
             sup.start(timed_actors, "cron", engine.cron_ticker.run)
+            sup.start(timed_actors, "storage-listener", storage.listen)
             async with trio.open_nursery() as pools:
                 engine._pool_nursery = pools
                 try:

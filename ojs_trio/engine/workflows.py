@@ -11,6 +11,7 @@ nor duplicate a step.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +106,20 @@ class Workflow:
 
     def clone(self) -> Workflow:
         return copy.deepcopy(self)
+
+    def to_record(self) -> dict[str, Any]:
+        """A JSON-safe form for storage (integer dict keys become strings)."""
+        record = dataclasses.asdict(self)
+        record["pending_steps"] = {str(k): v for k, v in self.pending_steps.items()}
+        record["results"] = {str(k): v for k, v in self.results.items()}
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Workflow:
+        data = dict(record)
+        data["pending_steps"] = {int(k): v for k, v in data["pending_steps"].items()}
+        data["results"] = {int(k): v for k, v in data["results"].items()}
+        return cls(**data)
 
 
 def _member(job: Job, workflow_id: str, index: int) -> Job:

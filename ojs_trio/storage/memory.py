@@ -31,8 +31,8 @@ from ojs_trio.storage.port import (
     ClaimRequest,
     DeadLetterPage,
     EnqueueResult,
-    JobsListener,
     QueueInfo,
+    StorageListener,
 )
 from ojs_trio.storage.queue_limits import RateWindow, queue_limits_from
 
@@ -43,11 +43,14 @@ class MemoryStorage:
     def __init__(self, *, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
         self._seq = itertools.count()
-        self._listener: JobsListener | None = None
+        self._listener: StorageListener | None = None
         self.reset_nowait()
 
-    def set_listener(self, listener: JobsListener | None) -> None:
+    def set_listener(self, listener: StorageListener | None) -> None:
         self._listener = listener
+
+    async def listen(self) -> None:
+        await trio.lowlevel.checkpoint()  # one process owns the data: nothing to watch
 
     def reset_nowait(self) -> None:
         self._jobs: dict[str, Job] = {}
@@ -135,7 +138,7 @@ class MemoryStorage:
         for new in spawned:
             self._insert(new, now)
         if spawned and self._listener is not None:
-            self._listener([j.clone() for j in spawned])
+            self._listener.jobs_created([j.clone() for j in spawned])
 
     def _insert(self, job: Job, now: float) -> None:
         stored = job.clone()
@@ -452,7 +455,7 @@ class MemoryStorage:
         info = self._queue(queue, now)
         info.paused = paused
         if not paused and self._listener is not None:
-            self._listener([])  # nothing new, but fetchers of this queue may proceed
+            self._listener.queues_ready([queue])
         return QueueInfo(name=info.name, paused=info.paused, created_at=info.created_at)
 
     # -- workflows -----------------------------------------------------------------

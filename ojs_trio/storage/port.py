@@ -13,7 +13,7 @@ so tests can drive time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -22,10 +22,15 @@ from ojs_trio.engine.job import Job
 from ojs_trio.engine.lifecycle import Failure
 from ojs_trio.engine.workflows import Workflow
 
-# Called by an adapter with jobs it created or made available on its own
-# (workflow steps, batch callbacks, cron firings, another process's NOTIFY),
-# so the engine can wake fetchers and publish events.
-JobsListener = Callable[[list[Job]], None]
+
+class StorageListener(Protocol):
+    """How an adapter tells the engine about work it did on its own."""
+
+    def jobs_created(self, jobs: list[Job]) -> None:
+        """Jobs the adapter created itself (next chain step, batch callback, cron run)."""
+
+    def queues_ready(self, queues: list[str]) -> None:
+        """Jobs may be available in these queues (e.g. another server's NOTIFY)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +82,16 @@ class Storage(Protocol):
     async def ping(self) -> dict[str, Any]:
         """Health probe; raises BackendUnavailable when the backend is down."""
 
-    def set_listener(self, listener: JobsListener | None) -> None:
-        """Register the engine's callback for jobs the adapter creates by itself."""
+    def set_listener(self, listener: StorageListener | None) -> None:
+        """Register the engine's callbacks for work the adapter does by itself."""
+
+    async def listen(self) -> None:
+        """Run until cancelled, feeding the listener from outside sources.
+
+        Adapters shared between processes watch for other servers' work here
+        (PostgreSQL LISTEN/NOTIFY); the engine runs it as a supervised actor.
+        Adapters with nothing to watch return at once.
+        """
 
     async def enqueue(self, jobs: Sequence[Job], now: float) -> list[EnqueueResult]:
         """Insert jobs atomically: all or none.

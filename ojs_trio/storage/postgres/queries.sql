@@ -1,0 +1,163 @@
+-- Named queries of the PostgreSQL adapter.  Each block starts with "-- name: x".
+-- Times are epoch seconds (double precision), passed in by the engine.
+
+-- name: insert_job
+INSERT INTO ojs_jobs (id, queue, state, priority, run_at, lease_until, expires_at, unique_key,
+                      workflow_id, dead_letter, worker_id, created_at, finished_at, record)
+VALUES (%(id)s, %(queue)s, %(state)s, %(priority)s, %(run_at)s, %(lease_until)s, %(expires_at)s,
+        %(unique_key)s, %(workflow_id)s, %(dead_letter)s, %(worker_id)s, %(created_at)s,
+        %(finished_at)s, %(record)s)
+
+-- name: update_job
+UPDATE ojs_jobs
+   SET state = %(state)s, priority = %(priority)s, run_at = %(run_at)s,
+       lease_until = %(lease_until)s, expires_at = %(expires_at)s, dead_letter = %(dead_letter)s,
+       worker_id = %(worker_id)s, finished_at = %(finished_at)s, record = %(record)s
+ WHERE id = %(id)s
+
+-- name: ensure_queue
+INSERT INTO ojs_queues (name, created_at) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING
+
+-- name: set_queue_limits
+UPDATE ojs_queues
+   SET rate_limit = COALESCE(%(rate_limit)s, rate_limit),
+       concurrency = COALESCE(%(concurrency)s, concurrency)
+ WHERE name = %(name)s
+
+-- name: get_job
+SELECT record FROM ojs_jobs WHERE id = %s
+
+-- name: lock_job
+SELECT record FROM ojs_jobs WHERE id = %s FOR UPDATE
+
+-- name: lock_unique
+SELECT record FROM ojs_jobs WHERE unique_key = %s ORDER BY created_at FOR UPDATE
+
+-- name: queues_for_claim
+SELECT name, paused, rate_limit, concurrency FROM ojs_queues WHERE name = ANY(%s)
+
+-- name: claim_available
+SELECT record FROM ojs_jobs
+ WHERE queue = %s AND state = 'available'
+ ORDER BY priority DESC, id
+ LIMIT %s
+ FOR UPDATE SKIP LOCKED
+
+-- name: count_active
+SELECT count(*) FROM ojs_jobs WHERE queue = %s AND state = 'active'
+
+-- name: recent_starts
+SELECT count(*) FROM ojs_queue_starts WHERE queue = %s AND started_at > %s
+
+-- name: record_start
+INSERT INTO ojs_queue_starts (queue, started_at) VALUES (%s, %s)
+
+-- name: prune_starts
+DELETE FROM ojs_queue_starts WHERE started_at < %s
+
+-- name: due_jobs
+SELECT record FROM ojs_jobs
+ WHERE state IN ('scheduled', 'retryable') AND run_at <= %s
+ ORDER BY run_at
+ LIMIT %s
+ FOR UPDATE SKIP LOCKED
+
+-- name: expired_leases
+SELECT record FROM ojs_jobs
+ WHERE state = 'active' AND lease_until <= %s
+ ORDER BY lease_until
+ LIMIT %s
+ FOR UPDATE SKIP LOCKED
+
+-- name: expired_ttl
+SELECT record FROM ojs_jobs
+ WHERE expires_at <= %s AND state IN ('available', 'scheduled', 'retryable', 'pending')
+ ORDER BY expires_at
+ LIMIT %s
+ FOR UPDATE SKIP LOCKED
+
+-- name: next_due
+SELECT min(run_at) FROM ojs_jobs WHERE state IN ('scheduled', 'retryable')
+
+-- name: next_reap
+SELECT least(
+    (SELECT min(lease_until) FROM ojs_jobs WHERE state = 'active'),
+    (SELECT min(expires_at) FROM ojs_jobs
+      WHERE expires_at IS NOT NULL AND state IN ('available', 'scheduled', 'retryable', 'pending')))
+
+-- name: list_dead_letter
+SELECT record, count(*) OVER () FROM ojs_jobs
+ WHERE dead_letter AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+ ORDER BY id
+ LIMIT %(limit)s OFFSET %(offset)s
+
+-- name: count_dead_letter
+SELECT count(*) FROM ojs_jobs WHERE dead_letter AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+
+-- name: lock_dead_letter
+SELECT record FROM ojs_jobs WHERE id = %s AND dead_letter FOR UPDATE
+
+-- name: delete_job
+DELETE FROM ojs_jobs WHERE id = %s
+
+-- name: list_queues
+SELECT q.name, q.paused, q.created_at, q.rate_limit, q.concurrency,
+       COALESCE(jsonb_object_agg(c.state, c.n) FILTER (WHERE c.state IS NOT NULL), '{}'::jsonb)
+  FROM ojs_queues q
+  LEFT JOIN (SELECT queue, state, count(*) AS n FROM ojs_jobs GROUP BY queue, state) c
+    ON c.queue = q.name
+ GROUP BY q.name
+ ORDER BY q.name
+
+-- name: queue_row
+SELECT name, paused, created_at, rate_limit, concurrency FROM ojs_queues WHERE name = %s
+
+-- name: queue_counts
+SELECT state, count(*) FROM ojs_jobs WHERE queue = %s GROUP BY state
+
+-- name: queue_throughput
+SELECT count(*) FILTER (WHERE state = 'completed'), count(*) FILTER (WHERE state = 'discarded')
+  FROM ojs_jobs WHERE queue = %s AND finished_at >= %s
+
+-- name: upsert_queue_paused
+INSERT INTO ojs_queues (name, paused, created_at) VALUES (%s, %s, %s)
+ON CONFLICT (name) DO UPDATE SET paused = EXCLUDED.paused
+RETURNING name, paused, created_at
+
+-- name: insert_workflow
+INSERT INTO ojs_workflows (id, state, record) VALUES (%s, %s, %s)
+
+-- name: lock_workflow
+SELECT record FROM ojs_workflows WHERE id = %s FOR UPDATE
+
+-- name: get_workflow
+SELECT record FROM ojs_workflows WHERE id = %s
+
+-- name: update_workflow
+UPDATE ojs_workflows SET state = %s, record = %s WHERE id = %s
+
+-- name: upsert_cron
+INSERT INTO ojs_crons (name, next_run_at, record) VALUES (%s, %s, %s)
+ON CONFLICT (name) DO UPDATE SET next_run_at = EXCLUDED.next_run_at, record = EXCLUDED.record
+
+-- name: lock_cron
+SELECT record FROM ojs_crons WHERE name = %s FOR UPDATE
+
+-- name: get_cron
+SELECT record FROM ojs_crons WHERE name = %s
+
+-- name: list_crons
+SELECT record FROM ojs_crons ORDER BY name
+
+-- name: delete_cron
+DELETE FROM ojs_crons WHERE name = %s RETURNING record
+
+-- name: advance_cron
+UPDATE ojs_crons SET next_run_at = %(next_run_at)s, record = %(record)s
+ WHERE name = %(name)s AND next_run_at = %(occurrence)s
+
+-- name: reset
+TRUNCATE ojs_jobs, ojs_queues, ojs_queue_starts, ojs_workflows, ojs_crons
+
+-- name: notify
+SELECT pg_notify('ojs_jobs', %s)
