@@ -23,6 +23,7 @@ class Settings:
     enable_reset: bool = False
     max_body_bytes: int = 1024 * 1024
     max_batch_jobs: int = 10_000
+    pool_size: int = 10  # PostgreSQL connections per server process
     graceful_timeout: float = 10.0
     log_level: str = "INFO"
     log_format: str = "text"  # or "json"
@@ -39,6 +40,7 @@ class Settings:
             enable_reset=_bool(env.get("OJS_ENABLE_RESET")),
             max_body_bytes=int(env.get("OJS_MAX_BODY_BYTES", cls.max_body_bytes)),
             max_batch_jobs=int(env.get("OJS_MAX_BATCH_JOBS", cls.max_batch_jobs)),
+            pool_size=int(env.get("OJS_POOL_SIZE", cls.pool_size)),
             graceful_timeout=float(env.get("OJS_GRACEFUL_TIMEOUT", cls.graceful_timeout)),
             log_level=env.get("OJS_LOG_LEVEL", cls.log_level).upper(),
             log_format=env.get("OJS_LOG_FORMAT", cls.log_format).lower(),

@@ -29,8 +29,8 @@ async def run_server(
     timeout), then the actors stop and storage closes.
     """
     settings.check_bind()
-    stop = shutdown or trio.Event()
-    storage = open_storage(settings.storage_url)
+    stop = shutdown if shutdown is not None else trio.Event()
+    storage = open_storage(settings.storage_url, pool_size=settings.pool_size)
     engine_config = EngineConfig(honour_test_directives=settings.enable_reset)
     async with open_engine(storage, engine_config) as engine:
 

@@ -9,7 +9,7 @@ the mock clock and a test sleeps through seconds of engine time instantly.
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -157,14 +157,17 @@ async def test_cancel_and_unknown_ids() -> None:
         assert excinfo.value.http_status == 409
 
         missing = "01890000-0000-7000-8000-000000000000"
-        for call in (
-            engine.get(missing),
-            engine.cancel(missing),
-            engine.ack(missing),
-            engine.nack(missing),
-        ):
+        calls: list[Callable[[], Awaitable[Job]]] = [
+            partial(engine.get, missing),
+            partial(engine.cancel, missing),
+            partial(engine.ack, missing),
+            partial(engine.nack, missing),
+            partial(engine.retry_dead_letter, missing),
+            partial(engine.delete_dead_letter, missing),
+        ]
+        for call in calls:
             with pytest.raises(NotFound):
-                await call
+                await call()
 
 
 async def test_ack_by_other_worker_is_conflict() -> None:
@@ -736,6 +739,34 @@ async def test_workers_stop_when_the_engine_drains() -> None:
                     await trio.sleep(0.001)
                 engine.begin_shutdown()
             # The nursery exited by itself: every worker saw the drain and returned.
+
+
+async def test_drain_lets_a_running_handler_finish_and_settle(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running_engine() as engine:
+        started = trio.Event()
+        release = trio.Event()
+
+        async def slow(ctx: JobContext) -> str:
+            started.set()
+            await release.wait()
+            return "finished"
+
+        engine.register("t.slow", slow)
+        job = (await engine.enqueue("t.slow")).job
+        queued = (await engine.enqueue("t.slow")).job
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run_workers, ["default"], 1)
+            await started.wait()
+            engine.begin_shutdown()
+            await trio.sleep(5)
+            assert (await engine.get(job.id)).state is JobState.ACTIVE  # not abandoned
+            release.set()
+        # The worker finished its job, acked it, and took no new one.
+        assert (await engine.get(job.id)).state is JobState.COMPLETED
+        assert (await engine.get(job.id)).result == "finished"
+        assert (await engine.get(queued.id)).state is JobState.AVAILABLE
 
 
 # -- events ------------------------------------------------------------------------------

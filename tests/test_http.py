@@ -7,6 +7,8 @@ never a 500, and must leave the server serving.
 from __future__ import annotations
 
 import json
+import random
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ import trio
 
 from ojs_trio.config import Settings
 from ojs_trio.engine.engine import Engine, EngineConfig, open_engine
-from ojs_trio.http import serve
+from ojs_trio.http import create_app, serve
 from ojs_trio.storage.memory import MemoryStorage
 
 OJS_JSON = "application/openjobspec+json"
@@ -159,6 +161,22 @@ async def test_long_poll_fetch_returns_when_a_job_is_enqueued() -> None:
         (response,) = result
         assert response.status_code == 200
         assert [j["id"] for j in response.json()["jobs"]] == [job_id]
+
+
+async def test_draining_server_answers_and_refuses_cleanly() -> None:
+    async with http_server() as (engine, client):
+        engine.begin_shutdown()
+        health = await client.get("/ojs/v1/health")
+        assert health.status_code == 200
+        assert health.json()["status"] == "draining"
+        response = await client.post(
+            "/ojs/v1/workers/fetch", json={"queues": ["default"], "wait_ms": 20_000}
+        )
+        assert response.status_code == 200
+        assert response.json()["jobs"] == []  # at once, not after 20 s
+        response = await client.post("/ojs/v1/jobs", json={"type": "a.b", "args": []})
+        assert_ojs_error(response, 503, "shutting_down")
+        assert response.headers["Retry-After"] == "1"
 
 
 # -- bad input: the OJS error body, never a 500 -------------------------------------------
@@ -303,6 +321,7 @@ BAD_INPUT = [
     ),
     Case("unknown-route", "GET", "/ojs/v1/nope", 404, "not_found"),
     Case("unknown-root-route", "GET", "/favicon.ico", 404, "not_found"),
+    Case("no-static-files", "GET", "/static/app.css", 404, "not_found"),
     Case("unknown-post-route", "POST", "/ojs/v1/jobs/x/y/z", 404, "not_found", json_body={}),
     Case("put-on-jobs", "PUT", "/ojs/v1/jobs", 405, "method_not_allowed", json_body={}),
     Case("get-on-fetch", "GET", "/ojs/v1/workers/fetch", 405, "method_not_allowed"),
@@ -330,6 +349,126 @@ async def test_server_survives_every_bad_input_on_one_connection() -> None:
         response = await client.post("/ojs/v1/workers/fetch", json={"queues": ["default"]})
         assert [j["id"] for j in response.json()["jobs"]] == [job_id]
         assert engine.statistics().enqueued == 1
+
+
+JOB_TEMPLATE: dict[str, Any] = {
+    "type": "fuzz.job",
+    "args": [1, "two", {"three": [3]}],
+    "meta": {"trace": "abc"},
+    "options": {
+        "queue": "fuzz",
+        "priority": 5,
+        "timeout_ms": 1_000,
+        "delay_until": "+PT1S",
+        "tags": ["a"],
+        "retry": {"max_attempts": 2, "initial_interval": "PT1S", "jitter": False},
+    },
+}
+FUZZ_TARGETS: list[tuple[str, dict[str, Any]]] = [
+    ("/ojs/v1/jobs", JOB_TEMPLATE),
+    ("/ojs/v1/jobs/batch", {"jobs": [JOB_TEMPLATE, {"type": "fuzz.other", "args": []}]}),
+    ("/ojs/v1/workers/fetch", {"queues": ["fuzz"], "count": 2, "worker_id": "w"}),
+    ("/ojs/v1/workers/ack", {"job_id": MISSING, "worker_id": "w", "result": {"ok": True}}),
+    (
+        "/ojs/v1/workers/nack",
+        {"job_id": MISSING, "error": {"code": "x", "message": "m", "details": {}}},
+    ),
+    (
+        "/ojs/v1/workers/heartbeat",
+        {"worker_id": "w", "active_jobs": [MISSING], "visibility_timeout_ms": 1_000},
+    ),
+    ("/ojs/v1/workflows", {"type": "chain", "name": "wf", "steps": [JOB_TEMPLATE]}),
+    (
+        "/ojs/v1/cron",
+        {
+            "name": "nightly",
+            "expression": "0 3 * * *",
+            "timezone": "Europe/Paris",
+            "overlap_policy": "skip",
+            "job_template": {"type": "fuzz.cron", "args": [], "options": {"queue": "fuzz"}},
+        },
+    ),
+]
+ODD_VALUES: list[Any] = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1.5,
+    2**63,
+    -(2**70),
+    1e308,
+    "",
+    "x",
+    "Ünïcødé ✓",
+    "x" * 300,
+    "PT1S",
+    "2024-01-01T00:00:00Z",
+    MISSING,
+    [],
+    {},
+    [None],
+    {"": None},
+    [[[[[[[[[[[]]]]]]]]]]],
+]
+
+
+def mutate(value: Any, rng: random.Random) -> Any:
+    """One random structural edit somewhere inside ``value``."""
+    if isinstance(value, dict) and value and rng.random() < 0.8:
+        key = rng.choice(sorted(value))
+        out = dict(value)
+        roll = rng.random()
+        if roll < 0.2:
+            del out[key]
+        elif roll < 0.5:
+            out[key] = rng.choice(ODD_VALUES)
+        else:
+            out[key] = mutate(out[key], rng)
+        return out
+    if isinstance(value, list) and value and rng.random() < 0.8:
+        out_list = list(value)
+        index = rng.randrange(len(out_list))
+        out_list[index] = mutate(out_list[index], rng)
+        return out_list
+    return rng.choice(ODD_VALUES)
+
+
+async def test_fuzz_templates_are_accepted_unmutated() -> None:
+    """The fuzzer starts from valid bodies, so its mutations probe deep validation."""
+    async with http_server() as (_, client):
+        for path, template in FUZZ_TARGETS:
+            response = await client.post(path, json=template)
+            accepted = {200, 201, 404} if MISSING in json.dumps(template) else {200, 201}
+            assert response.status_code in accepted, (path, response.text)
+
+
+async def test_fuzzed_bodies_never_cause_a_500() -> None:
+    rng = random.Random(20240229)
+    async with http_server() as (_, client):
+        statuses: dict[int, int] = {}
+        for _ in range(400):
+            path, template = rng.choice(FUZZ_TARGETS)
+            body = template
+            for _ in range(rng.choice((1, 1, 2))):
+                body = mutate(body, rng)
+            if isinstance(body, dict):
+                body.pop("wait_ms", None)  # never park a fuzzed fetch
+            response = await client.post(
+                path,
+                content=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            assert response.status_code < 500, (path, body, response.text)
+            assert response.headers["content-type"].startswith(OJS_JSON)
+            if response.status_code >= 400:
+                assert isinstance(response.json()["error"]["code"], str)
+        # The fuzzer reached both accepting and refusing paths.
+        assert any(200 <= status < 300 for status in statuses)
+        assert any(400 <= status < 500 for status in statuses)
+        await enqueue(client)
 
 
 # -- body size limits ---------------------------------------------------------------------
@@ -432,6 +571,25 @@ async def test_api_key_is_required_everywhere_but_health() -> None:
             response = await client.request(method, path, json=body, headers=auth)
             assert response.status_code not in (401, 500), (method, path, response.text)
         assert engine.statistics().enqueued == 1
+
+
+async def test_every_registered_route_requires_the_api_key() -> None:
+    """Routes added later are covered too: walk the app's URL map."""
+    settings = Settings(port=0, api_key="k", enable_reset=True)
+    async with http_server(settings) as (engine, client):
+        rules = list(create_app(engine, settings).url_map.iter_rules())
+        assert len(rules) >= len(PROTECTED)
+        checked = 0
+        for rule in rules:
+            path = re.sub(r"<[^>]+>", "x", rule.rule)
+            for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+                response = await client.request(method, path)
+                if path == "/ojs/v1/health":
+                    assert response.status_code == 200
+                    continue
+                assert_ojs_error(response, 401, "unauthenticated")
+                checked += 1
+        assert checked >= len(PROTECTED)
 
 
 async def test_auth_is_checked_before_the_body() -> None:

@@ -164,11 +164,8 @@ async def test_cli_refuses_public_bind_without_api_key(tmp_path: Path) -> None:
 # -- run_server in-process -------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="run_server does `shutdown or trio.Event()`, and a trio.Event refuses bool()",
-)
 async def test_run_server_in_process_serves_until_shutdown_event() -> None:
+    """Regression: run_server did ``shutdown or trio.Event()``; trio.Event refuses bool()."""
     stop = trio.Event()
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -196,10 +193,6 @@ async def test_run_server_in_process_serves_until_shutdown_event() -> None:
             await client.get("/ojs/v1/health")  # the listener is gone
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="run_server does `shutdown or trio.Event()`, and a trio.Event refuses bool()",
-)
 async def test_run_server_in_process_answers_parked_fetch_empty() -> None:
     stop = trio.Event()
     with trio.fail_after(10):

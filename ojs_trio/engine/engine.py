@@ -26,7 +26,7 @@ from ojs_trio.actors.reaper import Reaper
 from ojs_trio.actors.supervisor import Supervisor
 from ojs_trio.engine.cron import CronFire, CronRecord, parse_cron_request
 from ojs_trio.engine.errors import InvalidRequest, OjsError, ShuttingDown
-from ojs_trio.engine.events import EventBus, job_event, workflow_event
+from ojs_trio.engine.events import EventBus, cron_event, job_event, workflow_event
 from ojs_trio.engine.job import Job
 from ojs_trio.engine.lifecycle import Failure
 from ojs_trio.engine.middleware import EnqueueMiddleware, ExecutionMiddleware, build_enqueue_chain
@@ -166,7 +166,7 @@ class Engine:
     # StorageListener: the adapter reports work it did on its own.
 
     def queues_ready(self, queues: list[str]) -> None:
-        self.notify_available(queues)
+        self.notify_available(queues or list(self._pools_by_queue))
 
     def jobs_created(self, jobs: list[Job]) -> None:
         """Jobs the adapter created or released by itself (workflow steps, callbacks, cron)."""
@@ -485,8 +485,10 @@ class Engine:
         return record
 
     def _cron_fired(self, fire: CronFire) -> None:
-        if fire.fired and fire.job is not None:
-            self.jobs_created([fire.job])
+        # The job itself reaches us through the storage listener (jobs_created).
+        if fire.record is not None:
+            kind = "cron.triggered" if fire.fired else "cron.skipped"
+            self.events.publish(cron_event(kind, fire, self.clock()))
 
     # -- workflows -------------------------------------------------------------------
 

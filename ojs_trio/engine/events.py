@@ -15,6 +15,7 @@ from typing import Any
 
 import trio
 
+from ojs_trio.engine.cron import CronFire
 from ojs_trio.engine.ids import uuid7
 from ojs_trio.engine.job import Job
 from ojs_trio.engine.timeutil import format_ts
@@ -76,6 +77,25 @@ def workflow_event(kind: str, workflow: Workflow, now: float) -> dict[str, Any]:
             "state": workflow.state,
             "metadata": wire["metadata"],
         },
+    }
+
+
+def cron_event(kind: str, fire: CronFire, now: float) -> dict[str, Any]:
+    record = fire.record
+    name = record.name if record is not None else None
+    data: dict[str, Any] = {"cron_name": name, "reason": fire.reason}
+    if fire.job is not None:
+        data.update(job_id=fire.job.id, job_type=fire.job.type, queue=fire.job.queue)
+    return {
+        "specversion": "1.0",
+        "id": uuid7(),
+        "type": kind,
+        "source": "ojs-trio",
+        "subject": name,
+        "time": format_ts(now),
+        "timestamp": format_ts(now),
+        "queue": data.get("queue"),
+        "data": data,
     }
 
 

@@ -196,7 +196,8 @@ class MemoryStorage:
         results = []
         for job, existing in plan:
             if existing is not None and unique.on_conflict(job) == "ignore":
-                results.append(EnqueueResult(existing.clone(), created=False))
+                # A twin earlier in this batch is stored by now: return the stored copy.
+                results.append(EnqueueResult(self._jobs.get(existing.id, existing).clone(), False))
                 continue
             if existing is not None and existing.id in self._jobs:
                 replaced = self._jobs[existing.id].clone()
@@ -334,7 +335,7 @@ class MemoryStorage:
             if lifecycle.is_expired(job, now):
                 continue  # the reaper discards it through the TTL index
             lifecycle.promote(job, now)
-            self._index(job, now)
+            self._store(job, now)
             promoted.append(job.clone())
         return promoted
 
@@ -564,4 +565,7 @@ class MemoryStorage:
         record.last_run_at = occurrence
         record.last_job_id = job.id
         record.runs += 1
-        return CronFire(True, job=self._jobs[job.id].clone(), record=copy.deepcopy(record))
+        created = self._jobs[job.id].clone()
+        if self._listener is not None:
+            self._listener.jobs_created([created.clone()])
+        return CronFire(True, job=created, record=copy.deepcopy(record))

@@ -30,7 +30,11 @@ class StorageListener(Protocol):
         """Jobs the adapter created itself (next chain step, batch callback, cron run)."""
 
     def queues_ready(self, queues: list[str]) -> None:
-        """Jobs may be available in these queues (e.g. another server's NOTIFY)."""
+        """Jobs may be available in these queues (e.g. another server's NOTIFY).
+
+        An empty list means "anything may have changed" (a lost connection was
+        restored): every waiting fetch should look again.
+        """
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,22 +12,32 @@ Time never comes from a clock: every verb gets an explicit ``now`` built from
 the fixed epoch :data:`T0`, so the checks are deterministic and never sleep.
 Failures raise :class:`AssertionError` with a message naming what differed
 (explicitly, so they survive ``python -O`` and need no pytest rewriting).
+
+Beyond the core lifecycle (level 0-1), the checks pin the level 2-4 verbs:
+``next_due_at``/``next_reap_at``, unique jobs, pause and queue statistics,
+rate and concurrency limits, workflows (chain, group, batch), cron schedules
+and the :class:`~ojs_trio.storage.port.StorageListener` reports.  Workflows and
+schedules are built with the engine's own parsers (``parse_workflow``,
+``parse_cron_request``, ``job_for_occurrence``), as the engine does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Any, Generic, TypeVar
 
 import trio
 
+from ojs_trio.engine.cron import CronFire, CronRecord, job_for_occurrence, parse_cron_request
 from ojs_trio.engine.errors import Conflict, DuplicateJob, InvalidStateTransition, NotFound
 from ojs_trio.engine.ids import uuid7
 from ojs_trio.engine.job import Job
 from ojs_trio.engine.lifecycle import Failure
 from ojs_trio.engine.states import JobState
 from ojs_trio.engine.validation import parse_job
+from ojs_trio.engine.workflows import Workflow, parse_workflow
 from ojs_trio.storage.port import ClaimRequest, Storage
 
 __all__ = [
@@ -83,7 +93,21 @@ def _expect(cond: bool, message: str) -> None:
 
 def _expect_eq(actual: Any, expected: Any, what: str) -> None:
     if actual != expected:
-        raise AssertionError(f"{what}: expected {expected!r}, got {actual!r}")
+        raise AssertionError(
+            f"{what}: {_differing(actual, expected)}expected {expected!r}, got {actual!r}"
+        )
+
+
+def _differing(actual: Any, expected: Any) -> str:
+    """For two records (jobs, workflows, schedules) of one type: which fields differ."""
+    if type(actual) is not type(expected) or not dataclasses.is_dataclass(actual):
+        return ""
+    names = [
+        f.name
+        for f in dataclasses.fields(actual)
+        if getattr(actual, f.name) != getattr(expected, f.name)
+    ]
+    return f"{', '.join(names)} differ; " if names else ""
 
 
 class _Raised(Generic[E]):
@@ -107,15 +131,17 @@ def make_job(
     priority: int = 0,
     now: float = T0,
     args: list[Any] | None = None,
+    job_type: str = "contract.check",
     **options: Any,
 ) -> Job:
     """A valid job built the way the engine builds one (via ``parse_job``).
 
     ``options`` are OJS enqueue options, e.g. ``delay_ms=5000``,
-    ``expires_at="+PT10S"`` (relative to ``now``) or ``retry={...}``.
+    ``expires_at="+PT10S"`` (relative to ``now``), ``retry={...}``,
+    ``unique={...}`` or queue limits such as ``concurrency=2``.
     """
     body = {
-        "type": "contract.check",
+        "type": job_type,
         "args": args if args is not None else [],
         "options": {"queue": queue, "priority": priority, **options},
     }
@@ -925,6 +951,65 @@ async def check_next_wakeup_reports_earliest_deadline(factory: StorageFactory) -
         _expect_eq(await storage.next_wakeup(), None, "next_wakeup once idle again")
 
 
+async def _deadlines(storage: Storage) -> tuple[float | None, float | None]:
+    return await storage.next_due_at(), await storage.next_reap_at()
+
+
+async def check_next_due_and_reap_deadlines_are_separate(factory: StorageFactory) -> None:
+    """next_due_at is promote_due's next work only; next_reap_at is reap's (lease, timeout, TTL)."""
+    async with factory() as storage:
+        what = "(next_due_at, next_reap_at)"
+        _expect_eq(await _deadlines(storage), (None, None), f"{what} of an empty storage")
+        runnable = make_job(queue="now", retry=NO_JITTER)
+        await _enqueue(storage, runnable)
+        _expect_eq(await _deadlines(storage), (None, None), f"{what} with an available job")
+
+        # One scheduled job with a TTL: due for promotion at one time, for reaping at another.
+        later = make_job(queue="later", delay_ms=60_000, expires_at="+PT90S")
+        await _enqueue(storage, later)
+        _expect_eq(await _deadlines(storage), (T0 + 60, T0 + 90), f"{what}: due time and TTL")
+        await _claim_one(storage, T0, runnable, visibility_ms=30_000)
+        _expect_eq(await _deadlines(storage), (T0 + 60, T0 + 30), f"{what} with a lease")
+        timed = make_job(queue="timed", timeout_ms=20_000)
+        await _enqueue(storage, timed)
+        await _claim_one(storage, T0, timed, visibility_ms=600_000)
+        _expect_eq(await _deadlines(storage), (T0 + 60, T0 + 20), f"{what} with an exec timeout")
+        expiring = make_job(queue="ttl", expires_at="+PT10S")
+        await _enqueue(storage, expiring)
+        _expect_eq(await _deadlines(storage), (T0 + 60, T0 + 10), f"{what} with a job's TTL")
+        # Once a job has started its TTL no longer applies, only its lease does.
+        running = make_job(queue="running", expires_at="+PT5S")
+        await _enqueue(storage, running)
+        await _claim_one(storage, T0, running, visibility_ms=600_000)
+        _expect_eq(await _deadlines(storage), (T0 + 60, T0 + 10), f"{what}: started job's TTL")
+        await storage.ack(running.id, "w1", None, False, T0 + 1)
+
+        await storage.cancel(expiring.id, T0 + 1)
+        _expect_eq(await _deadlines(storage), (T0 + 60, T0 + 20), f"{what} after the TTL job")
+        await storage.ack(timed.id, "w1", None, False, T0 + 2)
+        _expect_eq(await _deadlines(storage), (T0 + 60, T0 + 30), f"{what} after the timed job")
+        await storage.heartbeat("w1", [runnable.id], 40_000, T0 + 3)
+        _expect_eq(await _deadlines(storage), (T0 + 60, T0 + 43), f"{what} after a heartbeat")
+        await storage.nack(runnable.id, "w1", FAILURE, False, T0 + 4)  # retry at T0 + 6
+        _expect_eq(await _deadlines(storage), (T0 + 6, T0 + 90), f"{what} after a nack")
+        await storage.promote_due(T0 + 6, BIG)
+        _expect_eq(await _deadlines(storage), (T0 + 60, T0 + 90), f"{what} after the promote")
+        await storage.cancel(later.id, T0 + 7)
+        _expect_eq(await _deadlines(storage), (None, None), f"{what} once idle again")
+
+        # A claim that skipped a TTL-expired job leaves reap work due at once.
+        stale = make_job(queue="stale", now=T0 + 100, expires_at="+PT1S")
+        await _enqueue(storage, stale, now=T0 + 100)
+        _expect_eq(await _claim(storage, T0 + 102, "stale"), [], "claim of a TTL-expired job")
+        reap_at = await storage.next_reap_at()
+        _expect(
+            reap_at is not None and reap_at <= T0 + 102,
+            f"next_reap_at after a claim skipped an expired job: expected <= now, got {reap_at!r}",
+        )
+        _expect_eq(_ids(await storage.reap(T0 + 102, BIG)), [stale.id], "reap of the skipped job")
+        _expect_eq(await _deadlines(storage), (None, None), f"{what} after that reap")
+
+
 async def check_list_queues_counts_states(factory: StorageFactory) -> None:
     async with factory() as storage:
         _expect_eq(await storage.list_queues(), [], "queues of an empty storage")
@@ -977,6 +1062,901 @@ async def check_reset_empties_everything(factory: StorageFactory) -> None:
         _expect_eq(len(results), len(jobs), "re-enqueue of the same ids after reset")
 
 
+# -- unique jobs ---------------------------------------------------------------
+
+BY_ARGS: dict[str, Any] = {"keys": ["type", "args"]}  # on_conflict defaults to reject
+
+
+async def _blocker(storage: Storage, job: Job, now: float = T0) -> str | None:
+    """Enqueue ``job`` alone: None if it was created, else the id DuplicateJob names."""
+    try:
+        (result,) = await storage.enqueue([job], now)
+    except DuplicateJob as exc:
+        return str(exc.details.get("existing_job_id"))
+    _expect(result.created, f"enqueue of {job.id} neither created it nor raised DuplicateJob")
+    return None
+
+
+async def _job_in_state(storage: Storage, state: JobState, unique: dict[str, Any]) -> Job:
+    """A unique job (args ``[state]``, queue ``u-<state>``) driven into ``state``."""
+    options: dict[str, Any] = {"queue": f"u-{state.value}", "args": [state.value]}
+    options["retry"] = {**NO_JITTER, "max_attempts": 1 if state is JobState.DISCARDED else 3}
+    if state is JobState.SCHEDULED:
+        options["delay_ms"] = 600_000
+    job = make_job(unique=unique, **options)
+    await _enqueue(storage, job)
+    if state is JobState.CANCELLED:
+        await storage.cancel(job.id, T0)
+    elif state not in (JobState.SCHEDULED, JobState.AVAILABLE):
+        await _claim_one(storage, T0, job)
+        if state is JobState.COMPLETED:
+            await storage.ack(job.id, "w1", None, False, T0)
+        elif state is not JobState.ACTIVE:
+            await storage.nack(job.id, "w1", FAILURE, False, T0)
+    _expect_eq(await _state(storage, job.id), state, "state of a unique job set up for the check")
+    return job
+
+
+async def check_unique_reject_raises_duplicate(factory: StorageFactory) -> None:
+    async with factory() as storage:
+        reject = {**BY_ARGS, "on_conflict": "reject"}
+        first = make_job(args=[1], unique=reject)
+        (result,) = await storage.enqueue([first], T0)
+        _expect(result.created, "enqueue of the first unique job reports created=True")
+        before = await storage.get(first.id)
+        for what, policy in (("on_conflict=reject", reject), ("on_conflict omitted", BY_ARGS)):
+            dup = make_job(args=[1], unique=policy, now=T0 + 1)
+            with _raises(DuplicateJob, f"enqueue of a duplicate ({what})") as raised:
+                await storage.enqueue([dup], T0 + 1)
+            existing = raised.value.details.get("existing_job_id")
+            _expect_eq(existing, first.id, f"DuplicateJob existing_job_id ({what})")
+            with _raises(NotFound, f"get of the rejected duplicate ({what})"):
+                await storage.get(dup.id)
+        _expect_eq(await storage.get(first.id), before, "existing job after rejected duplicates")
+        other = make_job(args=[2], unique=reject, now=T0 + 1)
+        _expect_eq(await _blocker(storage, other, T0 + 1), None, "blocker of a job with other args")
+
+
+async def check_unique_ignore_returns_existing_job(factory: StorageFactory) -> None:
+    async with factory() as storage:
+        ignore = {**BY_ARGS, "on_conflict": "ignore"}
+        first = make_job(args=["a"], unique=ignore)
+        await _enqueue(storage, first)
+        await _claim_one(storage, T0, first)
+        dup = make_job(args=["a"], unique=ignore, now=T0 + 1)
+        (result,) = await storage.enqueue([dup], T0 + 1)
+        _expect(not result.created, "an ignored duplicate reports created=False")
+        _expect_eq(result.job, await storage.get(first.id), "job returned for an ignored duplicate")
+        with _raises(NotFound, "get of the ignored duplicate"):
+            await storage.get(dup.id)
+        _expect_eq(await _claim(storage, T0 + 1, count=10), [], "claim after an ignored duplicate")
+
+        # Twins in one batch: the first is created, the second yields it as stored.
+        twins = [make_job(queue="twins", args=["b"], unique=ignore) for _ in range(2)]
+        results = await storage.enqueue(twins, T0 + 2)
+        outcome = [(r.job.id, r.created) for r in results]
+        _expect_eq(outcome, [(twins[0].id, True), (twins[0].id, False)], "results of ignore twins")
+        with _raises(NotFound, "get of the ignored twin"):
+            await storage.get(twins[1].id)
+        stored = await storage.get(twins[0].id)
+        _expect_eq(results[0].job, stored, "job returned for the created twin")
+        _expect_eq(results[1].job, stored, "job returned for the ignored twin (the stored first)")
+
+
+async def check_unique_replace_cancels_existing_job(factory: StorageFactory) -> None:
+    async with factory() as storage:
+        replace = {**BY_ARGS, "on_conflict": "replace"}
+        old = make_job(args=["r"], unique=replace)
+        await _enqueue(storage, old)
+        new = make_job(args=["r"], unique=replace, now=T0 + 1)
+        (result,) = await storage.enqueue([new], T0 + 1)
+        _expect_eq((result.job.id, result.created), (new.id, True), "result of a replacing enqueue")
+        _expect_eq(result.job, await storage.get(new.id), "replacement returned vs stored")
+        replaced = await storage.get(old.id)
+        state = (replaced.state, replaced.cancelled_at)
+        _expect_eq(state, (JobState.CANCELLED, T0 + 1), "replaced job (state, cancelled_at)")
+        _expect_eq(_ids(await _claim(storage, T0 + 1, count=10)), [new.id], "claim after replace")
+        # The replacement now holds the key (while active, too).
+        late = make_job(args=["r"], unique=BY_ARGS, now=T0 + 2)
+        _expect_eq(await _blocker(storage, late, T0 + 2), new.id, "blocker after a replace")
+
+
+async def check_unique_states_choose_blocking_jobs(factory: StorageFactory) -> None:
+    """Only existing jobs in the new job's ``states`` block it; by default the non-terminal ones."""
+    states = [s for s in JobState if s is not JobState.PENDING]  # no verb makes a pending job
+    async with factory() as storage:
+        existing = {state: await _job_in_state(storage, state, BY_ARGS) for state in states}
+        non_terminal = {s for s in states if not s.is_terminal}
+        for extra, blocking in (
+            ({}, non_terminal),
+            ({"states": ["available"]}, {JobState.AVAILABLE}),
+            ({"states": ["completed", "active"]}, {JobState.COMPLETED, JobState.ACTIVE}),
+        ):
+            for state in states:
+                dup = make_job(queue="u-dups", args=[state.value], unique={**BY_ARGS, **extra})
+                blocker = await _blocker(storage, dup, T0 + 1)
+                what = f"blocker of a duplicate of a {state} job with policy {extra or 'default'}"
+                _expect_eq(blocker, existing[state].id if state in blocking else None, what)
+                if blocker is None:
+                    await storage.cancel(dup.id, T0 + 1)  # keep it from blocking later rounds
+
+
+async def check_unique_period_bounds_the_window(factory: StorageFactory) -> None:
+    """The window is [created_at, created_at + period) of the existing job."""
+    async with factory() as storage:
+        policy = {**BY_ARGS, "period": "PT60S"}
+        first = make_job(args=["p"], unique=policy)
+        await _enqueue(storage, first)
+        early = make_job(args=["p"], unique=policy, now=T0 + 59.5)
+        _expect_eq(await _blocker(storage, early, T0 + 59.5), first.id, "blocker within the period")
+        # A rejected attempt does not extend the window: it ends at first.created_at + 60.
+        fresh = make_job(args=["p"], unique=policy, now=T0 + 60)
+        _expect_eq(await _blocker(storage, fresh, T0 + 60), None, "blocker once the period ended")
+        _expect_eq(await _state(storage, first.id), JobState.AVAILABLE, "the older job, left alone")
+        later = make_job(args=["p"], unique=policy, now=T0 + 61)
+        _expect_eq(await _blocker(storage, later, T0 + 61), fresh.id, "blocker in fresh's period")
+
+
+async def check_unique_keys_choose_the_dimensions(factory: StorageFactory) -> None:
+    async with factory() as storage:
+        by_type: dict[str, Any] = {"on_conflict": "reject"}  # keys omitted: type only
+        by_queue = {"keys": ["type", "queue"]}
+        by_user = {**BY_ARGS, "args_keys": ["user"]}
+        t1 = make_job(job_type="contract.by-type", args=[1], unique=by_type)
+        a1 = make_job(job_type="contract.by-args", args=[1, {"x": 1, "y": 2}], unique=BY_ARGS)
+        u1 = make_job(job_type="contract.by-user", args=[{"user": 7, "nonce": "a"}], unique=by_user)
+        q1 = make_job(job_type="contract.by-queue", queue="qa", unique=by_queue)
+        n1 = make_job(job_type="contract.by-nfc", args=["caf\u00e9"], unique=BY_ARGS)
+        cases: list[tuple[str, Job, str | None]] = [
+            ("first of its type", t1, None),
+            (
+                "type-only key, other args",
+                make_job(job_type=t1.type, args=[2], unique=by_type),
+                t1.id,
+            ),
+            (
+                "type-only key, other queue",
+                make_job(job_type=t1.type, queue="elsewhere", unique=by_type),
+                t1.id,
+            ),
+            (
+                "type-only key, other type",
+                make_job(job_type="contract.by-type2", args=[1], unique=by_type),
+                None,
+            ),
+            ("first with type+args", a1, None),
+            ("type+args, other args", make_job(job_type=a1.type, args=[2], unique=BY_ARGS), None),
+            (
+                "type+args, same args with keys reordered",
+                make_job(job_type=a1.type, args=[1, {"y": 2, "x": 1}], unique=BY_ARGS),
+                a1.id,
+            ),
+            ("first with args_keys", u1, None),
+            (
+                "args_keys [user], same user",
+                make_job(job_type=u1.type, args=[{"user": 7, "nonce": "b"}], unique=by_user),
+                u1.id,
+            ),
+            (
+                "args_keys [user], other user",
+                make_job(job_type=u1.type, args=[{"user": 8, "nonce": "a"}], unique=by_user),
+                None,
+            ),
+            ("first with type+queue", q1, None),
+            (
+                "type+queue, other queue",
+                make_job(job_type=q1.type, queue="qb", unique=by_queue),
+                None,
+            ),
+            (
+                "type+queue, same queue",
+                make_job(job_type=q1.type, queue="qa", unique=by_queue),
+                q1.id,
+            ),
+            ("first with an accented arg", n1, None),
+            (
+                "same arg in decomposed Unicode (NFC-equal)",
+                make_job(job_type=n1.type, args=["cafe\u0301"], unique=BY_ARGS),
+                n1.id,
+            ),
+        ]
+        for what, job, expected in cases:
+            _expect_eq(await _blocker(storage, job), expected, f"blocker: {what}")
+
+
+async def check_unique_duplicates_within_one_batch(factory: StorageFactory) -> None:
+    async with factory() as storage:
+        bystander = make_job(queue="bystander")
+        first, second = (make_job(args=["twin"], unique=BY_ARGS) for _ in range(2))
+        with _raises(DuplicateJob, "batch holding two jobs with one unique key") as raised:
+            await storage.enqueue([bystander, first, second], T0)
+        existing = raised.value.details.get("existing_job_id")
+        _expect_eq(existing, first.id, "existing_job_id for the second twin")
+        for job in (bystander, first, second):
+            with _raises(NotFound, f"get of job {job.id} from the rejected batch"):
+                await storage.get(job.id)
+        _expect_eq(await _claim(storage, T0, QUEUE, "bystander", count=10), [], "claim after")
+        # Nothing of the rejected batch holds the key.
+        _expect_eq(await _blocker(storage, second, T0 + 1), None, "blocker of one twin alone")
+
+
+async def _enqueue_racing(
+    storage: Storage, job: Job, created: list[str], others: list[str]
+) -> None:
+    try:
+        (result,) = await storage.enqueue([job], T0)
+    except DuplicateJob as exc:
+        others.append(str(exc.details.get("existing_job_id")))
+        return
+    (created if result.created else others).append(result.job.id)
+
+
+async def check_concurrent_unique_enqueues_create_one_job(factory: StorageFactory) -> None:
+    """20 tasks enqueueing one unique job at once: exactly one is created (strong uniqueness)."""
+    tasks = 20
+    async with factory() as storage:
+        for on_conflict in ("reject", "ignore"):
+            queue = f"race-{on_conflict}"
+            policy = {**BY_ARGS, "on_conflict": on_conflict}
+            jobs = [make_job(queue=queue, args=[on_conflict], unique=policy) for _ in range(tasks)]
+            created: list[str] = []
+            others: list[str] = []  # the existing job each other enqueue was told about
+            async with trio.open_nursery() as nursery:
+                for job in jobs:
+                    nursery.start_soon(_enqueue_racing, storage, job, created, others)
+            _expect_eq(len(created), 1, f"jobs created by {tasks} racing enqueues ({on_conflict})")
+            _expect_eq(others, created * (tasks - 1), f"existing job reported ({on_conflict})")
+            counts = {i.name: i.counts for i in await storage.list_queues()}[queue]
+            _expect_eq({s: n for s, n in counts.items() if n}, {"available": 1}, f"{queue} counts")
+
+
+# -- queue control and limits ----------------------------------------------------
+
+
+async def check_pause_holds_every_request_until_resumed(factory: StorageFactory) -> None:
+    async with factory() as storage:
+        # Pausing a queue nobody used yet creates it, paused: its first jobs wait.
+        info = await storage.set_queue_paused("early", True, T0)
+        _expect_eq((info.name, info.paused), ("early", True), "pause of an unknown queue")
+        listed = {i.name: i.paused for i in await storage.list_queues()}
+        _expect_eq(listed, {"early": True}, "list_queues after pausing an unknown queue")
+        held = make_job(queue="early")
+        free = make_job(queue="free")
+        await _enqueue(storage, held, free)
+        requests = [ClaimRequest(("early",), 5, "w1"), ClaimRequest(("early", "free"), 5, "w2")]
+        results = await storage.claim(requests, T0 + 1)
+        _expect_eq([_ids(r) for r in results], [[], [free.id]], "claims across a paused queue")
+        _expect_eq((await storage.queue_info("early", T0 + 1)).paused, True, "queue_info.paused")
+
+        # Pause and resume are idempotent.
+        await storage.set_queue_paused("early", True, T0 + 2)
+        _expect_eq(await _claim(storage, T0 + 2, "early"), [], "claim after pausing twice")
+        await storage.set_queue_paused("early", False, T0 + 3)
+        info = await storage.set_queue_paused("early", False, T0 + 3)
+        _expect_eq((info.name, info.paused), ("early", False), "queue info after resuming twice")
+        _expect_eq(_ids(await _claim(storage, T0 + 3, "early")), [held.id], "claim after resume")
+
+
+async def check_queue_info_counts_states_and_throughput(factory: StorageFactory) -> None:
+    async with factory() as storage:
+        with _raises(NotFound, "queue_info of an unknown queue"):
+            await storage.queue_info("nowhere", T0)
+        q = "stats"
+        retrying = make_job(queue=q, retry=NO_JITTER)
+        done = make_job(queue=q)
+        failed = make_job(queue=q, retry={**NO_JITTER, "max_attempts": 1})
+        running = make_job(queue=q)
+        await _enqueue(storage, retrying, done, failed, running)
+        claimed = await _claim(storage, T0, q, count=4)
+        _expect_eq(_ids(claimed), _ids([retrying, done, failed, running]), "claim of stats jobs")
+        scheduled = make_job(queue=q, delay_ms=600_000)
+        cancelled = make_job(queue=q)
+        await _enqueue(storage, scheduled, make_job(queue=q), cancelled)
+        # At T0 + 1, before every window below: a retry (not an outcome) and a cancel.
+        await storage.nack(retrying.id, "w1", FAILURE, False, T0 + 1)
+        await storage.cancel(cancelled.id, T0 + 1)
+        await storage.ack(done.id, "w1", None, False, T0 + 10)
+        await storage.nack(failed.id, "w1", FAILURE, False, T0 + 20)
+        elsewhere = make_job(queue="other-stats")
+        await _enqueue(storage, elsewhere)
+        await _claim_one(storage, T0, elsewhere)
+        await storage.ack(elsewhere.id, "w1", None, False, T0 + 10)
+
+        info = await storage.queue_info(q, T0 + 62)
+        _expect_eq((info.name, info.paused), (q, False), "queue_info name and paused flag")
+        expected = {state.value: 1 for state in JobState}
+        expected["pending"] = 0
+        _expect_eq(info.counts, expected, "queue_info counts (every state is a key)")
+        for now, throughput in ((T0 + 62, (1, 1)), (T0 + 75, (0, 1)), (T0 + 85, (0, 0))):
+            info = await storage.queue_info(q, now)
+            got = (info.completed_last_minute, info.failed_last_minute)
+            what = f"(completed, failed) last minute at T0 + {now - T0:g} (ack +10, discard +20)"
+            _expect_eq(got, throughput, what)
+        await storage.set_queue_paused(q, True, T0 + 90)
+        _expect_eq((await storage.queue_info(q, T0 + 90)).paused, True, "queue_info once paused")
+
+
+async def check_rate_limit_throttles_claims(factory: StorageFactory) -> None:
+    """options.rate_limit limits how many jobs of the queue start per window (sliding)."""
+    async with factory() as storage:
+        limit = {"max_per_second": 1}
+        # The limit belongs to the queue: the plain job in the middle is throttled too.
+        rated = [
+            make_job(queue="rated", rate_limit=limit),
+            make_job(queue="rated"),
+            make_job(queue="rated", rate_limit=limit),
+        ]
+        free = [make_job(queue="free") for _ in range(2)]
+        await _enqueue(storage, *rated, *free)
+        got = await _claim(storage, T0, "rated", count=3)
+        _expect_eq(_ids(got), [rated[0].id], "claim of 3 under max_per_second=1")
+        _expect_eq(await _claim(storage, T0 + 0.5, "rated", count=3), [], "claim at T0 + 0.5")
+        got = await _claim(storage, T0 + 0.5, "rated", "free", count=3)
+        _expect_eq(_ids(got), _ids(free), "claim across a throttled and a free queue")
+
+        requests = [ClaimRequest(("rated",), 1, "w1"), ClaimRequest(("rated",), 1, "w2")]
+        results = await storage.claim(requests, T0 + 1.5)
+        _expect_eq([_ids(r) for r in results], [[rated[1].id], []], "two requests at T0 + 1.5")
+        _expect_eq(await _claim(storage, T0 + 1.9, "rated"), [], "claim 0.4 s after the last start")
+        got = await _claim(storage, T0 + 3, "rated")
+        _expect_eq(_ids(got), [rated[2].id], "claim at T0 + 3")
+        info = await storage.queue_info("rated", T0 + 3)
+        _expect(info.rate_limit is not None, "queue_info of a rate-limited queue has a rate_limit")
+
+
+async def check_concurrency_limit_caps_active_jobs(factory: StorageFactory) -> None:
+    async with factory() as storage:
+        jobs = [make_job(queue="capped", concurrency=2, retry=NO_JITTER) for _ in range(5)]
+        await _enqueue(storage, *jobs)
+        got = await _claim(storage, T0, "capped", count=5)
+        _expect_eq(_ids(got), _ids(jobs[:2]), "claim of 5 under concurrency=2")
+        _expect_eq(await _claim(storage, T0, "capped", count=5), [], "claim with 2 of 2 active")
+
+        await storage.ack(jobs[0].id, "w1", None, False, T0 + 1)
+        requests = [ClaimRequest(("capped",), 2, "w2"), ClaimRequest(("capped",), 2, "w3")]
+        results = await storage.claim(requests, T0 + 1)
+        _expect_eq([_ids(r) for r in results], [[jobs[2].id], []], "requests after an ack")
+        await storage.nack(jobs[1].id, "w1", FAILURE, False, T0 + 2)
+        got = await _claim(storage, T0 + 2, "capped", count=5)
+        _expect_eq(_ids(got), [jobs[3].id], "claim after a nack freed a slot")
+        info = await storage.queue_info("capped", T0 + 2)
+        _expect_eq((info.concurrency, info.counts.get("active")), (2, 2), "capped queue_info")
+
+
+# -- workflows -------------------------------------------------------------------
+
+LAST_TRY: dict[str, Any] = {**NO_JITTER, "max_attempts": 1}
+CALLBACK_QUEUES = {
+    "on_complete": "cb-complete",
+    "on_success": "cb-success",
+    "on_failure": "cb-failure",
+}
+
+
+def _member(queue: str, **options: Any) -> dict[str, Any]:
+    """The envelope of a workflow member (or batch callback) in ``queue``."""
+    return {"type": "contract.step", "args": [], "options": {"queue": queue, **options}}
+
+
+async def _create_workflow(storage: Storage, body: dict[str, Any], now: float = T0) -> Workflow:
+    """Create a workflow the way the engine does (parse_workflow, then create_workflow)."""
+    workflow, jobs = parse_workflow(body, now)
+    stored = await storage.create_workflow(workflow, jobs, now)
+    _expect_eq(stored, workflow, f"{workflow.type} workflow returned by create_workflow")
+    return stored
+
+
+def _job_id(workflow: Workflow, index: int) -> str:
+    job_id = workflow.job_ids[index]
+    _expect(job_id is not None, f"workflow {workflow.id} has no job for member {index} yet")
+    return str(job_id)
+
+
+async def check_chain_creates_each_step_on_ack(factory: StorageFactory) -> None:
+    async with factory() as storage:
+        queues = ("chain-a", "chain-b", "chain-c")
+        body = {"type": "chain", "name": "contract", "steps": [_member(q) for q in queues]}
+        chain = await _create_workflow(storage, body)
+        _expect_eq(chain.job_ids[1:], [None, None], "job ids of steps not started yet")
+        results: list[Any] = [{"n": 0}, "one", [2]]
+        for step, queue in enumerate(queues):
+            now = T0 + step
+            got = await _claim(storage, now, *queues, count=10)
+            current = await storage.get_workflow(chain.id)
+            _expect_eq(_ids(got), [_job_id(current, step)], f"claimable jobs at step {step}")
+            parents = [] if step == 0 else [results[step - 1]]
+            fields = (got[0].queue, got[0].workflow_id, got[0].workflow_step, got[0].parent_results)
+            _expect_eq(
+                fields, (queue, chain.id, step, parents), f"step {step} (queue, wf, parents)"
+            )
+
+            await storage.ack(got[0].id, "w1", results[step], True, now + 0.5)
+            # In the same step as the ack: the next step exists, the workflow counts this one.
+            current = await storage.get_workflow(chain.id)
+            last = step == len(queues) - 1
+            wire = current.to_wire()
+            state = (wire["state"], wire["steps_completed"])
+            expected = ("completed" if last else "running", step + 1)
+            _expect_eq(state, expected, f"(state, steps_completed) after step {step}'s ack")
+            if not last:
+                nxt = await storage.get(_job_id(current, step + 1))
+                _expect_eq(nxt.state, JobState.AVAILABLE, f"step {step + 1} right after the ack")
+
+        final = await storage.get_workflow(chain.id)
+        _expect_eq(final.completed_at, T0 + 2.5, "completed_at of the chain (last ack)")
+        _expect_eq(await _claim(storage, T0 + 3, *queues, count=10), [], "claim after the chain")
+        _expect_eq(len(set(final.job_ids)), 3, "distinct jobs of a 3-step chain")
+        final.state = "cancelled"
+        final.job_ids.clear()
+        _expect_eq(
+            (await storage.get_workflow(chain.id)).state, "completed", "after mutating a get"
+        )
+
+
+async def check_chain_stops_at_a_failed_step(factory: StorageFactory) -> None:
+    async with factory() as storage:
+        queues = ("fail-a", "fail-b", "fail-c")
+        two_tries = {**NO_JITTER, "max_attempts": 2}
+        steps = [_member(queues[0]), _member(queues[1], retry=two_tries), _member(queues[2])]
+        chain = await _create_workflow(storage, {"type": "chain", "steps": steps})
+        (step0,) = await _claim(storage, T0, *queues, count=10)
+        await storage.ack(step0.id, "w1", "ok", True, T0 + 1)
+        (step1,) = await _claim(storage, T0 + 1, *queues, count=10)
+        _expect_eq(step1.workflow_step, 1, "step claimed after step 0's ack")
+
+        # A failed attempt with retries left does not end the step.
+        await storage.nack(step1.id, "w1", FAILURE, False, T0 + 2)  # retry at T0 + 4
+        current = await storage.get_workflow(chain.id)
+        _expect_eq((current.state, current.job_ids[2]), ("running", None), "chain awaiting a retry")
+        await storage.promote_due(T0 + 4, BIG)
+        await _claim_one(storage, T0 + 4, step1)
+        await storage.nack(step1.id, "w1", FAILURE, False, T0 + 5)
+        current = await storage.get_workflow(chain.id)
+        state = (current.state, current.completed_at, current.job_ids[2])
+        _expect_eq(state, ("failed", T0 + 5, None), "chain after step 1 was discarded")
+        await storage.promote_due(T0 + 1000, BIG)
+        await storage.reap(T0 + 1000, BIG)
+        _expect_eq(await _claim(storage, T0 + 1000, *queues, count=10), [], "claim after failing")
+        current = await storage.get_workflow(chain.id)
+        _expect_eq((current.state, current.job_ids[2]), ("failed", None), "failed chain, later")
+
+        # A cancelled step ends its chain as cancelled.
+        stop = ("stop-a", "stop-b")
+        stopped = await _create_workflow(
+            storage, {"type": "chain", "steps": [_member(q) for q in stop]}
+        )
+        await storage.cancel(_job_id(stopped, 0), T0 + 11)
+        current = await storage.get_workflow(stopped.id)
+        ended = (current.state, current.job_ids[1])
+        _expect_eq(ended, ("cancelled", None), "chain after its running step was cancelled")
+        _expect_eq(await _claim(storage, T0 + 12, *stop, count=10), [], "claim after cancelling")
+
+
+async def _group_summary(storage: Storage, workflow_id: str) -> tuple[Any, ...]:
+    """(state, completed_at, jobs_completed, jobs_failed) of a group or batch."""
+    workflow = await storage.get_workflow(workflow_id)
+    wire = workflow.to_wire()
+    return (workflow.state, workflow.completed_at, wire["jobs_completed"], wire["jobs_failed"])
+
+
+async def check_group_settles_when_every_member_is_terminal(factory: StorageFactory) -> None:
+    async with factory() as storage:
+        group = await _create_workflow(
+            storage, {"type": "group", "jobs": [_member("grp") for _ in range(3)]}
+        )
+        members = await _claim(storage, T0, "grp", count=10)
+        _expect_eq(set(_ids(members)), set(group.job_ids), "group members claimable at once")
+        for n, job in enumerate(members):
+            state = (await storage.get_workflow(group.id)).state
+            _expect_eq(state, "running", f"group with {n} of 3 members completed")
+            await storage.ack(job.id, "w1", n, True, T0 + 1 + n)
+        summary = await _group_summary(storage, group.id)
+        expected = ("completed", T0 + 3, 3, 0)
+        _expect_eq(summary, expected, "group after its last ack (state, at, completed, failed)")
+
+        # One member discarded (by its lease expiring on its last attempt): failed, once all
+        # are terminal, not sooner.
+        short = _member("grp-f", retry=LAST_TRY, visibility_timeout_ms=10_000)
+        body = {"type": "group", "jobs": [_member("grp-f"), short, _member("grp-f")]}
+        failing = await _create_workflow(storage, body, T0 + 10)
+        by_step = {j.workflow_step: j for j in await _claim(storage, T0 + 10, "grp-f", count=10)}
+        await storage.ack(by_step[0].id, "w1", "ok", True, T0 + 11)
+        reaped = await storage.reap(T0 + 20, BIG)
+        _expect_eq(_ids(reaped), [by_step[1].id], "reap of the member whose lease expired")
+        _expect_eq(reaped[0].state, JobState.DISCARDED, "state of the reaped member")
+        state = (await storage.get_workflow(failing.id)).state
+        _expect_eq(state, "running", "group with a discarded member and one still active")
+        await storage.ack(by_step[2].id, "w1", "ok", True, T0 + 21)
+        summary = await _group_summary(storage, failing.id)
+        expected = ("failed", T0 + 21, 2, 1)
+        _expect_eq(summary, expected, "group after its last member settled")
+
+
+async def _settle(storage: Storage, job: Job, verb: str, now: float) -> None:
+    """ack (result: the member's index) or nack (on its last attempt: discarded)."""
+    if verb == "ack":
+        await storage.ack(job.id, job.worker_id, job.workflow_step, True, now)
+    else:
+        await storage.nack(job.id, job.worker_id, FAILURE, False, now)
+
+
+async def check_batch_callbacks_fire_once_by_outcome(factory: StorageFactory) -> None:
+    """on_complete always, on_success iff all succeeded, on_failure iff any failed: each once.
+
+    The last two members of every batch are settled from two tasks at once.
+    """
+    outcomes = [("ack", "ack"), ("ack", "nack"), ("nack", "nack")] * 4
+    callbacks = {name: _member(queue) for name, queue in CALLBACK_QUEUES.items()}
+    async with factory() as storage:
+        totals = dict.fromkeys(CALLBACK_QUEUES.values(), 0)
+        for n, (second, third) in enumerate(outcomes):
+            queue, now = f"batch-{n}", T0 + 10 * n
+            members = [_member(queue, retry=LAST_TRY) for _ in range(3)]
+            batch = await _create_workflow(
+                storage, {"type": "batch", "jobs": members, "callbacks": callbacks}, now
+            )
+            claimed = sorted(await _claim(storage, now, queue, count=3), key=_step_of)
+            _expect_eq(len(claimed), 3, f"members of batch {n} claimed at once")
+            await _settle(storage, claimed[0], "ack", now + 1)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_settle, storage, claimed[1], second, now + 2)
+                nursery.start_soon(_settle, storage, claimed[2], third, now + 2)
+
+            ok = second == third == "ack"
+            current = await storage.get_workflow(batch.id)
+            what = f"batch {n} settled by ack/{second}/{third}"
+            expected = (
+                "completed" if ok else "failed",
+                {"on_complete", "on_success" if ok else "on_failure"},
+            )
+            _expect_eq(
+                (current.state, set(current.fired_callbacks)), expected, f"{what}: callbacks"
+            )
+            parents = [0, 1 if second == "ack" else None, 2 if third == "ack" else None]
+            for name, job_id in current.fired_callbacks.items():
+                cb = await storage.get(job_id)
+                got = (cb.queue, cb.state, cb.parent_results)
+                _expect_eq(
+                    got, (CALLBACK_QUEUES[name], JobState.AVAILABLE, parents), f"{what}: {name}"
+                )
+                totals[cb.queue] += 1
+
+        by_queue = {info.name: info.counts for info in await storage.list_queues()}
+        counts = {q: by_queue.get(q, {}).get("available", 0) for q in totals}
+        _expect_eq(counts, totals, "callback jobs over all batches (each exactly once)")
+        expected_totals = {"cb-complete": 12, "cb-success": 4, "cb-failure": 8}
+        _expect_eq(totals, expected_totals, "callbacks fired over all batches")
+
+
+def _step_of(job: Job) -> int:
+    return job.workflow_step if job.workflow_step is not None else -1
+
+
+async def check_cancel_workflow_cancels_unfinished_members(factory: StorageFactory) -> None:
+    async with factory() as storage:
+        with _raises(NotFound, "get_workflow of an unknown id"):
+            await storage.get_workflow(uuid7())
+        with _raises(NotFound, "cancel_workflow of an unknown id"):
+            await storage.cancel_workflow(uuid7(), T0)
+
+        group = await _create_workflow(
+            storage, {"type": "group", "jobs": [_member("wfc") for _ in range(3)]}
+        )
+        done, running = await _claim(storage, T0, "wfc", count=2)
+        await storage.ack(done.id, "w1", None, False, T0 + 1)
+        waiting = next(i for i in group.job_ids if i not in (done.id, running.id))
+        workflow, cancelled = await storage.cancel_workflow(group.id, T0 + 2)
+        state = (workflow.state, workflow.completed_at)
+        _expect_eq(state, ("cancelled", T0 + 2), "workflow returned by cancel_workflow")
+        _expect_eq(sorted(_ids(cancelled)), sorted([running.id, waiting]), "jobs it cancelled")
+        for job in cancelled:
+            _expect_eq((job.state, job.cancelled_at), (JobState.CANCELLED, T0 + 2), "a member")
+            _expect_eq(await storage.get(job.id), job, "stored member equals the returned copy")
+        _expect_eq(await _state(storage, done.id), JobState.COMPLETED, "the completed member")
+        _expect_eq(await storage.get_workflow(group.id), workflow, "stored vs returned workflow")
+        with _raises(Conflict, "second cancel_workflow"):
+            await storage.cancel_workflow(group.id, T0 + 3)
+
+        # A cancelled chain never creates its remaining steps.
+        queues = ("wfc-a", "wfc-b", "wfc-c")
+        chain = await _create_workflow(
+            storage, {"type": "chain", "steps": [_member(q) for q in queues]}
+        )
+        (step0,) = await _claim(storage, T0, *queues, count=10)
+        await storage.ack(step0.id, "w1", "ok", True, T0 + 1)
+        _, cancelled = await storage.cancel_workflow(chain.id, T0 + 2)
+        current = await storage.get_workflow(chain.id)
+        _expect_eq(_ids(cancelled), [_job_id(current, 1)], "chain jobs cancel_workflow cancelled")
+        _expect_eq(current.job_ids[2], None, "job id of the never-started step")
+        _expect_eq(await _claim(storage, T0 + 3, *queues, count=10), [], "claim after cancel")
+
+        # A finished workflow cannot be cancelled.
+        single = await _create_workflow(storage, {"type": "chain", "steps": [_member("wfc-one")]})
+        (only,) = await _claim(storage, T0, "wfc-one")
+        await storage.ack(only.id, "w1", None, False, T0 + 1)
+        with _raises(Conflict, "cancel_workflow of a completed workflow"):
+            await storage.cancel_workflow(single.id, T0 + 2)
+
+
+async def check_workflow_reports_current_member_states(factory: StorageFactory) -> None:
+    """get_workflow shows each member's state as it is now, whatever verb changed it."""
+    async with factory() as storage:
+        members = [_member("ms-now", retry=NO_JITTER), _member("ms-later", delay_ms=5_000)]
+        group = await _create_workflow(storage, {"type": "group", "jobs": members})
+
+        async def states() -> list[str]:
+            wire = (await storage.get_workflow(group.id)).to_wire()
+            return [entry["state"] for entry in wire["jobs"]]
+
+        _expect_eq(await states(), ["available", "scheduled"], "member states after create")
+        (first,) = await _claim(storage, T0, "ms-now")
+        _expect_eq(await states(), ["active", "scheduled"], "member states after a claim")
+        await storage.promote_due(T0 + 5, BIG)
+        _expect_eq(await states(), ["active", "available"], "member states after promote_due")
+        await storage.nack(first.id, "w1", FAILURE, False, T0 + 5)  # retry at T0 + 7
+        _expect_eq(await states(), ["retryable", "available"], "member states after a nack")
+        await storage.promote_due(T0 + 7, BIG)
+        _expect_eq(await states(), ["available", "available"], "after promoting the retry")
+
+
+# -- cron ------------------------------------------------------------------------
+
+
+def _cron(name: str, now: float = T0, **fields: Any) -> CronRecord:
+    """A schedule firing every 60 s (first at ``now + 60``) into queue ``cron-<name>``."""
+    template = {"type": "contract.cron", "args": [], "options": {"queue": f"cron-{name}"}}
+    body = {"name": name, "expression": "@every PT60S", "job_template": template, **fields}
+    return parse_cron_request(body, now)
+
+
+async def _fire(
+    storage: Storage, record: CronRecord, occurrence: float, now: float | None = None
+) -> tuple[CronFire, Job]:
+    """Fire ``occurrence`` the way the cron ticker does; the next one is 60 s later."""
+    now = occurrence if now is None else now
+    job = job_for_occurrence(record, occurrence, now)
+    fire = await storage.fire_cron(record.name, occurrence, occurrence + 60, job, now)
+    return fire, job
+
+
+def _history(record: CronRecord | None) -> tuple[Any, ...]:
+    """(next_run_at, last_run_at, last_job_id, runs) of a schedule."""
+    if record is None:
+        raise AssertionError("fire_cron returned no schedule record")
+    return (record.next_run_at, record.last_run_at, record.last_job_id, record.runs)
+
+
+async def _cron_queue_counts(storage: Storage, name: str) -> dict[str, int]:
+    for info in await storage.list_queues():
+        if info.name == f"cron-{name}":
+            return {s: n for s, n in info.counts.items() if n}
+    return {}
+
+
+async def check_cron_records_put_get_list_delete(factory: StorageFactory) -> None:
+    async with factory() as storage:
+        _expect_eq(await storage.list_crons(), [], "list_crons of an empty storage")
+        with _raises(NotFound, "get_cron of an unknown name"):
+            await storage.get_cron("nightly")
+        with _raises(NotFound, "delete_cron of an unknown name"):
+            await storage.delete_cron("nightly")
+
+        record = _cron("nightly", description="contract")
+        _expect_eq(await storage.put_cron(record), record, "record returned by put_cron")
+        _expect_eq(await storage.get_cron("nightly"), record, "record read back by get_cron")
+        alpha = _cron("alpha")
+        await storage.put_cron(alpha)
+        listed = {r.name: r for r in await storage.list_crons()}
+        _expect_eq(listed, {"nightly": record, "alpha": alpha}, "records listed by list_crons")
+        snapshot = await storage.get_cron("nightly")
+        snapshot.runs = 99
+        snapshot.job_template["args"].append("x")
+        _expect_eq(await storage.get_cron("nightly"), record, "record after mutating a get_cron")
+
+        # Replacing a schedule takes the new definition and keeps its history.
+        occurrence = T0 + 60
+        fire, job = await _fire(storage, record, occurrence)
+        _expect(fire.fired, f"first firing of nightly: {fire.reason}")
+        new = _cron("nightly", T0 + 70, expression="@every PT300S", overlap_policy="allow")
+        expected = dataclasses.replace(
+            new, created_at=T0, last_run_at=occurrence, last_job_id=job.id, runs=1
+        )
+        _expect_eq(await storage.put_cron(new), expected, "record after put_cron replaced it")
+        _expect_eq(await storage.get_cron("nightly"), expected, "replaced record read back")
+
+        _expect_eq(await storage.delete_cron("nightly"), expected, "record returned by delete")
+        with _raises(NotFound, "get_cron after delete"):
+            await storage.get_cron("nightly")
+        with _raises(NotFound, "second delete_cron"):
+            await storage.delete_cron("nightly")
+        _expect_eq([r.name for r in await storage.list_crons()], ["alpha"], "names after delete")
+
+
+async def _fire_racing(
+    storage: Storage, record: CronRecord, occurrence: float, out: list[tuple[CronFire, Job]]
+) -> None:
+    out.append(await _fire(storage, record, occurrence))
+
+
+async def check_fire_cron_fires_each_occurrence_once(factory: StorageFactory) -> None:
+    async with factory() as storage:
+        record = _cron("once", overlap_policy="allow")
+        await storage.put_cron(record)
+        occurrence = T0 + 60
+        _expect_eq(record.next_run_at, occurrence, "next_run_at of the test schedule")
+        fire, job = await _fire(storage, record, occurrence)
+        _expect(fire.fired, f"first fire_cron of an occurrence was refused: {fire.reason}")
+        _expect_eq(fire.job, await storage.get(job.id), "job returned by fire_cron vs stored")
+        _expect_eq(fire.job.state, JobState.AVAILABLE, "state of the fired job")
+        after = (occurrence + 60, occurrence, job.id, 1)
+        _expect_eq(_history(fire.record), after, "(next_run_at, last_run_at, last_job_id, runs)")
+        _expect_eq(await storage.get_cron("once"), fire.record, "stored vs returned schedule")
+
+        # The same occurrence again (another server's tick): refused, nothing inserted.
+        again, duplicate = await _fire(storage, record, occurrence, now=occurrence + 1)
+        got = (again.fired, again.reason)
+        _expect_eq(got, (False, "already_fired"), "second fire_cron of one occurrence")
+        with _raises(NotFound, "job of the refused second firing"):
+            await storage.get(duplicate.id)
+        _expect_eq(_history(await storage.get_cron("once")), after, "schedule after the refusal")
+
+        # Ten servers ticking at once: one fires the next occurrence.
+        nxt = occurrence + 60
+        fires: list[tuple[CronFire, Job]] = []
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                nursery.start_soon(_fire_racing, storage, record, nxt, fires)
+        fired = [job for fire, job in fires if fire.fired]
+        _expect_eq(len(fired), 1, "occurrences fired by 10 racing fire_cron calls")
+        reasons = [fire.reason for fire, _ in fires if not fire.fired]
+        _expect_eq(reasons, ["already_fired"] * 9, "reasons of the refused racing calls")
+        for fire, job in fires:
+            if not fire.fired:
+                with _raises(NotFound, "job of a refused racing firing"):
+                    await storage.get(job.id)
+        history = _history(await storage.get_cron("once"))
+        _expect_eq(history, (nxt + 60, nxt, fired[0].id, 2), "schedule after the race")
+        _expect_eq(await _cron_queue_counts(storage, "once"), {"available": 2}, "fired jobs")
+
+
+async def check_fire_cron_applies_overlap_policy(factory: StorageFactory) -> None:
+    async with factory() as storage:
+        # skip (the default): no new job while the previous run's job is not terminal.
+        skip = _cron("skip")
+        await storage.put_cron(skip)
+        occurrence = T0 + 60
+        _, first = await _fire(storage, skip, occurrence)
+        for n, when in enumerate((occurrence + 60, occurrence + 120), start=1):
+            if n == 2:
+                await _claim_one(storage, when, first)  # active is not terminal either
+            fire, job = await _fire(storage, skip, when)
+            _expect_eq((fire.fired, fire.reason), (False, "overlap"), f"skip-overlap firing {n}")
+            with _raises(NotFound, f"job of skipped firing {n}"):
+                await storage.get(job.id)
+            record = await storage.get_cron("skip")
+            history = (*_history(record), record.skipped)
+            expected = (when + 60, occurrence, first.id, 1, n)
+            _expect_eq(history, expected, f"(next, last, last job, runs, skipped) after skip {n}")
+        await storage.ack(first.id, "w1", None, False, occurrence + 130)
+        fire, job = await _fire(storage, skip, occurrence + 180)
+        _expect(fire.fired, f"skip policy once the previous job completed: {fire.reason}")
+        _expect_eq(_history(fire.record)[2:], (job.id, 2), "(last job, runs) after it fired")
+
+        # allow: fires while the previous job waits; the previous job is left alone.
+        allow = _cron("allow", overlap_policy="allow")
+        await storage.put_cron(allow)
+        _, previous = await _fire(storage, allow, occurrence)
+        fire, _ = await _fire(storage, allow, occurrence + 60)
+        _expect(fire.fired, f"allow policy with the previous job available: {fire.reason}")
+        _expect_eq(await _state(storage, previous.id), JobState.AVAILABLE, "allow: previous job")
+        _expect_eq(await _cron_queue_counts(storage, "allow"), {"available": 2}, "allow: jobs")
+
+        # cancel_previous: the previous job (running here) is cancelled, the new one inserted.
+        cancel = _cron("cancel-previous", overlap_policy="cancel_previous")
+        await storage.put_cron(cancel)
+        _, previous = await _fire(storage, cancel, occurrence)
+        await _claim_one(storage, occurrence, previous)
+        fire, job = await _fire(storage, cancel, occurrence + 60)
+        _expect(fire.fired, f"cancel_previous with the previous job active: {fire.reason}")
+        old = await storage.get(previous.id)
+        got = (old.state, old.cancelled_at)
+        _expect_eq(got, (JobState.CANCELLED, occurrence + 60), "cancel_previous: previous job")
+        _expect_eq(await _state(storage, job.id), JobState.AVAILABLE, "cancel_previous: new job")
+
+
+async def check_fire_cron_refuses_disabled_and_missing(factory: StorageFactory) -> None:
+    async with factory() as storage:
+        ghost = _cron("ghost")
+        fire, job = await _fire(storage, ghost, T0 + 60)
+        _expect_eq((fire.fired, fire.reason), (False, "missing"), "fire_cron of an unknown name")
+        with _raises(NotFound, "job of a missing schedule's firing"):
+            await storage.get(job.id)
+
+        paused = _cron("paused", enabled=False)
+        await storage.put_cron(paused)
+        fire, job = await _fire(storage, paused, T0 + 60)
+        _expect_eq((fire.fired, fire.reason), (False, "disabled"), "firing a disabled schedule")
+        with _raises(NotFound, "job of a disabled schedule's firing"):
+            await storage.get(job.id)
+        record = await storage.get_cron("paused")
+        history = (record.last_run_at, record.last_job_id, record.runs)
+        _expect_eq(history, (None, None, 0), "disabled schedule's (last run, last job, runs)")
+
+        enabled = _cron("paused", T0 + 100)  # re-enabled: next run at T0 + 160
+        await storage.put_cron(enabled)
+        fire, job = await _fire(storage, enabled, T0 + 160)
+        _expect(fire.fired, f"firing once re-enabled: {fire.reason}")
+        await storage.delete_cron("paused")
+        fire, job = await _fire(storage, enabled, T0 + 220)
+        _expect_eq((fire.fired, fire.reason), (False, "missing"), "firing a deleted schedule")
+        with _raises(NotFound, "job of a deleted schedule's firing"):
+            await storage.get(job.id)
+
+
+# -- the listener ------------------------------------------------------------------
+
+
+class _Heard:
+    """A StorageListener recording the jobs an adapter reports as created by itself."""
+
+    def __init__(self) -> None:
+        self.jobs: list[Job] = []
+
+    def jobs_created(self, jobs: list[Job]) -> None:
+        self.jobs.extend(jobs)
+
+    def queues_ready(self, queues: list[str]) -> None:
+        pass  # a hint only: adapters may send it whenever they like
+
+    async def expect(self, storage: Storage, expected_ids: Sequence[str], what: str) -> None:
+        _expect_eq(sorted(_ids(self.jobs)), sorted(expected_ids), f"jobs_created calls: {what}")
+        for job in self.jobs:
+            _expect_eq(job, await storage.get(job.id), f"job in jobs_created ({what}) vs stored")
+        self.jobs.clear()
+
+
+async def check_listener_hears_jobs_the_adapter_creates(factory: StorageFactory) -> None:
+    """set_listener: jobs the adapter creates on its own (next chain step, batch callbacks,
+    cron runs) reach ``jobs_created`` by the time the verb returns; jobs the caller
+    created are not echoed back (the engine announces those itself)."""
+    async with factory() as storage:
+        heard = _Heard()
+        storage.set_listener(heard)
+        await _enqueue(storage, make_job(queue="plain"))
+        steps = [_member("ls-a"), _member("ls-b")]
+        chain = await _create_workflow(storage, {"type": "chain", "steps": steps})
+        (step0,) = await _claim(storage, T0, "ls-a", "ls-b", count=10)
+        await heard.expect(storage, [], "enqueue, create_workflow, claim")
+        await storage.ack(step0.id, "w1", "ok", True, T0 + 1)
+        step1 = _job_id(await storage.get_workflow(chain.id), 1)
+        await heard.expect(storage, [step1], "chain step created by an ack")
+
+        callbacks = {"on_complete": _member("ls-cb"), "on_success": _member("ls-cb")}
+        body = {"type": "batch", "jobs": [_member("ls-batch")], "callbacks": callbacks}
+        batch = await _create_workflow(storage, body, T0 + 2)
+        (member,) = await _claim(storage, T0 + 2, "ls-batch")
+        await storage.ack(member.id, "w1", 1, True, T0 + 3)
+        fired = (await storage.get_workflow(batch.id)).fired_callbacks
+        _expect_eq(len(fired), 2, "callbacks of a successful batch")
+        await heard.expect(storage, list(fired.values()), "batch callbacks")
+
+        storage.set_listener(None)
+        chain = await _create_workflow(
+            storage, {"type": "chain", "steps": [_member("lq") for _ in range(2)]}
+        )
+        (first,) = await _claim(storage, T0 + 4, "lq")
+        await storage.ack(first.id, "w1", None, False, T0 + 5)
+        _job_id(await storage.get_workflow(chain.id), 1)  # created, with nobody listening
+        await heard.expect(storage, [], "after set_listener(None)")
+        storage.set_listener(heard)
+
+        record = _cron("listened")
+        await storage.put_cron(record)
+        fire, job = await _fire(storage, record, T0 + 60)
+        _expect(fire.fired, f"firing of the listened schedule: {fire.reason}")
+        await heard.expect(storage, [job.id], "job created by fire_cron")
+
+
 CONTRACT_CHECKS: list[ContractCheck] = [
     check_enqueue_returns_stored_copies,
     check_enqueue_batch_is_atomic_on_duplicate,
@@ -1013,8 +1993,36 @@ CONTRACT_CHECKS: list[ContractCheck] = [
     check_promote_and_reap_are_idempotent,
     check_promote_and_reap_honour_limit,
     check_next_wakeup_reports_earliest_deadline,
+    check_next_due_and_reap_deadlines_are_separate,
     check_list_queues_counts_states,
     check_reset_empties_everything,
+    # unique jobs
+    check_unique_reject_raises_duplicate,
+    check_unique_ignore_returns_existing_job,
+    check_unique_replace_cancels_existing_job,
+    check_unique_states_choose_blocking_jobs,
+    check_unique_period_bounds_the_window,
+    check_unique_keys_choose_the_dimensions,
+    check_unique_duplicates_within_one_batch,
+    check_concurrent_unique_enqueues_create_one_job,
+    # queue control and limits
+    check_pause_holds_every_request_until_resumed,
+    check_queue_info_counts_states_and_throughput,
+    check_rate_limit_throttles_claims,
+    check_concurrency_limit_caps_active_jobs,
+    # workflows
+    check_chain_creates_each_step_on_ack,
+    check_chain_stops_at_a_failed_step,
+    check_group_settles_when_every_member_is_terminal,
+    check_batch_callbacks_fire_once_by_outcome,
+    check_cancel_workflow_cancels_unfinished_members,
+    check_workflow_reports_current_member_states,
+    # cron
+    check_cron_records_put_get_list_delete,
+    check_fire_cron_fires_each_occurrence_once,
+    check_fire_cron_applies_overlap_policy,
+    check_fire_cron_refuses_disabled_and_missing,
+    check_listener_hears_jobs_the_adapter_creates,
 ]
 
 

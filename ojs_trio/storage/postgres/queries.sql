@@ -37,8 +37,9 @@ SELECT record FROM ojs_jobs WHERE unique_key = %s ORDER BY created_at FOR UPDATE
 SELECT name, paused, rate_limit, concurrency FROM ojs_queues WHERE name = ANY(%s)
 
 -- name: claim_available
+-- Jobs past their TTL are left to the reaper, which discards and reports them.
 SELECT record FROM ojs_jobs
- WHERE queue = %s AND state = 'available'
+ WHERE queue = %s AND state = 'available' AND (expires_at IS NULL OR expires_at > %s)
  ORDER BY priority DESC, id
  LIMIT %s
  FOR UPDATE SKIP LOCKED

@@ -1,0 +1,683 @@
+"""PostgreSQL storage: one transaction per port verb, the engine's rules inside it.
+
+Every verb locks the rows it changes (``FOR UPDATE``, ``SKIP LOCKED`` for
+claims and timers), applies the engine's pure lifecycle/workflow/unique rules
+to them in Python, and writes them back in the same transaction, so several
+server processes can share one database: a claim is exclusive, a cron
+occurrence fires once (compare-and-set on ``next_run_at``), and a reaper or
+promoter pass run twice finds nothing the second time.
+
+Jobs made available are announced with one ``NOTIFY ojs_jobs`` per
+transaction (payload: the queue names), which wakes fetchers in every server.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import psycopg
+import trio
+from ojs_trio.storage.postgres.driver import (
+    Notification,
+    TrioConnection,
+    map_errors,
+    open_listener,
+    open_pool,
+)
+from psycopg.types.json import Jsonb
+
+from ojs_trio.engine import lifecycle, unique, workflows
+from ojs_trio.engine.cron import CronFire, CronRecord
+from ojs_trio.engine.errors import DuplicateJob, NotFound
+from ojs_trio.engine.job import DEFAULT_VISIBILITY_MS, Job
+from ojs_trio.engine.lifecycle import Failure
+from ojs_trio.engine.states import JobState
+from ojs_trio.engine.workflows import Workflow
+from ojs_trio.storage.port import (
+    ClaimRequest,
+    DeadLetterPage,
+    EnqueueResult,
+    QueueInfo,
+    StorageListener,
+)
+from ojs_trio.storage.postgres.migrate import migrate
+from ojs_trio.storage.postgres.sql import q
+from ojs_trio.storage.queue_limits import queue_limits_from
+
+log = logging.getLogger("ojs_trio.postgres")
+
+CHANNEL = "ojs_jobs"
+TERMINAL = (JobState.COMPLETED, JobState.DISCARDED, JobState.CANCELLED)
+
+
+def _columns(job: Job) -> dict[str, Any]:
+    lease = None
+    if job.state is JobState.ACTIVE:
+        lease = job.lease_expires_at
+        deadline = job.execution_deadline()
+        if deadline is not None:
+            lease = deadline if lease is None else min(lease, deadline)
+    run_at = job.scheduled_at if job.state in (JobState.SCHEDULED, JobState.RETRYABLE) else None
+    finished = None
+    if job.state in TERMINAL:
+        finished = job.completed_at or job.discarded_at or job.cancelled_at
+    return {
+        "id": job.id,
+        "queue": job.queue,
+        "state": job.state.value,
+        "priority": job.priority,
+        "run_at": run_at,
+        "lease_until": lease,
+        "expires_at": job.expires_at,
+        "unique_key": job.unique_key,
+        "workflow_id": job.workflow_id,
+        "dead_letter": job.state is JobState.DISCARDED and job.dead_letter,
+        "worker_id": job.worker_id if job.state is JobState.ACTIVE else None,
+        "created_at": job.created_at,
+        "finished_at": finished,
+        "record": Jsonb(job.to_record()),
+    }
+
+
+def _job(row: Sequence[Any]) -> Job:
+    return Job.from_record(row[0])
+
+
+class PostgresStorage:
+    name = "postgresql"
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        rng: random.Random | None = None,
+        apply_migrations: bool = True,
+    ) -> None:
+        self.conninfo = conninfo
+        self._min_size = min_size
+        self._max_size = max_size
+        self._rng = rng or random.Random()
+        self._apply_migrations = apply_migrations
+        self._listener: StorageListener | None = None
+        self._stack: AsyncExitStack | None = None
+        self._pool: Any = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def set_listener(self, listener: StorageListener | None) -> None:
+        self._listener = listener
+
+    async def open(self) -> None:
+        stack = AsyncExitStack()
+        self._pool = await stack.enter_async_context(
+            open_pool(self.conninfo, min_size=self._min_size, max_size=self._max_size)
+        )
+        self._stack = stack
+        if self._apply_migrations:
+            async with self._pool.connection() as conn:
+                await migrate(conn)
+
+    async def aclose(self) -> None:
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            await stack.aclose()
+
+    async def listen(self) -> None:
+        """Run until cancelled: turn NOTIFYs from any server into fetcher wake-ups."""
+        async with open_listener(self.conninfo, [CHANNEL]) as events:
+            async for event in events:
+                if self._listener is None:
+                    continue
+                if isinstance(event, Notification):
+                    queues = [name for name in event.payload.split(",") if name]
+                    if queues:
+                        self._listener.queues_ready(queues)
+                else:
+                    # Reconnected: notifications may have been missed meanwhile.
+                    self._listener.queues_ready([])
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[TrioConnection]:
+        with map_errors():
+            async with self._pool.transaction() as conn:
+                yield conn
+
+    async def ping(self) -> dict[str, Any]:
+        start = trio.current_time()
+        with map_errors():
+            async with self._pool.connection() as conn:
+                await conn.execute("SELECT 1")
+        return {
+            "type": self.name,
+            "status": "connected",
+            "latency_ms": round((trio.current_time() - start) * 1000, 2),
+            "pool": vars(self._pool.statistics()) if hasattr(self._pool, "statistics") else {},
+        }
+
+    async def reset(self) -> None:
+        async with self._tx() as conn:
+            await conn.execute(q("reset"))
+
+    # -- helpers -------------------------------------------------------------------
+
+    async def _lock(self, conn: TrioConnection, job_id: str) -> Job:
+        cur = await conn.execute(q("lock_job"), (job_id,))
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"Job {job_id} not found", details={"job_id": job_id})
+        return _job(row)
+
+    async def _write(self, conn: TrioConnection, job: Job, now: float) -> list[Job]:
+        """Persist ``job``; apply workflow rules if it belongs to one.  Returns spawned jobs."""
+        await conn.execute(q("update_job"), _columns(job))
+        if job.workflow_id is None:
+            return []
+        cur = await conn.execute(q("lock_workflow"), (job.workflow_id,))
+        row = await cur.fetchone()
+        if row is None:
+            return []
+        workflow = Workflow.from_record(row[0])
+        if job.state is JobState.ACTIVE:
+            workflows.on_job_started(workflow, job, now)
+            spawned: list[Job] = []
+        else:
+            spawned = workflows.on_job_finished(workflow, job, now)
+        for new in spawned:
+            await self._insert(conn, new, now)
+        await conn.execute(
+            q("update_workflow"), (workflow.state, Jsonb(workflow.to_record()), workflow.id)
+        )
+        return spawned
+
+    async def _insert(self, conn: TrioConnection, job: Job, now: float) -> None:
+        job.unique_key = unique.fingerprint(job)
+        await conn.execute(q("ensure_queue"), (job.queue, now))
+        try:
+            await conn.execute(q("insert_job"), _columns(job))
+        except psycopg.errors.UniqueViolation:
+            raise DuplicateJob(
+                f"A job with id {job.id} already exists", details={"existing_job_id": job.id}
+            ) from None
+
+    async def _notify(self, conn: TrioConnection, jobs: Sequence[Job]) -> None:
+        queues = sorted({j.queue for j in jobs if j.state is JobState.AVAILABLE})
+        if queues:
+            await conn.execute(q("notify"), (",".join(queues),))
+
+    def _created(self, jobs: list[Job]) -> None:
+        if jobs and self._listener is not None:
+            self._listener.jobs_created(jobs)
+
+    # -- verbs ---------------------------------------------------------------------
+
+    async def enqueue(self, jobs: Sequence[Job], now: float) -> list[EnqueueResult]:
+        results: list[EnqueueResult] = []
+        async with self._tx() as conn:
+            inserted: list[Job] = []
+            batch_keys: dict[str, Job] = {}
+            for original in jobs:
+                job = original.clone()
+                key = unique.fingerprint(job)
+                existing: Job | None = None
+                if key is not None:
+                    # Serialise writers of one fingerprint for this transaction only.
+                    await conn.execute(
+                        "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,)
+                    )
+                    existing = batch_keys.get(key)
+                    if existing is None:
+                        cur = await conn.execute(q("lock_unique"), (key,))
+                        for row in reversed(await cur.fetchall()):
+                            candidate = _job(row)
+                            if unique.conflicts(job, candidate, now):
+                                existing = candidate
+                                break
+                    elif not unique.conflicts(job, existing, now):
+                        existing = None
+                    policy = unique.on_conflict(job)
+                    if existing is not None and policy == "reject":
+                        raise DuplicateJob(
+                            "A job with the same unique key already exists",
+                            details={"existing_job_id": existing.id, "unique_key": key},
+                        )
+                    if existing is not None and policy == "ignore":
+                        results.append(EnqueueResult(existing.clone(), created=False))
+                        continue
+                    if existing is not None and not existing.state.is_terminal:
+                        if existing in inserted:
+                            raise DuplicateJob(
+                                "Two jobs in one batch replace each other",
+                                details={"unique_key": key},
+                            )
+                        lifecycle.cancel(existing, now)
+                        await self._write(conn, existing, now)
+                    batch_keys[key] = job
+                limits = queue_limits_from(job.options_extra)
+                await self._insert(conn, job, now)
+                if limits is not None:
+                    rate, concurrency = limits
+                    await conn.execute(
+                        q("set_queue_limits"),
+                        {
+                            "name": job.queue,
+                            "rate_limit": Jsonb(rate) if rate is not None else None,
+                            "concurrency": concurrency,
+                        },
+                    )
+                inserted.append(job)
+                results.append(EnqueueResult(job.clone(), created=True))
+            await self._notify(conn, inserted)
+        return results
+
+    async def claim(self, requests: Sequence[ClaimRequest], now: float) -> list[list[Job]]:
+        names = sorted({name for r in requests for name in r.queues})
+        out: list[list[Job]] = []
+        async with self._tx() as conn:
+            cur = await conn.execute(q("queues_for_claim"), (names,))
+            queues = {row[0]: row for row in await cur.fetchall()}
+            budgets: dict[str, int | None] = {}
+            for name, (_, paused, rate, concurrency) in queues.items():
+                budgets[name] = await self._budget(conn, name, paused, rate, concurrency, now)
+            for request in requests:
+                got: list[Job] = []
+                for name in request.queues:
+                    budget = budgets.get(name, 0)
+                    want = request.count - len(got)
+                    if want <= 0:
+                        break
+                    if budget is not None:
+                        want = min(want, budget)
+                    if want <= 0:
+                        continue
+                    cur = await conn.execute(q("claim_available"), (name, now, want))
+                    for row in await cur.fetchall():
+                        job = _job(row)
+                        lifecycle.claim(job, request.worker_id, request.visibility_ms, now)
+                        await self._write(conn, job, now)
+                        got.append(job)
+                        if budgets.get(name) is not None:
+                            budgets[name] = (budgets[name] or 0) - 1
+                            if queues[name][2] is not None:
+                                await conn.execute(q("record_start"), (name, now))
+                out.append(got)
+        return out
+
+    async def _budget(
+        self,
+        conn: TrioConnection,
+        name: str,
+        paused: bool,
+        rate: dict[str, Any] | None,
+        concurrency: int | None,
+        now: float,
+    ) -> int | None:
+        if paused:
+            return 0
+        budget: int | None = None
+        if rate is not None:
+            window = int(rate["window_ms"]) / 1000.0
+            cur = await conn.execute(q("recent_starts"), (name, now - window))
+            row = await cur.fetchone()
+            budget = max(0, int(rate["limit"]) - int(row[0] if row else 0))
+        if concurrency is not None:
+            cur = await conn.execute(q("count_active"), (name,))
+            row = await cur.fetchone()
+            room = max(0, concurrency - int(row[0] if row else 0))
+            budget = room if budget is None else min(budget, room)
+        return budget
+
+    async def _settle(self, job_id: str, apply: Any, now: float) -> Job:
+        async with self._tx() as conn:
+            job = await self._lock(conn, job_id)
+            apply(job)
+            spawned = await self._write(conn, job, now)
+            await self._notify(conn, [job, *spawned])
+        self._created(spawned)
+        return job
+
+    async def ack(
+        self, job_id: str, worker_id: str | None, result: Any, has_result: bool, now: float
+    ) -> Job:
+        return await self._settle(
+            job_id, lambda j: lifecycle.ack(j, worker_id, result, has_result, now), now
+        )
+
+    async def nack(
+        self, job_id: str, worker_id: str | None, failure: Failure, requeue: bool, now: float
+    ) -> Job:
+        return await self._settle(
+            job_id,
+            lambda j: lifecycle.nack(j, worker_id, failure, requeue, now, self._rng),
+            now,
+        )
+
+    async def cancel(self, job_id: str, now: float) -> Job:
+        return await self._settle(job_id, lambda j: lifecycle.cancel(j, now), now)
+
+    async def heartbeat(
+        self, worker_id: str | None, job_ids: Sequence[str], visibility_ms: int | None, now: float
+    ) -> list[Job]:
+        extended: list[Job] = []
+        async with self._tx() as conn:
+            for job_id in job_ids:
+                cur = await conn.execute(q("lock_job"), (job_id,))
+                row = await cur.fetchone()
+                if row is None:
+                    continue
+                job = _job(row)
+                if job.state is not JobState.ACTIVE:
+                    continue
+                if worker_id is not None and job.worker_id not in (None, worker_id):
+                    continue
+                ms = visibility_ms or job.visibility_timeout_ms or DEFAULT_VISIBILITY_MS
+                job.lease_expires_at = now + ms / 1000.0
+                await conn.execute(q("update_job"), _columns(job))
+                extended.append(job)
+        return extended
+
+    async def get(self, job_id: str) -> Job:
+        with map_errors():
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(q("get_job"), (job_id,))
+                row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"Job {job_id} not found", details={"job_id": job_id})
+        return _job(row)
+
+    async def promote_due(self, now: float, limit: int) -> list[Job]:
+        async with self._tx() as conn:
+            cur = await conn.execute(q("due_jobs"), (now, limit))
+            promoted = []
+            for row in await cur.fetchall():
+                job = _job(row)
+                if lifecycle.is_expired(job, now):
+                    continue  # the reaper discards it
+                lifecycle.promote(job, now)
+                await self._write(conn, job, now)
+                promoted.append(job)
+            await self._notify(conn, promoted)
+        return promoted
+
+    async def reap(self, now: float, limit: int) -> list[Job]:
+        reaped: list[Job] = []
+        spawned: list[Job] = []
+        async with self._tx() as conn:
+            cur = await conn.execute(q("expired_leases"), (now, limit))
+            for row in await cur.fetchall():
+                job = _job(row)
+                deadline = job.execution_deadline()
+                if deadline is not None and deadline <= now:
+                    lifecycle.execution_timeout(job, now, self._rng)
+                elif job.lease_expires_at is not None and job.lease_expires_at <= now:
+                    lifecycle.expire_lease(job, now)
+                else:
+                    continue
+                spawned += await self._write(conn, job, now)
+                reaped.append(job)
+            cur = await conn.execute(q("expired_ttl"), (now, max(0, limit - len(reaped))))
+            for row in await cur.fetchall():
+                job = _job(row)
+                lifecycle.expire_ttl(job, now)
+                spawned += await self._write(conn, job, now)
+                reaped.append(job)
+            await self._notify(conn, reaped + spawned)
+        self._created(spawned)
+        return reaped
+
+    async def _scalar(self, name: str, params: Sequence[Any] = ()) -> Any:
+        with map_errors():
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(q(name), params)
+                row = await cur.fetchone()
+        return row[0] if row else None
+
+    async def next_due_at(self) -> float | None:
+        value = await self._scalar("next_due")
+        return float(value) if value is not None else None
+
+    async def next_reap_at(self) -> float | None:
+        value = await self._scalar("next_reap")
+        return float(value) if value is not None else None
+
+    async def next_wakeup(self) -> float | None:
+        values = [v for v in (await self.next_due_at(), await self.next_reap_at()) if v]
+        return min(values) if values else None
+
+    async def list_dead_letter(self, queue: str | None, limit: int, offset: int) -> DeadLetterPage:
+        params = {"queue": queue, "limit": limit, "offset": offset}
+        with map_errors():
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(q("list_dead_letter"), params)
+                rows = await cur.fetchall()
+                total = int(rows[0][1]) if rows else 0
+                if not rows:
+                    cur = await conn.execute(q("count_dead_letter"), params)
+                    row = await cur.fetchone()
+                    total = int(row[0]) if row else 0
+        return DeadLetterPage(jobs=[_job(r) for r in rows], total=total)
+
+    async def _lock_dead(self, conn: TrioConnection, job_id: str) -> Job:
+        cur = await conn.execute(q("lock_dead_letter"), (job_id,))
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound(
+                f"Job {job_id} is not in the dead letter queue", details={"job_id": job_id}
+            )
+        return _job(row)
+
+    async def retry_dead_letter(self, job_id: str, now: float) -> Job:
+        async with self._tx() as conn:
+            job = await self._lock_dead(conn, job_id)
+            lifecycle.retry_dead_letter(job, now)
+            await self._write(conn, job, now)
+            await self._notify(conn, [job])
+        return job
+
+    async def delete_dead_letter(self, job_id: str) -> Job:
+        async with self._tx() as conn:
+            job = await self._lock_dead(conn, job_id)
+            await conn.execute(q("delete_job"), (job_id,))
+        return job
+
+    async def list_queues(self) -> list[QueueInfo]:
+        with map_errors():
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(q("list_queues"))
+                rows = await cur.fetchall()
+        return [
+            QueueInfo(
+                name=r[0],
+                paused=r[1],
+                created_at=r[2],
+                rate_limit=r[3],
+                concurrency=r[4],
+                counts={k: int(v) for k, v in r[5].items()},
+            )
+            for r in rows
+        ]
+
+    async def queue_info(self, queue: str, now: float) -> QueueInfo:
+        with map_errors():
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(q("queue_row"), (queue,))
+                row = await cur.fetchone()
+                if row is None:
+                    raise NotFound(f"Queue {queue} not found", details={"queue": queue})
+                cur = await conn.execute(q("queue_counts"), (queue,))
+                counts = {state.value: 0 for state in JobState}
+                counts.update({s: int(n) for s, n in await cur.fetchall()})
+                cur = await conn.execute(q("queue_throughput"), (queue, now - 60))
+                done = await cur.fetchone()
+        return QueueInfo(
+            name=row[0],
+            paused=row[1],
+            created_at=row[2],
+            rate_limit=row[3],
+            concurrency=row[4],
+            counts=counts,
+            completed_last_minute=int(done[0]) if done else 0,
+            failed_last_minute=int(done[1]) if done else 0,
+        )
+
+    async def set_queue_paused(self, queue: str, paused: bool, now: float) -> QueueInfo:
+        async with self._tx() as conn:
+            cur = await conn.execute(q("upsert_queue_paused"), (queue, paused, now))
+            row = await cur.fetchone()
+            if not paused:
+                await conn.execute(q("notify"), (queue,))
+        assert row is not None
+        return QueueInfo(name=row[0], paused=row[1], created_at=row[2])
+
+    # -- workflows -------------------------------------------------------------------
+
+    async def create_workflow(
+        self, workflow: Workflow, jobs: Sequence[Job], now: float
+    ) -> Workflow:
+        async with self._tx() as conn:
+            try:
+                await conn.execute(
+                    q("insert_workflow"),
+                    (workflow.id, workflow.state, Jsonb(workflow.to_record())),
+                )
+            except psycopg.errors.UniqueViolation:
+                raise DuplicateJob(
+                    f"A workflow with id {workflow.id} already exists",
+                    details={"existing_workflow_id": workflow.id},
+                ) from None
+            stored = [j.clone() for j in jobs]
+            for job in stored:
+                await self._insert(conn, job, now)
+            await self._notify(conn, stored)
+        return workflow.clone()
+
+    async def get_workflow(self, workflow_id: str) -> Workflow:
+        with map_errors():
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(q("get_workflow"), (workflow_id,))
+                row = await cur.fetchone()
+        if row is None:
+            raise NotFound(
+                f"Workflow {workflow_id} not found", details={"workflow_id": workflow_id}
+            )
+        return Workflow.from_record(row[0])
+
+    async def cancel_workflow(self, workflow_id: str, now: float) -> tuple[Workflow, list[Job]]:
+        async with self._tx() as conn:
+            cur = await conn.execute(q("lock_workflow"), (workflow_id,))
+            row = await cur.fetchone()
+            if row is None:
+                raise NotFound(
+                    f"Workflow {workflow_id} not found", details={"workflow_id": workflow_id}
+                )
+            workflow = Workflow.from_record(row[0])
+            to_cancel = workflows.cancel(workflow, now)
+            cancelled = []
+            for job_id in to_cancel:
+                job = await self._lock(conn, job_id)
+                lifecycle.cancel(job, now)
+                await conn.execute(q("update_job"), _columns(job))
+                cancelled.append(job)
+            await conn.execute(
+                q("update_workflow"), (workflow.state, Jsonb(workflow.to_record()), workflow.id)
+            )
+        return workflow, cancelled
+
+    # -- cron ------------------------------------------------------------------------
+
+    async def put_cron(self, record: CronRecord) -> CronRecord:
+        async with self._tx() as conn:
+            cur = await conn.execute(q("lock_cron"), (record.name,))
+            row = await cur.fetchone()
+            stored = CronRecord.from_record(record.to_record())
+            if row is not None:
+                existing = CronRecord.from_record(row[0])
+                stored.created_at = existing.created_at
+                stored.last_run_at = existing.last_run_at
+                stored.last_job_id = existing.last_job_id
+                stored.runs = existing.runs
+                stored.skipped = existing.skipped
+            await conn.execute(
+                q("upsert_cron"), (stored.name, stored.next_run_at, Jsonb(stored.to_record()))
+            )
+        return stored
+
+    async def list_crons(self) -> list[CronRecord]:
+        with map_errors():
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(q("list_crons"))
+                rows = await cur.fetchall()
+        return [CronRecord.from_record(r[0]) for r in rows]
+
+    async def get_cron(self, name: str) -> CronRecord:
+        with map_errors():
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(q("get_cron"), (name,))
+                row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"Cron schedule {name!r} not found", details={"name": name})
+        return CronRecord.from_record(row[0])
+
+    async def delete_cron(self, name: str) -> CronRecord:
+        async with self._tx() as conn:
+            cur = await conn.execute(q("delete_cron"), (name,))
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"Cron schedule {name!r} not found", details={"name": name})
+        return CronRecord.from_record(row[0])
+
+    async def fire_cron(
+        self, name: str, occurrence: float, next_run_at: float | None, job: Job, now: float
+    ) -> CronFire:
+        async with self._tx() as conn:
+            cur = await conn.execute(q("lock_cron"), (name,))
+            row = await cur.fetchone()
+            if row is None:
+                return CronFire(False, reason="missing")
+            record = CronRecord.from_record(row[0])
+            if record.next_run_at != occurrence:
+                return CronFire(False, reason="already_fired", record=record)
+            record.next_run_at = next_run_at
+            fired = False
+            reason: str | None = None
+            new = job.clone()
+            if not record.enabled:
+                reason = "disabled"
+            else:
+                previous = None
+                if record.last_job_id:
+                    cur = await conn.execute(q("lock_job"), (record.last_job_id,))
+                    prow = await cur.fetchone()
+                    previous = _job(prow) if prow else None
+                if previous is not None and not previous.state.is_terminal:
+                    if record.overlap_policy == "skip":
+                        record.skipped += 1
+                        reason = "overlap"
+                    elif record.overlap_policy == "cancel_previous":
+                        lifecycle.cancel(previous, now)
+                        await self._write(conn, previous, now)
+                if reason is None:
+                    await self._insert(conn, new, now)
+                    record.last_run_at = occurrence
+                    record.last_job_id = new.id
+                    record.runs += 1
+                    fired = True
+                    await self._notify(conn, [new])
+            await conn.execute(
+                q("advance_cron"),
+                {
+                    "name": name,
+                    "occurrence": occurrence,
+                    "next_run_at": next_run_at,
+                    "record": Jsonb(record.to_record()),
+                },
+            )
+        if fired:
+            self._created([new])
+            return CronFire(True, job=new, record=record)
+        return CronFire(False, reason=reason, record=record)
