@@ -1,8 +1,9 @@
-"""The official OJS conformance suites, levels 0-4, run over HTTP against memory storage.
+"""The official OJS conformance suites, levels 0-4, over HTTP, on every storage adapter.
 
-Each JSON case is one test.  Each test starts its own engine and Hypercorn
-server in-process on a free port (so a failing case cannot leak state into
-the next) and runs the case with our DSL runner.
+Each JSON case is one test per adapter.  Each test starts its own engine and
+Hypercorn server in-process on a free port (on PostgreSQL with a fresh
+database cloned from the migrated template), so a failing case cannot leak
+state into the next, and runs the case with our DSL runner.
 
 The suites come from ``OJS_CONFORMANCE_SUITES`` (default
 ``../shared/ojs-conformance/suites``).  When they are missing the module is
@@ -25,6 +26,8 @@ from ojs_trio.conformance.runner import Case, load_cases, run_case
 from ojs_trio.engine.engine import EngineConfig, open_engine
 from ojs_trio.http.serve import serve
 from ojs_trio.storage.memory import MemoryStorage
+from ojs_trio.storage.port import Storage
+from ojs_trio.storage.postgres.adapter import PostgresStorage
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITES = Path(
@@ -52,10 +55,10 @@ def test_suites_present() -> None:
 
 
 @asynccontextmanager
-async def open_server() -> AsyncIterator[str]:
+async def open_server(storage: Storage) -> AsyncIterator[str]:
     settings = Settings(host="127.0.0.1", port=0, enable_reset=True, graceful_timeout=1.0)
     config = EngineConfig(honour_test_directives=True)
-    async with open_engine(MemoryStorage(), config) as engine, trio.open_nursery() as nursery:
+    async with open_engine(storage, config) as engine, trio.open_nursery() as nursery:
         stop = trio.Event()
 
         async def shutdown_trigger() -> None:
@@ -69,11 +72,23 @@ async def open_server() -> AsyncIterator[str]:
             stop.set()
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{c.test_id}-{c.name}" for c in CASES])
-async def test_conformance_case(case: Case) -> None:
+async def run_against(storage: Storage, case: Case) -> None:
     async with (
-        open_server() as base_url,
+        open_server(storage) as base_url,
         httpx.AsyncClient(base_url=base_url, timeout=30) as client,
     ):
         result = await run_case(client, case)
     assert result.passed, result.describe()
+
+
+CASE_IDS = [f"{c.test_id}-{c.name}" for c in CASES]
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+async def test_conformance_memory(case: Case) -> None:
+    await run_against(MemoryStorage(), case)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+async def test_conformance_postgres(case: Case, fresh_db: str) -> None:
+    await run_against(PostgresStorage(fresh_db, apply_migrations=False), case)

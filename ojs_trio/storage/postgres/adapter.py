@@ -15,24 +15,18 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import AsyncIterator, Sequence
+import re
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import psycopg
 import trio
-from ojs_trio.storage.postgres.driver import (
-    Notification,
-    TrioConnection,
-    map_errors,
-    open_listener,
-    open_pool,
-)
 from psycopg.types.json import Jsonb
 
 from ojs_trio.engine import lifecycle, unique, workflows
 from ojs_trio.engine.cron import CronFire, CronRecord
-from ojs_trio.engine.errors import DuplicateJob, NotFound
+from ojs_trio.engine.errors import DuplicateJob, NotFound, OjsError
 from ojs_trio.engine.job import DEFAULT_VISIBILITY_MS, Job
 from ojs_trio.engine.lifecycle import Failure
 from ojs_trio.engine.states import JobState
@@ -44,6 +38,14 @@ from ojs_trio.storage.port import (
     QueueInfo,
     StorageListener,
 )
+from ojs_trio.storage.postgres.coalesce import Coalescer
+from ojs_trio.storage.postgres.driver import (
+    Notification,
+    TrioConnection,
+    map_errors,
+    open_listener,
+    open_pool,
+)
 from ojs_trio.storage.postgres.migrate import migrate
 from ojs_trio.storage.postgres.sql import q
 from ojs_trio.storage.queue_limits import queue_limits_from
@@ -51,6 +53,7 @@ from ojs_trio.storage.queue_limits import queue_limits_from
 log = logging.getLogger("ojs_trio.postgres")
 
 CHANNEL = "ojs_jobs"
+Settle = tuple[str, Callable[[Job], None], float]  # job id, transition, now
 TERMINAL = (JobState.COMPLETED, JobState.DISCARDED, JobState.CANCELLED)
 
 
@@ -87,6 +90,14 @@ def _job(row: Sequence[Any]) -> Job:
     return Job.from_record(row[0])
 
 
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+
+
+def _is_uuid(value: str) -> bool:
+    """Ids that cannot be UUIDs are unknown here, not a database error."""
+    return bool(_UUID.match(value))
+
+
 class PostgresStorage:
     name = "postgresql"
 
@@ -107,6 +118,7 @@ class PostgresStorage:
         self._listener: StorageListener | None = None
         self._stack: AsyncExitStack | None = None
         self._pool: Any = None
+        self._settles: Coalescer[Settle, Job] = Coalescer(self._settle_batch)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -332,14 +344,39 @@ class PostgresStorage:
             budget = room if budget is None else min(budget, room)
         return budget
 
-    async def _settle(self, job_id: str, apply: Any, now: float) -> Job:
+    async def _settle(self, job_id: str, apply: Callable[[Job], None], now: float) -> Job:
+        """ack/nack/cancel: coalesced with concurrent settles into one transaction."""
+        if not _is_uuid(job_id):
+            raise NotFound(f"Job {job_id} not found", details={"job_id": job_id})
+        return await self._settles.submit((job_id, apply, now))
+
+    async def _settle_batch(self, items: Sequence[Settle]) -> list[Job | BaseException]:
+        outcomes: list[Job | BaseException] = []
+        spawned: list[Job] = []
+        changed: list[Job] = []
         async with self._tx() as conn:
-            job = await self._lock(conn, job_id)
-            apply(job)
-            spawned = await self._write(conn, job, now)
-            await self._notify(conn, [job, *spawned])
+            ids = sorted({job_id for job_id, _, _ in items})
+            # Lock in id order so concurrent batches from other servers cannot deadlock.
+            cur = await conn.execute(q("lock_jobs"), (ids,))
+            current = {job.id: job for job in map(_job, await cur.fetchall())}
+            for job_id, apply, now in items:
+                job = current.get(job_id)
+                if job is None:
+                    outcomes.append(NotFound(f"Job {job_id} not found", details={"job_id": job_id}))
+                    continue
+                candidate = job.clone()
+                try:
+                    apply(candidate)
+                except OjsError as exc:
+                    outcomes.append(exc)
+                    continue
+                spawned += await self._write(conn, candidate, now)
+                current[job_id] = candidate  # a later item for the same job sees this state
+                changed.append(candidate)
+                outcomes.append(candidate)
+            await self._notify(conn, changed + spawned)
         self._created(spawned)
-        return job
+        return outcomes
 
     async def ack(
         self, job_id: str, worker_id: str | None, result: Any, has_result: bool, now: float
@@ -366,6 +403,8 @@ class PostgresStorage:
         extended: list[Job] = []
         async with self._tx() as conn:
             for job_id in job_ids:
+                if not _is_uuid(job_id):
+                    continue
                 cur = await conn.execute(q("lock_job"), (job_id,))
                 row = await cur.fetchone()
                 if row is None:
@@ -382,6 +421,8 @@ class PostgresStorage:
         return extended
 
     async def get(self, job_id: str) -> Job:
+        if not _is_uuid(job_id):
+            raise NotFound(f"Job {job_id} not found", details={"job_id": job_id})
         with map_errors():
             async with self._pool.connection() as conn:
                 cur = await conn.execute(q("get_job"), (job_id,))
@@ -463,6 +504,10 @@ class PostgresStorage:
         return DeadLetterPage(jobs=[_job(r) for r in rows], total=total)
 
     async def _lock_dead(self, conn: TrioConnection, job_id: str) -> Job:
+        if not _is_uuid(job_id):
+            raise NotFound(
+                f"Job {job_id} is not in the dead letter queue", details={"job_id": job_id}
+            )
         cur = await conn.execute(q("lock_dead_letter"), (job_id,))
         row = await cur.fetchone()
         if row is None:
@@ -557,6 +602,10 @@ class PostgresStorage:
         return workflow.clone()
 
     async def get_workflow(self, workflow_id: str) -> Workflow:
+        if not _is_uuid(workflow_id):
+            raise NotFound(
+                f"Workflow {workflow_id} not found", details={"workflow_id": workflow_id}
+            )
         with map_errors():
             async with self._pool.connection() as conn:
                 cur = await conn.execute(q("get_workflow"), (workflow_id,))
@@ -568,6 +617,10 @@ class PostgresStorage:
         return Workflow.from_record(row[0])
 
     async def cancel_workflow(self, workflow_id: str, now: float) -> tuple[Workflow, list[Job]]:
+        if not _is_uuid(workflow_id):
+            raise NotFound(
+                f"Workflow {workflow_id} not found", details={"workflow_id": workflow_id}
+            )
         async with self._tx() as conn:
             cur = await conn.execute(q("lock_workflow"), (workflow_id,))
             row = await cur.fetchone()

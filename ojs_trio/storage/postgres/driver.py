@@ -873,22 +873,26 @@ def _clean(conn: TrioConnection) -> bool:
 
 
 def _idle_socket_ok(conn: TrioConnection) -> bool:
-    """Cheap liveness test of an idle connection: one zero-timeout poll.
+    """Cheap liveness test of an idle connection: a zero-timeout poll or two.
 
     An idle connection has nothing to read unless the server closed it (after a
     FATAL such as "terminating connection due to administrator command", or a
-    restart), or sent something asynchronous (a notice, a notification, a parameter
-    change). Read it: libpq then reports a closed link.
+    restart) or sent something asynchronous (a notice, a parameter change). Read
+    what is there: a closed link shows up as an error by the second read (the first
+    one may only get the FATAL message).
     """
     if not _clean(conn):
         return False
+    pgconn = conn.pgconn
     try:
-        if not _ready_now(conn.pgconn.socket, WAIT_R):
-            return True
-        conn.pgconn.consume_input()
+        fileno = pgconn.socket
+        for _ in range(3):
+            if not _ready_now(fileno, WAIT_R):
+                return pgconn.status == _CONN_OK and not pgconn.is_busy()
+            pgconn.consume_input()
     except psycopg.Error:
         return False
-    return conn.pgconn.status == _CONN_OK and not conn.pgconn.is_busy()
+    return False  # still more to read: something is wrong, don't trust it
 
 
 @asynccontextmanager

@@ -30,6 +30,9 @@ SELECT record FROM ojs_jobs WHERE id = %s
 -- name: lock_job
 SELECT record FROM ojs_jobs WHERE id = %s FOR UPDATE
 
+-- name: lock_jobs
+SELECT record FROM ojs_jobs WHERE id = ANY(%s::uuid[]) ORDER BY id FOR UPDATE
+
 -- name: lock_unique
 SELECT record FROM ojs_jobs WHERE unique_key = %s ORDER BY created_at FOR UPDATE
 
