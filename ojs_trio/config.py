@@ -13,6 +13,15 @@ def _bool(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _seconds(value: str | None, default: float | None) -> float | None:
+    """A retention period; "0" or "never" means keep forever."""
+    if value is None or value.strip() == "":
+        return default
+    if value.strip().lower() in ("0", "never", "forever"):
+        return None
+    return float(value)
+
+
 @dataclass
 class Settings:
     host: str = "127.0.0.1"
@@ -24,6 +33,8 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     max_batch_jobs: int = 10_000
     pool_size: int = 10  # PostgreSQL connections per server process
+    retention_seconds: float | None = 7 * 86400.0  # finished jobs; unset/0 keeps forever
+    dead_letter_retention_seconds: float | None = None
     graceful_timeout: float = 10.0
     log_level: str = "INFO"
     log_format: str = "text"  # or "json"
@@ -41,6 +52,10 @@ class Settings:
             max_body_bytes=int(env.get("OJS_MAX_BODY_BYTES", cls.max_body_bytes)),
             max_batch_jobs=int(env.get("OJS_MAX_BATCH_JOBS", cls.max_batch_jobs)),
             pool_size=int(env.get("OJS_POOL_SIZE", cls.pool_size)),
+            retention_seconds=_seconds(env.get("OJS_RETENTION_SECONDS"), cls.retention_seconds),
+            dead_letter_retention_seconds=_seconds(
+                env.get("OJS_DEAD_LETTER_RETENTION_SECONDS"), cls.dead_letter_retention_seconds
+            ),
             graceful_timeout=float(env.get("OJS_GRACEFUL_TIMEOUT", cls.graceful_timeout)),
             log_level=env.get("OJS_LOG_LEVEL", cls.log_level).upper(),
             log_format=env.get("OJS_LOG_FORMAT", cls.log_format).lower(),

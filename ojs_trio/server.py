@@ -31,7 +31,11 @@ async def run_server(
     settings.check_bind()
     stop = shutdown if shutdown is not None else trio.Event()
     storage = open_storage(settings.storage_url, pool_size=settings.pool_size)
-    engine_config = EngineConfig(honour_test_directives=settings.enable_reset)
+    engine_config = EngineConfig(
+        honour_test_directives=settings.enable_reset,
+        retention=settings.retention_seconds,
+        dead_letter_retention=settings.dead_letter_retention_seconds,
+    )
     async with open_engine(storage, engine_config) as engine:
 
         async def shutdown_trigger() -> None:

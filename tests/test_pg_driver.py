@@ -384,6 +384,44 @@ async def test_cancel_mid_query_breaks_connection(pg_dsn: str) -> None:
                 pytest.fail("pg_sleep still running after the cancellation")
 
 
+@pytest.mark.parametrize("flavour", ["pipeline", "copy", "stream"])
+async def test_cancel_mid_operation_breaks_connection(pg_dsn: str, flavour: str) -> None:
+    with trio.fail_after(DEADLINE):
+        conn = await _connect(pg_dsn)
+        await conn.execute("CREATE TEMP TABLE t (s text)")
+        with trio.move_on_after(0.2) as scope:
+            if flavour == "pipeline":
+                async with conn.pipeline():
+                    await conn.execute("SELECT 1")
+                    await conn.execute("SELECT pg_sleep(5)")
+                    await conn.execute("SELECT 2")
+            elif flavour == "copy":
+                async with conn.cursor().copy("COPY t FROM STDIN") as copy:
+                    while True:
+                        await copy.write_row(("x" * 1000,))
+            else:
+                query = "SELECT pg_sleep(0.01) FROM generate_series(1, 1000)"
+                async for _ in conn.cursor().stream(query):
+                    pass
+        assert scope.cancelled_caught
+        assert conn.broken
+
+
+async def test_cancel_inside_transaction_leaves_it_open(pg_dsn: str) -> None:
+    """Cancelled between statements: nothing in flight, so the connection isn't broken,
+    but it is left inside its transaction, so the pool discards it."""
+    with trio.fail_after(DEADLINE):
+        async with open_pool(pg_dsn, min_size=1, max_size=1) as pool:
+            with trio.move_on_after(0.1):
+                async with pool.transaction() as conn:
+                    await conn.execute("SELECT 1")
+                    await trio.sleep(5)
+            assert conn.closed and not conn.broken  # closed by the pool, not broken
+            assert pool.statistics().discarded == 1
+            async with pool.transaction() as conn2:
+                assert conn2 is not conn
+
+
 async def test_cancel_idle_wait_keeps_connection(pg_dsn: str) -> None:
     """Cancelling a wait with nothing in flight (a LISTEN wait) is harmless."""
     with trio.fail_after(DEADLINE):
@@ -539,6 +577,40 @@ async def test_pool_discards_dirty_connection(pg_dsn: str) -> None:
             async with pool.connection() as conn:
                 assert conn.info.backend_pid != first
                 assert conn.info.transaction_status == pq.TransactionStatus.IDLE
+                conn.row_factory = dict_row  # restored on return
+                second = conn.info.backend_pid
+            async with pool.connection() as conn:
+                assert conn.info.backend_pid == second
+                assert await _scalar(conn, "SELECT 1") == 1
+                await conn.set_autocommit(False)  # not how the pool hands it out: dropped
+            assert pool.statistics().discarded == 2
+            async with pool.connection() as conn:
+                assert conn.info.backend_pid not in (first, second)
+                assert conn.autocommit
+
+
+async def test_pool_under_churn(pg_dsn: str) -> None:
+    """Many tasks, few connections, some cancelled mid-query: the books stay balanced."""
+    with trio.fail_after(DEADLINE):
+        async with open_pool(pg_dsn, min_size=1, max_size=3) as pool:
+
+            async def worker(i: int) -> None:
+                for j in range(10):
+                    with trio.move_on_after(0.01 if (i + j) % 7 == 0 else 10):
+                        async with pool.connection() as conn:
+                            await conn.execute(
+                                "SELECT pg_sleep(%s)", (0.05 if (i + j) % 7 == 0 else 0,)
+                            )
+
+            async with trio.open_nursery() as nursery:
+                for i in range(12):
+                    nursery.start_soon(worker, i)
+            s = pool.statistics()
+            assert (s.in_use, s.waiting) == (0, 0)
+            assert s.size == s.idle <= 3
+            assert s.discarded >= 1 and s.created == s.discarded + s.size
+            async with pool.connection() as conn:
+                assert await _scalar(conn, "SELECT 1") == 1
 
 
 async def test_pool_discards_terminated_idle_connection(pg_dsn: str) -> None:

@@ -22,6 +22,7 @@ from ojs_trio.actors.cron import CronTicker
 from ojs_trio.actors.fetcher import FetcherPool, FetchRequest
 from ojs_trio.actors.heartbeater import HeartbeatCall, VisibilityHeartbeater
 from ojs_trio.actors.promoter import DelayPromoter
+from ojs_trio.actors.pruner import Pruner
 from ojs_trio.actors.reaper import Reaper
 from ojs_trio.actors.supervisor import Supervisor
 from ojs_trio.engine.cron import CronFire, CronRecord, parse_cron_request
@@ -50,6 +51,9 @@ class EngineConfig:
     max_fetch_wait_ms: int = 60_000
     heartbeat_interval: float = 5.0  # embedded workers' lease extension period
     timer_max_sleep: float = 1.0  # promoter/reaper re-check bound (shared backends)
+    retention: float | None = 7 * 86400.0  # seconds finished jobs are kept; None: forever
+    dead_letter_retention: float | None = None  # dead letters stay until handled
+    prune_interval: float = 60.0
     event_log_size: int = 10_000
     event_subscriber_buffer: int = 256
     honour_test_directives: bool = False  # conformance hook; off in production
@@ -111,6 +115,13 @@ class Engine:
             storage, self.clock, self._jobs_reaped, max_sleep=self.config.timer_max_sleep
         )
         self.cron_ticker = CronTicker(storage, self.clock, self._cron_fired)
+        self.pruner = Pruner(
+            storage,
+            self.clock,
+            retention=self.config.retention,
+            dead_letter_retention=self.config.dead_letter_retention,
+            interval=self.config.prune_interval,
+        )
         self.heartbeater = VisibilityHeartbeater(
             storage, self.clock, interval=self.config.heartbeat_interval
         )
@@ -570,6 +581,7 @@ async def open_engine(
             sup.start(timed_actors, "heartbeater", engine.heartbeater.run)
             sup.start(timed_actors, "cron", engine.cron_ticker.run)
             sup.start(timed_actors, "storage-listener", storage.listen)
+            sup.start(timed_actors, "pruner", engine.pruner.run)
             async with trio.open_nursery() as pools:
                 engine._pool_nursery = pools
                 try:

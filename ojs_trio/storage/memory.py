@@ -374,6 +374,26 @@ class MemoryStorage:
                 candidates.append(heap[0][0])
         return min(candidates) if candidates else None
 
+    async def prune(
+        self, finished_before: float | None, dead_letter_before: float | None, limit: int
+    ) -> int:
+        await trio.lowlevel.checkpoint()
+        doomed: list[str] = []
+        for job in self._jobs.values():
+            if len(doomed) >= limit:
+                break
+            if not job.state.is_terminal:
+                continue
+            finished = job.completed_at or job.discarded_at or job.cancelled_at or job.created_at
+            cutoff = dead_letter_before if job.dead_letter else finished_before
+            if cutoff is not None and finished < cutoff:
+                doomed.append(job.id)
+        for job_id in doomed:
+            del self._jobs[job_id]
+            self._stamp.pop(job_id, None)
+            self._dead.pop(job_id, None)
+        return len(doomed)
+
     async def next_wakeup(self) -> float | None:
         await trio.lowlevel.checkpoint()
         return self._earliest(self._due, self._leases, self._ttl)

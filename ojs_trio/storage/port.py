@@ -142,6 +142,13 @@ class Storage(Protocol):
         """Expired leases -> available/discarded, execution timeouts -> retry/discard,
         TTL-expired jobs -> discarded.  Safe to run concurrently from several servers."""
 
+    async def prune(
+        self, finished_before: float | None, dead_letter_before: float | None, limit: int
+    ) -> int:
+        """Delete up to ``limit`` finished jobs: completed/cancelled/discarded ones that
+        finished before ``finished_before`` and dead-lettered ones before
+        ``dead_letter_before`` (``None`` keeps that kind).  Returns how many."""
+
     async def next_wakeup(self) -> float | None:
         """Earliest time at which promote_due or reap would have work, if known."""
 

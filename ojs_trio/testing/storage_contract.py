@@ -1062,6 +1062,36 @@ async def check_reset_empties_everything(factory: StorageFactory) -> None:
         _expect_eq(len(results), len(jobs), "re-enqueue of the same ids after reset")
 
 
+async def check_prune_deletes_only_expired_finished_jobs(factory: StorageFactory) -> None:
+    async with factory() as storage:
+        dlq_retry = {**NO_JITTER, "max_attempts": 1, "on_exhaustion": "dead_letter"}
+        done, cancelled, live, dead = (
+            make_job(queue="p-done"),
+            make_job(queue="p-cancel"),
+            make_job(queue="p-live"),
+            make_job(queue="p-dead", retry=dlq_retry),
+        )
+        await _enqueue(storage, done, cancelled, live, dead)
+        await _claim_one(storage, T0, done)
+        await storage.ack(done.id, None, {"ok": True}, True, T0 + 1)
+        await storage.cancel(cancelled.id, T0 + 2)
+        await _exhaust(storage, dead, T0 + 3)
+
+        # Nothing finished before T0: nothing to prune.
+        _expect_eq(await storage.prune(T0, T0, BIG), 0, "prune before anything finished")
+        # Plain finished jobs go; the dead letter is kept when its cutoff is None.
+        _expect_eq(await storage.prune(T0 + 10, None, BIG), 2, "prune of finished jobs")
+        for job in (done, cancelled):
+            with _raises(NotFound, f"get of pruned {job.queue} job"):
+                await storage.get(job.id)
+        _expect_eq((await storage.get(live.id)).state, JobState.AVAILABLE, "live job kept")
+        page = await storage.list_dead_letter(None, BIG, 0)
+        _expect_eq([j.id for j in page.jobs], [dead.id], "dead letter kept")
+        # Its own cutoff removes it; a second pass finds nothing (idempotent).
+        _expect_eq(await storage.prune(None, T0 + 10, BIG), 1, "prune of the dead letter")
+        _expect_eq(await storage.prune(T0 + 10, T0 + 10, BIG), 0, "second prune pass")
+
+
 # -- unique jobs ---------------------------------------------------------------
 
 BY_ARGS: dict[str, Any] = {"keys": ["type", "args"]}  # on_conflict defaults to reject
@@ -1996,6 +2026,7 @@ CONTRACT_CHECKS: list[ContractCheck] = [
     check_next_due_and_reap_deadlines_are_separate,
     check_list_queues_counts_states,
     check_reset_empties_everything,
+    check_prune_deletes_only_expired_finished_jobs,
     # unique jobs
     check_unique_reject_raises_duplicate,
     check_unique_ignore_returns_existing_job,

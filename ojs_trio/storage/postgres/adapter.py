@@ -471,6 +471,16 @@ class PostgresStorage:
         self._created(spawned)
         return reaped
 
+    async def prune(
+        self, finished_before: float | None, dead_letter_before: float | None, limit: int
+    ) -> int:
+        async with self._tx() as conn:
+            cur = await conn.execute(
+                q("prune"),
+                {"before": finished_before, "dead_before": dead_letter_before, "limit": limit},
+            )
+            return cur.rowcount
+
     async def _scalar(self, name: str, params: Sequence[Any] = ()) -> Any:
         with map_errors():
             async with self._pool.connection() as conn:

@@ -658,6 +658,9 @@ class _Pooled:
     conn: TrioConnection
     expires_at: float
     last_used: float
+    # Connection-level settings as configured, checked or restored on return.
+    autocommit: bool
+    row_factory: AsyncRowFactory[Any]
 
 
 class ConnectionPool:
@@ -711,8 +714,10 @@ class ConnectionPool:
         """Check out a connection for the duration of the block.
 
         The connection comes back to the pool afterwards if it is healthy and idle
-        (``IDLE`` transaction status, no pipeline); a closed or broken one, or one
-        left inside a transaction, is closed and replaced on demand. Raise
+        (``IDLE`` transaction status, no pipeline, autocommit as configured), with its
+        ``row_factory`` reset; a closed or broken one, or one left inside a
+        transaction, is closed and replaced on demand. Leave other session state
+        (``SET``, temp tables) as you found it, or use ``SET LOCAL``. Raise
         :class:`PoolTimeout`, :class:`PoolClosed`, or :class:`BackendUnavailable`
         when no connection can be opened. Errors raised in the block pass through
         unchanged (wrap the block in :func:`map_errors`).
@@ -776,6 +781,12 @@ class ConnectionPool:
     async def _acquire_slot(self) -> None:
         if self._closed:
             raise PoolClosed("the connection pool is closed")
+        if self._slots.value:
+            # A free slot implies nobody is queued (Semaphore.release() hands its
+            # token to a waiter directly): take it without a trip through the scheduler.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._slots.acquire_nowait()
+            return
         self._waiting += 1
         try:
             limit = math.inf if self.acquire_timeout is None else self.acquire_timeout
@@ -811,7 +822,13 @@ class ConnectionPool:
         # Spread expiries over the last 10% of the lifetime so that connections opened
         # together don't all reconnect together.
         expires = now + self.max_lifetime * (1.0 - 0.1 * random.random())
-        return _Pooled(conn, expires_at=expires, last_used=now)
+        return _Pooled(
+            conn,
+            expires_at=expires,
+            last_used=now,
+            autocommit=conn.autocommit,
+            row_factory=conn.row_factory,
+        )
 
     async def _get(self) -> _Pooled:
         while self._idle:
@@ -846,9 +863,15 @@ class ConnectionPool:
     def _put_back(self, pooled: _Pooled) -> None:
         conn = pooled.conn
         now = trio.current_time()
-        if self._closed or not _clean(conn) or now >= pooled.expires_at:
+        if (
+            self._closed
+            or not _clean(conn)
+            or now >= pooled.expires_at
+            or conn.autocommit != pooled.autocommit
+        ):
             self._discard(conn)
             return
+        conn.row_factory = pooled.row_factory
         pooled.last_used = now
         self._idle.append(pooled)
         # Trim connections idle for too long, oldest first, down to min_size.

@@ -80,6 +80,15 @@ SELECT record FROM ojs_jobs
  LIMIT %s
  FOR UPDATE SKIP LOCKED
 
+-- name: prune
+DELETE FROM ojs_jobs WHERE id IN (
+    SELECT id FROM ojs_jobs
+     WHERE finished_at IS NOT NULL
+       AND ((NOT dead_letter AND finished_at < %(before)s::double precision)
+            OR (dead_letter AND finished_at < %(dead_before)s::double precision))
+     LIMIT %(limit)s
+     FOR UPDATE SKIP LOCKED)
+
 -- name: next_due
 SELECT min(run_at) FROM ojs_jobs WHERE state IN ('scheduled', 'retryable')
 

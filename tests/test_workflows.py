@@ -1,0 +1,512 @@
+"""Workflows through the engine: chain, group, batch, cancellation, and the
+acceptance test "an actor raising mid-workflow does not lose or duplicate a
+chain step".
+
+Timer-driven parts run under ``MockClock(autojump_threshold=0)`` with the
+engine's wall clock at ``BASE + trio.current_time()``; :func:`real_time_limit`
+turns a spinning actor (which would freeze the mock clock) into a failure.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from functools import partial
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from ojs_trio.engine.engine import Engine, EngineConfig, open_engine
+from ojs_trio.engine.errors import OjsError
+from ojs_trio.engine.job import Job
+from ojs_trio.engine.lifecycle import Failure
+from ojs_trio.engine.states import JobState
+from ojs_trio.engine.worker import JobContext
+from ojs_trio.engine.workflows import Workflow
+from ojs_trio.storage.memory import MemoryStorage
+
+BASE = 1_700_000_000.0
+
+
+def wall() -> float:
+    return BASE + trio.current_time()
+
+
+@contextmanager
+def real_time_limit(seconds: float = 15.0) -> Iterator[None]:
+    """Fail instead of hang if an actor spins (which freezes an autojump MockClock)."""
+    token = trio.lowlevel.current_trio_token()
+    with trio.CancelScope() as scope:
+
+        def expire() -> None:
+            try:
+                token.run_sync_soon(scope.cancel)
+            except trio.RunFinishedError:
+                pass
+
+        timer = threading.Timer(seconds, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+    if scope.cancelled_caught:
+        pytest.fail(f"did not finish within {seconds}s of real time (busy loop?)")
+
+
+@asynccontextmanager
+async def running_engine(
+    storage: MemoryStorage | None = None, **config: Any
+) -> AsyncIterator[Engine]:
+    config.setdefault("clock", wall)
+    storage = storage or MemoryStorage(rng=random.Random(0))
+    async with open_engine(storage, EngineConfig(**config)) as engine:
+        yield engine
+
+
+@asynccontextmanager
+async def running_workers(engine: Engine, queues: list[str], concurrency: int, **options: Any):
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(engine.run_workers, queues, concurrency, **options))
+        yield
+        nursery.cancel_scope.cancel()
+
+
+def step(n: int, queue: str = "wf", **options: Any) -> dict[str, Any]:
+    return {"type": "wf.step", "args": [n], "options": {"queue": queue, **options}}
+
+
+ONE_ATTEMPT = {"retry": {"max_attempts": 1}}
+
+
+async def wait_for_workflow(
+    engine: Engine, workflow_id: str, *states: str, within: float = 120.0
+) -> Workflow:
+    with trio.fail_after(within):
+        while True:
+            workflow = await engine.get_workflow(workflow_id)
+            if workflow.state in states:
+                return workflow
+            await trio.sleep(0.01)
+
+
+def workflow_events(engine: Engine, workflow_id: str) -> list[str]:
+    return [
+        e["type"]
+        for e in engine.events.query(limit=10_000)
+        if e.get("workflow_id") == workflow_id
+    ]
+
+
+async def fetch_all(engine: Engine, queue: str = "wf") -> list[Job]:
+    return await engine.fetch([queue], 100)
+
+
+# -- chain -----------------------------------------------------------------------------
+
+
+async def test_chain_runs_strictly_in_order_passing_parent_results() -> None:
+    async with running_engine() as engine:
+        workflow = await engine.create_workflow(
+            {"type": "chain", "name": "etl", "steps": [step(0), step(1), step(2)]}
+        )
+        assert workflow.state == "running"
+        assert workflow.job_ids[1:] == [None, None]  # later steps do not exist yet
+        for n in range(3):
+            (job,) = await fetch_all(engine)
+            assert job.args == [n]
+            assert (job.workflow_id, job.workflow_step) == (workflow.id, n)
+            assert job.parent_results == ([] if n == 0 else [{"step": n - 1, "out": n * 10}])
+            assert await fetch_all(engine) == []  # nothing else while step n runs
+            current = await engine.get_workflow(workflow.id)
+            assert current.job_ids[n] == job.id
+            assert current.job_ids[n + 1 :] == [None] * (2 - n)
+            await engine.ack(job.id, {"step": n, "out": (n + 1) * 10})
+
+        done = await engine.get_workflow(workflow.id)
+        assert done.state == "completed"
+        assert done.completed_at is not None
+        assert all(done.job_states[j] == "completed" for j in done.job_ids if j)
+        assert done.results == {n: {"step": n, "out": (n + 1) * 10} for n in range(3)}
+        wire = done.to_wire()
+        assert (wire["steps_total"], wire["steps_completed"]) == (3, 3)
+        assert workflow_events(engine, workflow.id) == ["workflow.started", "workflow.completed"]
+
+
+async def test_chain_steps_never_overlap_with_many_workers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    log: list[tuple[str, int]] = []
+    with real_time_limit():
+        async with running_engine() as engine:
+
+            async def handler(ctx: JobContext) -> Any:
+                n = ctx.job.workflow_step
+                assert n is not None
+                log.append(("start", n))
+                assert ctx.job.parent_results == ([] if n == 0 else [n - 1])
+                await trio.sleep(1.0)
+                log.append(("end", n))
+                return n
+
+            engine.register("wf.step", handler)
+            async with running_workers(engine, ["wf"], 8):
+                workflow = await engine.create_workflow(
+                    {"type": "chain", "steps": [step(n) for n in range(6)]}
+                )
+                await wait_for_workflow(engine, workflow.id, "completed")
+    assert log == [(kind, n) for n in range(6) for kind in ("start", "end")]
+
+
+async def test_failing_chain_step_fails_the_chain_and_later_steps_never_exist(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with real_time_limit():
+        async with running_engine() as engine:
+            workflow = await engine.create_workflow(
+                {"type": "chain", "steps": [step(0), step(1, **ONE_ATTEMPT), step(2), step(3)]}
+            )
+            (first,) = await fetch_all(engine)
+            await engine.ack(first.id, "ok")
+            (second,) = await fetch_all(engine)
+            failed = await engine.nack(second.id, Failure(code="boom", message="step 1 broke"))
+            assert failed.state is JobState.DISCARDED
+
+            await trio.sleep(3600.0)  # plenty of time for anything to show up
+            assert await fetch_all(engine) == []
+            final = await engine.get_workflow(workflow.id)
+            assert final.state == "failed"
+            assert final.job_ids[2:] == [None, None]
+            assert final.pending_steps == {}
+            assert (await engine.storage.ping())["jobs"] == 2
+            assert workflow_events(engine, workflow.id) == ["workflow.started", "workflow.failed"]
+            assert final.to_wire()["jobs"][2]["state"] == "waiting"
+
+
+async def test_chain_step_failing_through_a_handler_fails_the_chain(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    ran: list[int] = []
+    with real_time_limit():
+        async with running_engine() as engine:
+
+            async def handler(ctx: JobContext) -> Any:
+                ran.append(ctx.job.workflow_step or 0)
+                if ctx.job.workflow_step == 1:
+                    raise RuntimeError("no")
+                return "ok"
+
+            engine.register("wf.step", handler)
+            async with running_workers(engine, ["wf"], 2):
+                workflow = await engine.create_workflow(
+                    {"type": "chain", "steps": [step(0), step(1, **ONE_ATTEMPT), step(2)]}
+                )
+                await wait_for_workflow(engine, workflow.id, "failed")
+                await trio.sleep(60.0)
+    assert ran == [0, 1]
+
+
+# -- group -------------------------------------------------------------------------------
+
+
+async def test_group_runs_members_in_parallel_and_completes() -> None:
+    async with running_engine() as engine:
+        workflow = await engine.create_workflow(
+            {"type": "group", "jobs": [step(0), step(1), step(2)]}
+        )
+        jobs = await fetch_all(engine)
+        assert sorted(j.workflow_step or 0 for j in jobs) == [0, 1, 2]
+        for job in jobs[:-1]:
+            await engine.ack(job.id, job.args[0])
+            assert (await engine.get_workflow(workflow.id)).state == "running"
+        await engine.ack(jobs[-1].id, jobs[-1].args[0])
+        done = await engine.get_workflow(workflow.id)
+        assert done.state == "completed"
+        wire = done.to_wire()
+        assert (wire["jobs_total"], wire["jobs_completed"], wire["jobs_failed"]) == (3, 3, 0)
+
+
+async def test_group_fails_only_once_every_member_is_terminal() -> None:
+    async with running_engine() as engine:
+        workflow = await engine.create_workflow(
+            {"type": "group", "jobs": [step(0, **ONE_ATTEMPT), step(1), step(2)]}
+        )
+        jobs = {j.workflow_step: j for j in await fetch_all(engine)}
+        await engine.nack(jobs[0].id, Failure(code="boom", message="x"))
+        assert (await engine.get_workflow(workflow.id)).state == "running"  # others still run
+        await engine.ack(jobs[1].id)
+        assert (await engine.get_workflow(workflow.id)).state == "running"
+        await engine.ack(jobs[2].id)
+        done = await engine.get_workflow(workflow.id)
+        assert done.state == "failed"
+        wire = done.to_wire()
+        assert (wire["jobs_completed"], wire["jobs_failed"]) == (2, 1)
+        assert workflow_events(engine, workflow.id) == ["workflow.started", "workflow.failed"]
+
+
+# -- batch -------------------------------------------------------------------------------
+
+
+def batch_body(n: int, **members: Any) -> dict[str, Any]:
+    return {
+        "type": "batch",
+        "jobs": [step(i, **members) for i in range(n)],
+        "callbacks": {
+            name: {"type": f"cb.{name}", "args": [], "options": {"queue": "callbacks"}}
+            for name in ("on_complete", "on_success", "on_failure")
+        },
+    }
+
+
+async def test_batch_success_fires_on_complete_and_on_success_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with real_time_limit():
+        async with running_engine() as engine:
+            workflow = await engine.create_workflow(batch_body(3))
+            jobs = sorted(await fetch_all(engine), key=lambda j: j.workflow_step or 0)
+            for job in reversed(jobs):  # finishing order must not matter for results
+                assert await fetch_all(engine, "callbacks") == []
+                await engine.ack(job.id, {"n": job.args[0]})
+            await trio.sleep(60.0)
+            callbacks = await fetch_all(engine, "callbacks")
+            assert sorted(c.type for c in callbacks) == ["cb.on_complete", "cb.on_success"]
+            for cb in callbacks:
+                assert cb.parent_results == [{"n": 0}, {"n": 1}, {"n": 2}]
+                assert cb.meta is not None
+                assert cb.meta["workflow_id"] == workflow.id
+                assert cb.meta["callback"] == cb.type.removeprefix("cb.")
+            done = await engine.get_workflow(workflow.id)
+            assert done.state == "completed"
+            assert set(done.fired_callbacks) == {"on_complete", "on_success"}
+            assert done.to_wire()["callbacks"]["on_failure"] == {"fired": False, "job_id": None}
+            for cb in callbacks:  # settling a callback does not re-trigger anything
+                await engine.ack(cb.id)
+            await trio.sleep(60.0)
+            assert await fetch_all(engine, "callbacks") == []
+            assert (await engine.storage.ping())["jobs"] == 5
+
+
+async def test_batch_failure_fires_on_complete_and_on_failure_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with real_time_limit():
+        async with running_engine() as engine:
+            workflow = await engine.create_workflow(batch_body(3, **ONE_ATTEMPT))
+            jobs = sorted(await fetch_all(engine), key=lambda j: j.workflow_step or 0)
+            await engine.ack(jobs[0].id, "a")
+            await engine.nack(jobs[1].id, Failure(code="boom", message="b failed"))
+            assert await fetch_all(engine, "callbacks") == []
+            await engine.ack(jobs[2].id, "c")
+            await trio.sleep(60.0)
+            callbacks = await fetch_all(engine, "callbacks")
+            assert sorted(c.type for c in callbacks) == ["cb.on_complete", "cb.on_failure"]
+            assert all(c.parent_results == ["a", None, "c"] for c in callbacks)
+            assert (await engine.get_workflow(workflow.id)).state == "failed"
+            await trio.sleep(60.0)
+            assert await fetch_all(engine, "callbacks") == []
+
+
+async def test_batch_with_a_cancelled_member_counts_it_as_failed() -> None:
+    async with running_engine() as engine:
+        workflow = await engine.create_workflow(batch_body(2))
+        jobs = sorted(await fetch_all(engine), key=lambda j: j.workflow_step or 0)
+        await engine.cancel(jobs[0].id)
+        await engine.ack(jobs[1].id, "ok")
+        callbacks = await fetch_all(engine, "callbacks")
+        assert sorted(c.type for c in callbacks) == ["cb.on_complete", "cb.on_failure"]
+        assert (await engine.get_workflow(workflow.id)).state == "failed"
+
+
+# -- cancel --------------------------------------------------------------------------------
+
+
+async def test_cancel_workflow_cancels_unfinished_members() -> None:
+    async with running_engine() as engine:
+        workflow = await engine.create_workflow(
+            {"type": "group", "jobs": [step(0), step(1), step(2)]}
+        )
+        done, active = await engine.fetch(["wf"], 2, worker_id="w1")
+        await engine.ack(done.id, worker_id="w1")
+        waiting = [j for j in workflow.job_ids if j not in (done.id, active.id)][0]
+
+        cancelled = await engine.cancel_workflow(workflow.id)
+        assert cancelled.state == "cancelled"
+        assert (await engine.get(done.id)).state is JobState.COMPLETED
+        assert (await engine.get(active.id)).state is JobState.CANCELLED
+        assert waiting is not None
+        assert (await engine.get(waiting)).state is JobState.CANCELLED
+        assert await fetch_all(engine) == []
+        with pytest.raises(OjsError):
+            await engine.ack(active.id, worker_id="w1")  # its outcome no longer counts
+        with pytest.raises(OjsError) as excinfo:
+            await engine.cancel_workflow(workflow.id)
+        assert excinfo.value.http_status == 409
+        assert (await engine.get_workflow(workflow.id)).state == "cancelled"
+        types = workflow_events(engine, workflow.id)
+        assert types.count("workflow.cancelled") == 1
+        assert "workflow.completed" not in types and "workflow.failed" not in types
+
+
+async def test_cancel_chain_stops_later_steps(autojump_clock: trio.testing.MockClock) -> None:
+    with real_time_limit():
+        async with running_engine() as engine:
+            workflow = await engine.create_workflow(
+                {"type": "chain", "steps": [step(0), step(1), step(2)]}
+            )
+            (first,) = await fetch_all(engine)
+            await engine.ack(first.id)
+            (second,) = await fetch_all(engine)
+            await engine.cancel_workflow(workflow.id)
+            assert (await engine.get(second.id)).state is JobState.CANCELLED
+            await trio.sleep(3600.0)
+            assert await fetch_all(engine) == []
+            final = await engine.get_workflow(workflow.id)
+            assert final.state == "cancelled"
+            assert final.job_ids[2] is None
+            assert (await engine.storage.ping())["jobs"] == 2
+
+
+async def test_cancel_batch_fires_no_callbacks() -> None:
+    async with running_engine() as engine:
+        workflow = await engine.create_workflow(batch_body(2))
+        await engine.cancel_workflow(workflow.id)
+        assert await fetch_all(engine) == []
+        assert await fetch_all(engine, "callbacks") == []
+
+
+# -- acceptance: crashes mid-chain ---------------------------------------------------------
+
+CHAIN_LENGTH = 4
+CRASH_STEP = 2
+
+
+def _jobs_in(result: Any) -> list[Job]:
+    if isinstance(result, list) and result and isinstance(result[0], list):
+        return [job for batch in result for job in batch]  # claim: one list per request
+    return list(result or [])
+
+
+def actor_stats(engine: Engine, name: str) -> dict[str, Any]:
+    found = [a for a in engine.statistics().actors if a["name"] == name]
+    return found[0] if found else {"name": name, "restarts": 0}
+
+
+@pytest.mark.parametrize("when", ["before", "after"], ids=["raise-before", "raise-after-commit"])
+@pytest.mark.parametrize(
+    ("actor", "method"),
+    [("promoter", "promote_due"), ("reaper", "reap"), ("fetcher:wf", "claim")],
+)
+async def test_actor_raising_mid_chain_neither_loses_nor_duplicates_a_step(
+    autojump_clock: trio.testing.MockClock, actor: str, method: str, when: str
+) -> None:
+    """The storage call an actor makes raises once while the chain is at step 2,
+    either before touching storage or after its change was committed (a crash
+    between the storage step and the actor's notification).  The supervisor
+    restarts the actor, every step runs to completion exactly once, and no step
+    is created twice."""
+    storage = MemoryStorage(rng=random.Random(0))
+    real: Callable[..., Any] = getattr(storage, method)
+    crashes: list[str] = []
+    armed = trio.Event()  # step CRASH_STEP exists
+
+    async def raise_once(*args: Any) -> Any:
+        if when == "before" and armed.is_set() and not crashes:
+            crashes.append(method)
+            raise RuntimeError(f"simulated {actor} crash")
+        result = await real(*args)
+        touched = [j.workflow_step for j in _jobs_in(result)]
+        if when == "after" and CRASH_STEP in touched and not crashes:
+            crashes.append(method)
+            raise RuntimeError(f"simulated {actor} crash after commit")
+        return result
+
+    setattr(storage, method, raise_once)
+
+    seen: defaultdict[int, list[str]] = defaultdict(list)  # step -> job ids handed to handler
+
+    async def handler(ctx: JobContext) -> Any:
+        n = ctx.job.workflow_step
+        assert n is not None
+        seen[n].append(ctx.job.id)
+        assert ctx.job.parent_results == ([] if n == 0 else [{"step": n - 1}])
+        if n == CRASH_STEP - 1:
+            armed.set()
+        if actor == "reaper" and n == CRASH_STEP and len(seen[n]) == 1:
+            # The reaper only acts on lapsed leases: this worker hangs without
+            # heartbeats, so the reaper must hand step 2 to another worker.
+            await trio.sleep_forever()
+        return {"step": n}
+
+    # Delayed steps make the promoter part of every hand-over; no heartbeats
+    # within a lease makes the reaper the only way back from a hung worker.
+    steps = [step(n, delay_ms=500) for n in range(CHAIN_LENGTH)]
+    with real_time_limit():
+        async with running_engine(storage, heartbeat_interval=3600.0) as engine:
+            engine.register("wf.step", handler)
+            async with running_workers(engine, ["wf"], 2, visibility_ms=2_000):
+                workflow = await engine.create_workflow({"type": "chain", "steps": steps})
+                done = await wait_for_workflow(engine, workflow.id, "completed", "failed")
+                await trio.sleep(120.0)  # anything duplicated would show up by now
+                assert crashes == [method]
+                assert actor_stats(engine, actor)["restarts"] == 1
+
+                assert done.state == "completed"
+                assert all(job_id is not None for job_id in done.job_ids)
+                assert (await engine.storage.ping())["jobs"] == CHAIN_LENGTH
+                for n, job_id in enumerate(done.job_ids):
+                    assert set(seen[n]) == {job_id}, f"step {n} ran as several jobs"
+                    job = await engine.get(job_id or "")
+                    assert job.state is JobState.COMPLETED
+                    assert job.result == {"step": n}
+                completed = Counter(
+                    e["job_id"] for e in engine.events.query(types=["job.completed"], limit=1000)
+                )
+                assert completed == Counter({job_id: 1 for job_id in done.job_ids})
+                handed_out = [len(seen[n]) for n in range(CHAIN_LENGTH)]
+                expected = [1] * CHAIN_LENGTH
+                if actor == "reaper":
+                    expected[CRASH_STEP] = 2  # the hung attempt, then the one that finished
+                assert handed_out == expected
+                assert workflow_events(engine, workflow.id).count("workflow.completed") == 1
+
+
+async def test_handler_raising_on_a_chain_step_retries_and_the_chain_completes_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    invocations: Counter[int] = Counter()
+    completions: Counter[int] = Counter()
+    retry = {"max_attempts": 3, "initial_interval": "PT1S", "jitter": False}
+    with real_time_limit():
+        async with running_engine() as engine:
+
+            async def handler(ctx: JobContext) -> Any:
+                n = ctx.job.workflow_step
+                assert n is not None
+                invocations[n] += 1
+                assert ctx.job.parent_results == ([] if n == 0 else [n - 1])
+                if n == 1 and ctx.job.attempt == 1:
+                    raise RuntimeError("transient failure on step 1")
+                completions[n] += 1
+                return n
+
+            engine.register("wf.step", handler)
+            async with running_workers(engine, ["wf"], 3):
+                workflow = await engine.create_workflow(
+                    {"type": "chain", "steps": [step(n, retry=retry) for n in range(4)]}
+                )
+                done = await wait_for_workflow(engine, workflow.id, "completed", "failed")
+                await trio.sleep(60.0)
+            assert done.state == "completed"
+            assert completions == Counter({0: 1, 1: 1, 2: 1, 3: 1})
+            assert invocations == Counter({0: 1, 1: 2, 2: 1, 3: 1})
+            second = await engine.get(done.job_ids[1] or "")
+            assert second.attempt == 2
+            assert [e["code"] for e in second.errors] == ["handler_error"]
+            assert (await engine.storage.ping())["jobs"] == 4
