@@ -11,6 +11,8 @@ loopback, user postgres, database test). Rows:
 * ``SELECT 1`` one at a time: TrioConnection; sync psycopg with one
   ``trio.to_thread.run_sync`` hop per query (the "thread per unit of work"
   alternative); and for reference, bare sync psycopg and asyncio psycopg.
+* a unit of work (a transaction of three SELECTs): ``pool.transaction()`` on Trio
+  vs the whole transaction in one ``to_thread`` hop on a sync connection.
 * ``SELECT 1`` from 8 tasks on 8 connections (Trio) vs 8 tasks each hopping to a
   thread per query on 8 sync connections.
 * Writes that exercise Wait.RW (``executemany``, an explicit pipeline) and COPY:
@@ -151,6 +153,45 @@ async def parallel(dsn: str, n: int, repeat: int, tasks: int = 8) -> None:
         sc.close()
 
 
+async def units_of_work(dsn: str, n: int, repeat: int) -> None:
+    """A unit of work = a transaction of 3 statements, through a pool checkout."""
+    n = n // 4
+    stmts = ("SELECT 1", "SELECT 2", "SELECT 3")
+    async with driver.open_pool(dsn, min_size=1, max_size=1) as pool:
+
+        async def trio_unit() -> None:
+            async with pool.transaction() as conn:
+                for q in stmts:
+                    await (await conn.execute(q)).fetchone()
+
+        async def run_trio() -> None:
+            for _ in range(n):
+                await trio_unit()
+
+        await run_trio()
+        fmt("TrioConnection: pool.transaction(), 3 SELECTs", await timed(run_trio, repeat), n, "tx")
+
+    conn = psycopg.connect(dsn, autocommit=True)
+    with conn:
+
+        def unit() -> None:
+            with conn.transaction():
+                for q in stmts:
+                    conn.execute(q).fetchone()
+
+        async def run_hop() -> None:
+            for _ in range(n):
+                await trio.to_thread.run_sync(unit)
+
+        await run_hop()
+        fmt(
+            "sync psycopg: whole transaction in one to_thread hop",
+            await timed(run_hop, repeat),
+            n,
+            "tx",
+        )
+
+
 # -- RW waits ----------------------------------------------------------------------------
 
 
@@ -252,6 +293,8 @@ def main() -> None:
     trio.run(thread_hop_select, args.dsn, args.n, args.repeat)
     sync_select(args.dsn, args.n, args.repeat)
     asyncio_select(args.dsn, args.n, args.repeat)
+    print("Unit of work (BEGIN; 3 x SELECT; COMMIT), one at a time:")
+    trio.run(units_of_work, args.dsn, args.n, args.repeat)
     print("SELECT 1, 8 concurrent tasks:")
     trio.run(parallel, args.dsn, args.n, args.repeat)
     print("Writes (Wait.RW strategy):")

@@ -190,9 +190,7 @@ def test_spring_forward_gap_does_not_fire() -> None:
 def test_spring_forward_does_not_substitute_a_time_inside_the_gap() -> None:
     # Right before the gap, the next 02:30 is the following day, never 03:30 on 03-08.
     before_gap = "2026-03-08T06:59:00+00:00"  # 01:59 EST
-    assert occurrences("30 2 * * *", "America/New_York", before_gap, 1) == [
-        "2026-03-09T06:30:00Z"
-    ]
+    assert occurrences("30 2 * * *", "America/New_York", before_gap, 1) == ["2026-03-09T06:30:00Z"]
     # Times on either side of the gap still fire on the transition day.
     assert occurrences("30 1 * * *", "America/New_York", "2026-03-08T00:00:00+00:00", 1) == [
         "2026-03-08T06:30:00Z"  # 01:30 EST
@@ -554,9 +552,7 @@ async def test_concurrent_ticks_with_the_same_view_fire_once() -> None:
         return snapshot
 
     storage.list_crons = stale_view  # type: ignore[method-assign]
-    tickers = [
-        CronTicker(storage, lambda: now[0], lambda f: fired.append(f.job)) for _ in range(3)
-    ]
+    tickers = [CronTicker(storage, lambda: now[0], lambda f: fired.append(f.job)) for _ in range(3)]
     now[0] = BASE + FIRST_MINUTE + 0.5
     async with trio.open_nursery() as nursery:
         for ticker in tickers:

@@ -132,9 +132,11 @@ def test_psycopg_private_hooks() -> None:
     assert inspect.iscoroutinefunction(base._get_connection_params.__func__)  # type: ignore[attr-defined]
     # The attributes connect() sets after the generator returns.
     init_src = inspect.getsource(psycopg.BaseConnection.__init__)
-    for attr in ("self._autocommit", "self._adapters", "self._pipeline", "self._notify_handlers"):
+    attrs = ("_autocommit", "_adapters", "_pipeline", "_notify_handlers", "_closed")
+    for attr in (f"self.{a}" for a in attrs):
         assert attr in init_src, attr
     assert "self.lock = ALock()" in inspect.getsource(base.__init__)
+    assert "not self._closed" in inspect.getsource(psycopg.BaseConnection.broken.fget)  # type: ignore[attr-defined]
     # Generators and waiting helpers.
     assert inspect.isgeneratorfunction(psycopg.generators.notifies)
     assert issubclass(pg_errors._WaitTimeout, psycopg.OperationalError)

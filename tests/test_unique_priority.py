@@ -391,7 +391,11 @@ async def test_priority_order_over_http() -> None:
         for queue, priority in [("low", 50), ("high", -5), ("high", 7), ("low", 60), ("high", 7)]:
             response = await client.post(
                 "/ojs/v1/jobs",
-                json={"type": "t.job", "args": [], "options": {"queue": queue, "priority": priority}},
+                json={
+                    "type": "t.job",
+                    "args": [],
+                    "options": {"queue": queue, "priority": priority},
+                },
             )
             assert response.status_code == 201, response.text
             ids.setdefault(queue, []).append(response.json()["job"]["id"])

@@ -98,9 +98,7 @@ async def wait_for_workflow(
 
 def workflow_events(engine: Engine, workflow_id: str) -> list[str]:
     return [
-        e["type"]
-        for e in engine.events.query(limit=10_000)
-        if e.get("workflow_id") == workflow_id
+        e["type"] for e in engine.events.query(limit=10_000) if e.get("workflow_id") == workflow_id
     ]
 
 
@@ -334,7 +332,7 @@ async def test_cancel_workflow_cancels_unfinished_members() -> None:
         )
         done, active = await engine.fetch(["wf"], 2, worker_id="w1")
         await engine.ack(done.id, worker_id="w1")
-        waiting = [j for j in workflow.job_ids if j not in (done.id, active.id)][0]
+        waiting = next(j for j in workflow.job_ids if j not in (done.id, active.id))
 
         cancelled = await engine.cancel_workflow(workflow.id)
         assert cancelled.state == "cancelled"

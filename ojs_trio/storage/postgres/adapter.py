@@ -16,9 +16,9 @@ from __future__ import annotations
 import logging
 import random
 import re
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import trio
@@ -26,7 +26,7 @@ from psycopg.types.json import Jsonb
 
 from ojs_trio.engine import lifecycle, unique, workflows
 from ojs_trio.engine.cron import CronFire, CronRecord
-from ojs_trio.engine.errors import DuplicateJob, NotFound, OjsError
+from ojs_trio.engine.errors import BackendError, DuplicateJob, NotFound, OjsError
 from ojs_trio.engine.job import DEFAULT_VISIBILITY_MS, Job
 from ojs_trio.engine.lifecycle import Failure
 from ojs_trio.engine.states import JobState
@@ -53,6 +53,8 @@ from ojs_trio.storage.queue_limits import queue_limits_from
 log = logging.getLogger("ojs_trio.postgres")
 
 CHANNEL = "ojs_jobs"
+MAX_SERIALIZATION_RETRIES = 5
+T = TypeVar("T")
 Settle = tuple[str, Callable[[Job], None], float]  # job id, transition, now
 TERMINAL = (JobState.COMPLETED, JobState.DISCARDED, JobState.CANCELLED)
 
@@ -70,6 +72,7 @@ def _columns(job: Job) -> dict[str, Any]:
         finished = job.completed_at or job.discarded_at or job.cancelled_at
     return {
         "id": job.id,
+        "finished": job.state in TERMINAL,
         "queue": job.queue,
         "state": job.state.value,
         "priority": job.priority,
@@ -84,6 +87,11 @@ def _columns(job: Job) -> dict[str, Any]:
         "finished_at": finished,
         "record": Jsonb(job.to_record()),
     }
+
+
+def _is_serialization_failure(exc: BaseException) -> bool:
+    cause = exc.__cause__ or exc.__context__
+    return isinstance(cause, psycopg.errors.SerializationFailure | psycopg.errors.DeadlockDetected)
 
 
 def _job(row: Sequence[Any]) -> Job:
@@ -118,7 +126,9 @@ class PostgresStorage:
         self._listener: StorageListener | None = None
         self._stack: AsyncExitStack | None = None
         self._pool: Any = None
-        self._settles: Coalescer[Settle, Job] = Coalescer(self._settle_batch)
+        self._settles: Coalescer[Settle, Job] = Coalescer(
+            lambda items: self._retry(lambda: self._settle_batch(items))
+        )
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -159,6 +169,23 @@ class PostgresStorage:
         with map_errors():
             async with self._pool.transaction() as conn:
                 yield conn
+
+    async def _retry(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run a transaction again when it lost a race with a row moving partitions.
+
+        A job moves from ojs_jobs_live to ojs_jobs_done when it finishes; a
+        transaction that waited on its lock meanwhile gets a serialization
+        failure instead of the new row version.  Re-running it sees the row
+        where it is now.
+        """
+        for tries in range(1, MAX_SERIALIZATION_RETRIES + 1):
+            try:
+                return await attempt()
+            except BackendError as exc:
+                if tries == MAX_SERIALIZATION_RETRIES or not _is_serialization_failure(exc):
+                    raise
+                await trio.sleep(0.001 * tries * self._rng.random())
+        raise AssertionError("unreachable")
 
     async def ping(self) -> dict[str, Any]:
         start = trio.current_time()
@@ -210,6 +237,11 @@ class PostgresStorage:
     async def _insert(self, conn: TrioConnection, job: Job, now: float) -> None:
         job.unique_key = unique.fingerprint(job)
         await conn.execute(q("ensure_queue"), (job.queue, now))
+        cur = await conn.execute(q("job_exists"), ([job.id],))
+        if await cur.fetchone() is not None:
+            raise DuplicateJob(
+                f"A job with id {job.id} already exists", details={"existing_job_id": job.id}
+            )
         try:
             await conn.execute(q("insert_job"), _columns(job))
         except psycopg.errors.UniqueViolation:
@@ -229,6 +261,9 @@ class PostgresStorage:
     # -- verbs ---------------------------------------------------------------------
 
     async def enqueue(self, jobs: Sequence[Job], now: float) -> list[EnqueueResult]:
+        return await self._retry(lambda: self._enqueue_once(jobs, now))
+
+    async def _enqueue_once(self, jobs: Sequence[Job], now: float) -> list[EnqueueResult]:
         results: list[EnqueueResult] = []
         async with self._tx() as conn:
             inserted: list[Job] = []
@@ -400,6 +435,13 @@ class PostgresStorage:
     async def heartbeat(
         self, worker_id: str | None, job_ids: Sequence[str], visibility_ms: int | None, now: float
     ) -> list[Job]:
+        return await self._retry(
+            lambda: self._heartbeat_once(worker_id, job_ids, visibility_ms, now)
+        )
+
+    async def _heartbeat_once(
+        self, worker_id: str | None, job_ids: Sequence[str], visibility_ms: int | None, now: float
+    ) -> list[Job]:
         extended: list[Job] = []
         async with self._tx() as conn:
             for job_id in job_ids:
@@ -527,6 +569,9 @@ class PostgresStorage:
         return _job(row)
 
     async def retry_dead_letter(self, job_id: str, now: float) -> Job:
+        return await self._retry(lambda: self._retry_dead_letter_once(job_id, now))
+
+    async def _retry_dead_letter_once(self, job_id: str, now: float) -> Job:
         async with self._tx() as conn:
             job = await self._lock_dead(conn, job_id)
             lifecycle.retry_dead_letter(job, now)
@@ -535,6 +580,9 @@ class PostgresStorage:
         return job
 
     async def delete_dead_letter(self, job_id: str) -> Job:
+        return await self._retry(lambda: self._delete_dead_letter_once(job_id))
+
+    async def _delete_dead_letter_once(self, job_id: str) -> Job:
         async with self._tx() as conn:
             job = await self._lock_dead(conn, job_id)
             await conn.execute(q("delete_job"), (job_id,))
@@ -627,6 +675,11 @@ class PostgresStorage:
         return Workflow.from_record(row[0])
 
     async def cancel_workflow(self, workflow_id: str, now: float) -> tuple[Workflow, list[Job]]:
+        return await self._retry(lambda: self._cancel_workflow_once(workflow_id, now))
+
+    async def _cancel_workflow_once(
+        self, workflow_id: str, now: float
+    ) -> tuple[Workflow, list[Job]]:
         if not _is_uuid(workflow_id):
             raise NotFound(
                 f"Workflow {workflow_id} not found", details={"workflow_id": workflow_id}
@@ -654,6 +707,9 @@ class PostgresStorage:
     # -- cron ------------------------------------------------------------------------
 
     async def put_cron(self, record: CronRecord) -> CronRecord:
+        return await self._retry(lambda: self._put_cron_once(record))
+
+    async def _put_cron_once(self, record: CronRecord) -> CronRecord:
         async with self._tx() as conn:
             cur = await conn.execute(q("lock_cron"), (record.name,))
             row = await cur.fetchone()
@@ -695,6 +751,13 @@ class PostgresStorage:
         return CronRecord.from_record(row[0])
 
     async def fire_cron(
+        self, name: str, occurrence: float, next_run_at: float | None, job: Job, now: float
+    ) -> CronFire:
+        return await self._retry(
+            lambda: self._fire_cron_once(name, occurrence, next_run_at, job, now)
+        )
+
+    async def _fire_cron_once(
         self, name: str, occurrence: float, next_run_at: float | None, job: Job, now: float
     ) -> CronFire:
         async with self._tx() as conn:

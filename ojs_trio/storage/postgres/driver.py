@@ -19,7 +19,7 @@ Trio with no thread and no asyncio loop. On top of it:
 Private psycopg hooks relied on (pinned by ``psycopg~=3.3`` and guarded by
 ``tests/test_pg_driver.py::test_psycopg_private_hooks``): ``AsyncConnection.wait``,
 ``BaseConnection._connect_gen`` / ``_cancel_gen`` / ``_should_cancel``, the
-``lock`` attribute, ``_autocommit`` / ``_adapters`` set after connecting,
+``lock`` attribute, ``_autocommit`` / ``_adapters`` set after connecting, ``_closed``,
 ``psycopg.generators.notifies``, ``psycopg.waiting._ready`` (optional, with a
 ``poll()`` fallback) and ``psycopg.errors._WaitTimeout``.
 
@@ -61,7 +61,7 @@ from psycopg.cursor_async import AsyncCursor
 from psycopg.pq.abc import PGconn
 from psycopg.rows import AsyncRowFactory, tuple_row
 
-from ojs_trio.engine.errors import BackendError, BackendUnavailable, OjsError
+from ojs_trio.engine.errors import BackendError, BackendUnavailable
 
 __all__ = [
     "ConnectionLock",
@@ -369,11 +369,10 @@ class TrioConnection(psycopg.AsyncConnection[Any]):
         async with conn:
             rows = await (await conn.execute("SELECT 1")).fetchall()
 
-    Differences from asyncio psycopg: ``conn.lock`` is a :class:`ConnectionLock`
-    (a :class:`trio.Lock` inside); host
-    names are resolved in a Trio worker thread; a Trio cancellation that interrupts a
-    command in flight cancels it on the server and then closes the connection
-    (``conn.broken`` becomes true). The COPY queued writer
+    Differences from asyncio psycopg: ``conn.lock`` is a :class:`ConnectionLock` (a
+    :class:`trio.Lock` inside); host names are resolved in a Trio worker thread; a
+    Trio cancellation that interrupts a command in flight cancels it on the server and
+    then closes the connection (``conn.broken`` becomes true). The COPY queued writer
     (``psycopg.copy.AsyncQueuedLibpqWriter``) needs asyncio and is not supported; the
     default COPY writer works.
     """
@@ -456,7 +455,7 @@ class TrioConnection(psycopg.AsyncConnection[Any]):
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
             return await _wait_gen(gen, fileno, deadline)
-        except (OSError, trio.ClosedResourceError, trio.BusyResourceError) as ex:
+        except (OSError, trio.ClosedResourceError) as ex:
             # The fd was closed under us (e.g. close() from another task).
             raise pg_errors.OperationalError(f"connection socket unusable: {ex}") from ex
         except BaseException as ex:
@@ -500,6 +499,14 @@ class TrioConnection(psycopg.AsyncConnection[Any]):
             return
         self._notify_closing()
         await super().close()
+
+    def _close_now(self) -> None:
+        """What :meth:`close` does, synchronously (so it is safe in cancelled code)."""
+        if self.closed:
+            return
+        self._notify_closing()
+        self._closed = True
+        self.pgconn.finish()
 
     async def cancel_safe(self, *, timeout: float = 30.0) -> None:  # noqa: ASYNC109
         """Ask the server to cancel the current command, waiting with Trio.
@@ -598,7 +605,7 @@ class map_errors:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> Literal[False]:
-        if isinstance(exc, psycopg.Error) and not isinstance(exc, OjsError):
+        if isinstance(exc, psycopg.Error):
             raise to_backend_error(exc) from exc
         return False
 
@@ -765,7 +772,8 @@ class ConnectionPool:
         """Close idle connections now and checked-out ones when they come back."""
         self._closed = True
         while self._idle:
-            await self._idle.pop().conn.close()
+            self._idle.pop().conn._close_now()
+        await trio.lowlevel.checkpoint()
 
     def __repr__(self) -> str:
         s = self.statistics()
@@ -880,8 +888,7 @@ class ConnectionPool:
 
     def _discard(self, conn: TrioConnection) -> None:
         self._discarded += 1
-        if not conn.closed:
-            conn._break()
+        conn._close_now()
 
 
 def _clean(conn: TrioConnection) -> bool:
@@ -1100,7 +1107,8 @@ class Listener:
     async def aclose(self) -> None:
         self._closed = True
         if self._conn is not None:
-            await self._conn.close()
+            self._conn._close_now()
+        await trio.lowlevel.checkpoint()
 
     def __repr__(self) -> str:
         s = self.statistics()

@@ -2,15 +2,20 @@
 -- Times are epoch seconds (double precision), passed in by the engine.
 
 -- name: insert_job
-INSERT INTO ojs_jobs (id, queue, state, priority, run_at, lease_until, expires_at, unique_key,
-                      workflow_id, dead_letter, worker_id, created_at, finished_at, record)
-VALUES (%(id)s, %(queue)s, %(state)s, %(priority)s, %(run_at)s, %(lease_until)s, %(expires_at)s,
-        %(unique_key)s, %(workflow_id)s, %(dead_letter)s, %(worker_id)s, %(created_at)s,
-        %(finished_at)s, %(record)s)
+INSERT INTO ojs_jobs (id, finished, queue, state, priority, run_at, lease_until, expires_at,
+                      unique_key, workflow_id, dead_letter, worker_id, created_at, finished_at,
+                      record)
+VALUES (%(id)s, %(finished)s, %(queue)s, %(state)s, %(priority)s, %(run_at)s, %(lease_until)s,
+        %(expires_at)s, %(unique_key)s, %(workflow_id)s, %(dead_letter)s, %(worker_id)s,
+        %(created_at)s, %(finished_at)s, %(record)s)
+
+-- name: job_exists
+-- The primary key is (id, finished): an id clash with a finished job is checked here.
+SELECT id FROM ojs_jobs WHERE id = ANY(%s::uuid[])
 
 -- name: update_job
 UPDATE ojs_jobs
-   SET state = %(state)s, priority = %(priority)s, run_at = %(run_at)s,
+   SET finished = %(finished)s, state = %(state)s, priority = %(priority)s, run_at = %(run_at)s,
        lease_until = %(lease_until)s, expires_at = %(expires_at)s, dead_letter = %(dead_letter)s,
        worker_id = %(worker_id)s, finished_at = %(finished_at)s, record = %(record)s
  WHERE id = %(id)s
@@ -42,13 +47,14 @@ SELECT name, paused, rate_limit, concurrency FROM ojs_queues WHERE name = ANY(%s
 -- name: claim_available
 -- Jobs past their TTL are left to the reaper, which discards and reports them.
 SELECT record FROM ojs_jobs
- WHERE queue = %s AND state = 'available' AND (expires_at IS NULL OR expires_at > %s)
+ WHERE NOT finished AND queue = %s AND state = 'available'
+   AND (expires_at IS NULL OR expires_at > %s)
  ORDER BY priority DESC, id
  LIMIT %s
  FOR UPDATE SKIP LOCKED
 
 -- name: count_active
-SELECT count(*) FROM ojs_jobs WHERE queue = %s AND state = 'active'
+SELECT count(*) FROM ojs_jobs WHERE NOT finished AND queue = %s AND state = 'active'
 
 -- name: recent_starts
 SELECT count(*) FROM ojs_queue_starts WHERE queue = %s AND started_at > %s
@@ -61,54 +67,57 @@ DELETE FROM ojs_queue_starts WHERE started_at < %s
 
 -- name: due_jobs
 SELECT record FROM ojs_jobs
- WHERE state IN ('scheduled', 'retryable') AND run_at <= %s
+ WHERE NOT finished AND state IN ('scheduled', 'retryable') AND run_at <= %s
  ORDER BY run_at
  LIMIT %s
  FOR UPDATE SKIP LOCKED
 
 -- name: expired_leases
 SELECT record FROM ojs_jobs
- WHERE state = 'active' AND lease_until <= %s
+ WHERE NOT finished AND state = 'active' AND lease_until <= %s
  ORDER BY lease_until
  LIMIT %s
  FOR UPDATE SKIP LOCKED
 
 -- name: expired_ttl
 SELECT record FROM ojs_jobs
- WHERE expires_at <= %s AND state IN ('available', 'scheduled', 'retryable', 'pending')
+ WHERE NOT finished AND expires_at <= %s
+   AND state IN ('available', 'scheduled', 'retryable', 'pending')
  ORDER BY expires_at
  LIMIT %s
  FOR UPDATE SKIP LOCKED
 
 -- name: prune
-DELETE FROM ojs_jobs WHERE id IN (
+DELETE FROM ojs_jobs WHERE finished AND id IN (
     SELECT id FROM ojs_jobs
-     WHERE finished_at IS NOT NULL
+     WHERE finished AND finished_at IS NOT NULL
        AND ((NOT dead_letter AND finished_at < %(before)s::double precision)
             OR (dead_letter AND finished_at < %(dead_before)s::double precision))
      LIMIT %(limit)s
      FOR UPDATE SKIP LOCKED)
 
 -- name: next_due
-SELECT min(run_at) FROM ojs_jobs WHERE state IN ('scheduled', 'retryable')
+SELECT min(run_at) FROM ojs_jobs WHERE NOT finished AND state IN ('scheduled', 'retryable')
 
 -- name: next_reap
 SELECT least(
-    (SELECT min(lease_until) FROM ojs_jobs WHERE state = 'active'),
+    (SELECT min(lease_until) FROM ojs_jobs WHERE NOT finished AND state = 'active'),
     (SELECT min(expires_at) FROM ojs_jobs
-      WHERE expires_at IS NOT NULL AND state IN ('available', 'scheduled', 'retryable', 'pending')))
+      WHERE NOT finished AND expires_at IS NOT NULL
+        AND state IN ('available', 'scheduled', 'retryable', 'pending')))
 
 -- name: list_dead_letter
 SELECT record, count(*) OVER () FROM ojs_jobs
- WHERE dead_letter AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+ WHERE finished AND dead_letter AND (%(queue)s::text IS NULL OR queue = %(queue)s)
  ORDER BY id
  LIMIT %(limit)s OFFSET %(offset)s
 
 -- name: count_dead_letter
-SELECT count(*) FROM ojs_jobs WHERE dead_letter AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+SELECT count(*) FROM ojs_jobs
+ WHERE finished AND dead_letter AND (%(queue)s::text IS NULL OR queue = %(queue)s)
 
 -- name: lock_dead_letter
-SELECT record FROM ojs_jobs WHERE id = %s AND dead_letter FOR UPDATE
+SELECT record FROM ojs_jobs WHERE id = %s AND finished AND dead_letter FOR UPDATE
 
 -- name: delete_job
 DELETE FROM ojs_jobs WHERE id = %s
