@@ -33,7 +33,7 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     max_batch_jobs: int = 10_000
     pool_size: int = 10  # PostgreSQL connections per server process
-    retention_seconds: float | None = 7 * 86400.0  # finished jobs; unset/0 keeps forever
+    retention_seconds: float | None = 7 * 86400.0  # finished jobs; "0"/"never" keeps forever
     dead_letter_retention_seconds: float | None = None
     graceful_timeout: float = 10.0
     log_level: str = "INFO"

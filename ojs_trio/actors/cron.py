@@ -69,8 +69,11 @@ class CronTicker:
                 continue
             following = next_occurrence(record.expression, record.timezone, max(occurrence, now))
             if now - occurrence > MISFIRE_GRACE:
-                # Missed while down: move on without a burst of stale jobs.
-                log.warning("cron %s missed its run at %s; skipping it", record.name, occurrence)
+                # Missed while no server ran: run it once now (not once per missed
+                # occurrence), then resume at the next occurrence after now.
+                log.warning(
+                    "cron %s missed its run at %s; running it once now", record.name, occurrence
+                )
             try:
                 job = job_for_occurrence(record, occurrence, now)
                 fire = await self._storage.fire_cron(record.name, occurrence, following, job, now)
@@ -79,9 +82,10 @@ class CronTicker:
                 continue
             if fire.fired:
                 self.fired += 1
-                self._on_fired(fire)
             elif fire.reason == "overlap":
                 self.skipped += 1
                 log.info("cron %s skipped: previous run still in progress", record.name)
+            if fire.fired or fire.reason == "overlap":
+                self._on_fired(fire)
             earliest = following if earliest is None else min(earliest, following)
         return earliest

@@ -22,9 +22,9 @@ from ojs_trio.storage.port import ClaimRequest, Storage
 
 log = logging.getLogger("ojs_trio.fetcher")
 
-# How long a pool with nothing to do waits before re-checking storage anyway.
-# Jobs made available by another server process on a shared backend arrive
-# through adapter notifications; this bound only limits the damage of a lost one.
+# While fetches are parked, how long the pool waits before re-checking storage
+# anyway.  Jobs made available by another server process on a shared backend
+# arrive through adapter notifications; this bound only limits a lost one.
 IDLE_RECHECK = 1.0
 
 

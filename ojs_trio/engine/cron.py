@@ -125,7 +125,8 @@ def normalize_expression(expression: str) -> str:
     expr = " ".join(expression.split())
     expr = _NICKNAMES.get(expr.lower(), expr)
     fields = expr.split(" ")
-    if len(fields) not in (5, 6) or not croniter.is_valid(expr):
+    # ojs-cron 3.2: in the 6-field form the seconds field comes first.
+    if len(fields) not in (5, 6) or not croniter.is_valid(expr, second_at_beginning=True):
         raise InvalidCronExpression(
             f"invalid cron expression {expression!r}: expected 5 fields "
             "(minute hour day-of-month month day-of-week), 6 with seconds, "
@@ -165,7 +166,7 @@ def next_occurrence(expression: str, timezone: str, after: float) -> float:
     local_after = datetime.fromtimestamp(after, tz).replace(tzinfo=None)
     # Start one step back so a candidate at the same wall minute is not missed
     # when ``after`` sits in the second pass of a repeated hour.
-    it = croniter(expr, local_after - timedelta(hours=1))
+    it = croniter(expr, local_after - timedelta(hours=1), second_at_beginning=True)
     for _ in range(100_000):
         candidate: datetime = it.get_next(datetime)
         aware = candidate.replace(tzinfo=tz, fold=0)

@@ -10,7 +10,6 @@ and storage is closed last.
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -58,7 +57,6 @@ class EngineConfig:
     event_subscriber_buffer: int = 256
     honour_test_directives: bool = False  # conformance hook; off in production
     clock: WallClock = system_clock
-    rng: random.Random | None = None
     supervisor: Supervisor = field(default_factory=Supervisor)
 
 

@@ -101,7 +101,7 @@ def cron_event(kind: str, fire: CronFire, now: float) -> dict[str, Any]:
 
 @dataclass(eq=False)
 class Subscription:
-    """A live event feed.  Iterate with ``async for``; check ``dropped`` for gaps."""
+    """A live event feed: ``async for event in sub.receive``; ``dropped`` counts gaps."""
 
     types: frozenset[str] | None
     queues: frozenset[str] | None

@@ -13,6 +13,7 @@ from typing import Any
 from ojs_trio.engine.errors import InvalidRequest
 from ojs_trio.engine.ids import is_uuid7, uuid7
 from ojs_trio.engine.job import DEFAULT_QUEUE, SPEC_VERSION, Job
+from ojs_trio.engine.queue_limits import queue_limits_from
 from ojs_trio.engine.retry import parse_retry_policy
 from ojs_trio.engine.states import JobState
 from ojs_trio.engine.timeutil import parse_duration, parse_time_spec
@@ -197,7 +198,7 @@ def validate_unique(raw: Any) -> dict[str, Any]:
     """Light structural check; the unique-job rules interpret it."""
     if not isinstance(raw, dict):
         raise _fail("options.unique must be an object", "unique")
-    keys = raw.get("keys", ["type", "args"])
+    keys = raw.get("keys", ["type"])
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
         raise _fail("options.unique.keys must be an array of strings", "unique.keys")
     on_conflict = raw.get("on_conflict", "reject")
@@ -315,6 +316,7 @@ def parse_job(body: Any, now: float, *, field_prefix: str = "") -> Job:
     extra = {k: v for k, v in body.items() if k not in KNOWN_TOP and k not in SYSTEM_FIELDS}
     check_json_native(extra, "job")
     options_extra = {k: v for k, v in options.items() if k not in KNOWN_OPTIONS}
+    queue_limits_from(options_extra)  # validate queue limits here, before any storage
     return Job(
         client_times=texts,
         directive=_requested_directive(meta, options_extra),

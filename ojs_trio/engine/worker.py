@@ -4,7 +4,7 @@ Register handlers by job type, then run a pool of workers::
 
     engine.register("email.send", send_email)
     async with trio.open_nursery() as nursery:
-        await nursery.start(engine_workers.run, ["default"], 8)
+        await nursery.start(engine.run_workers, ["default"], 8)
 
 A handler receives a :class:`JobContext` and returns the job's result.  Raising
 fails the attempt (retried per the job's policy); raise :class:`Discard` or

@@ -25,6 +25,7 @@ from ojs_trio.engine.cron import CronFire, CronRecord
 from ojs_trio.engine.errors import DuplicateJob, NotFound
 from ojs_trio.engine.job import DEFAULT_VISIBILITY_MS, Job
 from ojs_trio.engine.lifecycle import Failure
+from ojs_trio.engine.queue_limits import RateWindow, queue_limits_from
 from ojs_trio.engine.states import JobState
 from ojs_trio.engine.workflows import Workflow
 from ojs_trio.storage.port import (
@@ -34,7 +35,6 @@ from ojs_trio.storage.port import (
     QueueInfo,
     StorageListener,
 )
-from ojs_trio.storage.queue_limits import RateWindow, queue_limits_from
 
 
 class MemoryStorage:

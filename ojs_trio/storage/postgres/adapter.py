@@ -29,6 +29,7 @@ from ojs_trio.engine.cron import CronFire, CronRecord
 from ojs_trio.engine.errors import BackendError, DuplicateJob, NotFound, OjsError
 from ojs_trio.engine.job import DEFAULT_VISIBILITY_MS, Job
 from ojs_trio.engine.lifecycle import Failure
+from ojs_trio.engine.queue_limits import queue_limits_from
 from ojs_trio.engine.states import JobState
 from ojs_trio.engine.workflows import Workflow
 from ojs_trio.storage.port import (
@@ -48,7 +49,6 @@ from ojs_trio.storage.postgres.driver import (
 )
 from ojs_trio.storage.postgres.migrate import migrate
 from ojs_trio.storage.postgres.sql import q
-from ojs_trio.storage.queue_limits import queue_limits_from
 
 log = logging.getLogger("ojs_trio.postgres")
 
@@ -323,36 +323,63 @@ class PostgresStorage:
         return results
 
     async def claim(self, requests: Sequence[ClaimRequest], now: float) -> list[list[Job]]:
+        """Serve every request with one locking SELECT per queue and one UPDATE in all.
+
+        Requests that list the same queues (all the fetches of one fetcher pool)
+        are served together: for each queue in their order, the rows for all of
+        them are locked at once and dealt out first come, first served.
+        """
         names = sorted({name for r in requests for name in r.queues})
-        out: list[list[Job]] = []
+        out: list[list[Job]] = [[] for _ in requests]
+        claimed: list[Job] = []
         async with self._tx() as conn:
             cur = await conn.execute(q("queues_for_claim"), (names,))
             queues = {row[0]: row for row in await cur.fetchall()}
             budgets: dict[str, int | None] = {}
             for name, (_, paused, rate, concurrency) in queues.items():
                 budgets[name] = await self._budget(conn, name, paused, rate, concurrency, now)
-            for request in requests:
-                got: list[Job] = []
-                for name in request.queues:
-                    budget = budgets.get(name, 0)
-                    want = request.count - len(got)
-                    if want <= 0:
-                        break
+            groups: dict[tuple[str, ...], list[int]] = {}
+            for index, request in enumerate(requests):
+                groups.setdefault(tuple(request.queues), []).append(index)
+            for queue_order, members in groups.items():
+                for name in queue_order:
+                    if name not in queues:
+                        continue  # never used: nothing to claim
+                    need = sum(requests[i].count - len(out[i]) for i in members)
+                    budget = budgets[name]
                     if budget is not None:
-                        want = min(want, budget)
-                    if want <= 0:
+                        need = min(need, budget)
+                    if need <= 0:
                         continue
-                    cur = await conn.execute(q("claim_available"), (name, now, want))
-                    for row in await cur.fetchall():
+                    taken = [j.id for j in claimed]
+                    cur = await conn.execute(q("claim_available"), (name, now, taken, need))
+                    rows = await cur.fetchall()
+                    if budget is not None:
+                        budgets[name] = budget - len(rows)
+                        if queues[name][2] is not None and rows:
+                            await conn.execute(q("record_starts"), (name, now, len(rows)))
+                    waiting = (i for i in members for _ in range(requests[i].count - len(out[i])))
+                    for row, index in zip(rows, waiting, strict=False):
                         job = _job(row)
+                        request = requests[index]
                         lifecycle.claim(job, request.worker_id, request.visibility_ms, now)
-                        await self._write(conn, job, now)
-                        got.append(job)
-                        if budgets.get(name) is not None:
-                            budgets[name] = (budgets[name] or 0) - 1
-                            if queues[name][2] is not None:
-                                await conn.execute(q("record_start"), (name, now))
-                out.append(got)
+                        out[index].append(job)
+                        claimed.append(job)
+            plain = [j for j in claimed if j.workflow_id is None]
+            if plain:
+                columns = [_columns(j) for j in plain]
+                await conn.execute(
+                    q("update_claimed"),
+                    (
+                        [c["id"] for c in columns],
+                        [c["lease_until"] for c in columns],
+                        [c["worker_id"] for c in columns],
+                        [c["record"] for c in columns],
+                    ),
+                )
+            for job in claimed:
+                if job.workflow_id is not None:
+                    await self._write(conn, job, now)  # also marks the workflow started
         return out
 
     async def _budget(

@@ -46,9 +46,11 @@ SELECT name, paused, rate_limit, concurrency FROM ojs_queues WHERE name = ANY(%s
 
 -- name: claim_available
 -- Jobs past their TTL are left to the reaper, which discards and reports them.
+-- Rows this transaction already claimed (not yet written back) are excluded by id:
+-- SKIP LOCKED does not skip our own locks.
 SELECT record FROM ojs_jobs
  WHERE NOT finished AND queue = %s AND state = 'available'
-   AND (expires_at IS NULL OR expires_at > %s)
+   AND (expires_at IS NULL OR expires_at > %s) AND id <> ALL(%s::uuid[])
  ORDER BY priority DESC, id
  LIMIT %s
  FOR UPDATE SKIP LOCKED
@@ -59,8 +61,17 @@ SELECT count(*) FROM ojs_jobs WHERE NOT finished AND queue = %s AND state = 'act
 -- name: recent_starts
 SELECT count(*) FROM ojs_queue_starts WHERE queue = %s AND started_at > %s
 
--- name: record_start
-INSERT INTO ojs_queue_starts (queue, started_at) VALUES (%s, %s)
+-- name: record_starts
+INSERT INTO ojs_queue_starts (queue, started_at)
+SELECT %s, %s FROM generate_series(1, %s)
+
+-- name: update_claimed
+UPDATE ojs_jobs AS j
+   SET state = 'active', run_at = NULL, lease_until = u.lease_until,
+       worker_id = u.worker_id, record = u.record
+  FROM unnest(%s::uuid[], %s::double precision[], %s::text[], %s::jsonb[])
+       AS u(id, lease_until, worker_id, record)
+ WHERE j.id = u.id AND NOT j.finished
 
 -- name: prune_starts
 DELETE FROM ojs_queue_starts WHERE started_at < %s
