@@ -56,6 +56,24 @@ CHANNEL = "ojs_jobs"
 MAX_SERIALIZATION_RETRIES = 5
 T = TypeVar("T")
 Settle = tuple[str, Callable[[Job], None], float]  # job id, transition, now
+Enqueue = tuple[Sequence[Job], float]  # one enqueue call: its jobs, now
+INSERT_COLUMNS = (
+    "id",
+    "finished",
+    "queue",
+    "state",
+    "priority",
+    "run_at",
+    "lease_until",
+    "expires_at",
+    "unique_key",
+    "workflow_id",
+    "dead_letter",
+    "worker_id",
+    "created_at",
+    "finished_at",
+    "record",
+)
 TERMINAL = (JobState.COMPLETED, JobState.DISCARDED, JobState.CANCELLED)
 
 
@@ -126,6 +144,9 @@ class PostgresStorage:
         self._listener: StorageListener | None = None
         self._stack: AsyncExitStack | None = None
         self._pool: Any = None
+        self._enqueues: Coalescer[Enqueue, list[EnqueueResult]] = Coalescer(
+            lambda calls: self._retry(lambda: self._enqueue_batch(calls))
+        )
         self._settles: Coalescer[Settle, Job] = Coalescer(
             lambda items: self._retry(lambda: self._settle_batch(items))
         )
@@ -261,66 +282,118 @@ class PostgresStorage:
     # -- verbs ---------------------------------------------------------------------
 
     async def enqueue(self, jobs: Sequence[Job], now: float) -> list[EnqueueResult]:
-        return await self._retry(lambda: self._enqueue_once(jobs, now))
+        """Coalesced with concurrent enqueues: one transaction, a savepoint per call."""
+        return await self._enqueues.submit((jobs, now))
 
-    async def _enqueue_once(self, jobs: Sequence[Job], now: float) -> list[EnqueueResult]:
-        results: list[EnqueueResult] = []
+    async def _enqueue_batch(
+        self, calls: Sequence[Enqueue]
+    ) -> list[list[EnqueueResult] | BaseException]:
+        outcomes: list[list[EnqueueResult] | BaseException] = []
+        inserted: list[Job] = []
         async with self._tx() as conn:
-            inserted: list[Job] = []
-            batch_keys: dict[str, Job] = {}
-            for original in jobs:
-                job = original.clone()
-                key = unique.fingerprint(job)
-                existing: Job | None = None
-                if key is not None:
-                    # Serialise writers of one fingerprint for this transaction only.
-                    await conn.execute(
-                        "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,)
-                    )
-                    existing = batch_keys.get(key)
-                    if existing is None:
-                        cur = await conn.execute(q("lock_unique"), (key,))
-                        for row in reversed(await cur.fetchall()):
-                            candidate = _job(row)
-                            if unique.conflicts(job, candidate, now):
-                                existing = candidate
-                                break
-                    elif not unique.conflicts(job, existing, now):
-                        existing = None
-                    policy = unique.on_conflict(job)
-                    if existing is not None and policy == "reject":
-                        raise DuplicateJob(
-                            "A job with the same unique key already exists",
-                            details={"existing_job_id": existing.id, "unique_key": key},
-                        )
-                    if existing is not None and policy == "ignore":
-                        results.append(EnqueueResult(existing.clone(), created=False))
-                        continue
-                    if existing is not None and not existing.state.is_terminal:
-                        if existing in inserted:
-                            raise DuplicateJob(
-                                "Two jobs in one batch replace each other",
-                                details={"unique_key": key},
-                            )
-                        lifecycle.cancel(existing, now)
-                        await self._write(conn, existing, now)
-                    batch_keys[key] = job
-                limits = queue_limits_from(job.options_extra)
-                await self._insert(conn, job, now)
-                if limits is not None:
-                    rate, concurrency = limits
-                    await conn.execute(
-                        q("set_queue_limits"),
-                        {
-                            "name": job.queue,
-                            "rate_limit": Jsonb(rate) if rate is not None else None,
-                            "concurrency": concurrency,
-                        },
-                    )
-                inserted.append(job)
-                results.append(EnqueueResult(job.clone(), created=True))
+            for jobs, now in calls:
+                try:
+                    # A savepoint: one call's failure leaves the others' jobs in place.
+                    async with conn.transaction():
+                        results = await self._enqueue_in(conn, jobs, now)
+                except OjsError as exc:
+                    outcomes.append(exc)
+                    continue
+                outcomes.append(results)
+                inserted += [r.job for r in results if r.created]
             await self._notify(conn, inserted)
-        return results
+        return outcomes
+
+    async def _enqueue_in(
+        self, conn: TrioConnection, jobs: Sequence[Job], now: float
+    ) -> list[EnqueueResult]:
+        """One enqueue call, all or nothing (the caller holds a savepoint)."""
+        staged = [job.clone() for job in jobs]
+        ids = [job.id for job in staged]
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise DuplicateJob(
+                f"A job with id {dup} already exists", details={"existing_job_id": dup}
+            )
+        cur = await conn.execute(q("job_exists"), (ids,))
+        clash = await cur.fetchone()
+        if clash is not None:
+            raise DuplicateJob(
+                f"A job with id {clash[0]} already exists",
+                details={"existing_job_id": str(clash[0])},
+            )
+        results: list[EnqueueResult] = []
+        plain: list[Job] = []  # no unique policy: inserted together at the end
+        batch_keys: dict[str, Job] = {}
+        for job in staged:
+            key = unique.fingerprint(job)
+            job.unique_key = key
+            if key is None:
+                plain.append(job)
+                results.append(EnqueueResult(job, created=True))
+                continue
+            existing = await self._unique_holder(conn, job, key, batch_keys.get(key), now)
+            policy = unique.on_conflict(job)
+            if existing is not None and policy == "reject":
+                raise DuplicateJob(
+                    "A job with the same unique key already exists",
+                    details={"existing_job_id": existing.id, "unique_key": key},
+                )
+            if existing is not None and policy == "ignore":
+                results.append(EnqueueResult(existing.clone(), created=False))
+                continue
+            if existing is not None and not existing.state.is_terminal:
+                if existing.id in ids:
+                    raise DuplicateJob(
+                        "Two jobs in one batch replace each other", details={"unique_key": key}
+                    )
+                lifecycle.cancel(existing, now)
+                await self._write(conn, existing, now)
+            batch_keys[key] = job
+            await self._insert(conn, job, now)
+            results.append(EnqueueResult(job, created=True))
+        if plain:
+            await conn.execute(q("ensure_queues"), (sorted({j.queue for j in plain}), now))
+            columns = [_columns(j) for j in plain]
+            try:
+                await conn.execute(
+                    q("insert_jobs"),
+                    tuple([c[name] for c in columns] for name in INSERT_COLUMNS),
+                )
+            except psycopg.errors.UniqueViolation:
+                # A concurrent enqueue with the same client-provided id won the race.
+                raise DuplicateJob(
+                    "A job with one of these ids already exists",
+                    details={"job_ids": [j.id for j in plain]},
+                ) from None
+        for job in staged:
+            limits = queue_limits_from(job.options_extra)
+            if limits is not None:
+                rate, concurrency = limits
+                await conn.execute(
+                    q("set_queue_limits"),
+                    {
+                        "name": job.queue,
+                        "rate_limit": Jsonb(rate) if rate is not None else None,
+                        "concurrency": concurrency,
+                    },
+                )
+        return [EnqueueResult(r.job.clone(), r.created) for r in results]
+
+    async def _unique_holder(
+        self, conn: TrioConnection, job: Job, key: str, twin: Job | None, now: float
+    ) -> Job | None:
+        """The job that blocks ``job`` under its unique policy, if any."""
+        # Serialise writers of one fingerprint, for this transaction only.
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
+        if twin is not None:
+            return twin if unique.conflicts(job, twin, now) else None
+        cur = await conn.execute(q("lock_unique"), (key,))
+        for row in reversed(await cur.fetchall()):
+            candidate = _job(row)
+            if unique.conflicts(job, candidate, now):
+                return candidate
+        return None
 
     async def claim(self, requests: Sequence[ClaimRequest], now: float) -> list[list[Job]]:
         """Serve every request with one locking SELECT per queue and one UPDATE in all.

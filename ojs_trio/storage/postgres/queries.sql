@@ -9,6 +9,19 @@ VALUES (%(id)s, %(finished)s, %(queue)s, %(state)s, %(priority)s, %(run_at)s, %(
         %(expires_at)s, %(unique_key)s, %(workflow_id)s, %(dead_letter)s, %(worker_id)s,
         %(created_at)s, %(finished_at)s, %(record)s)
 
+-- name: insert_jobs
+INSERT INTO ojs_jobs (id, finished, queue, state, priority, run_at, lease_until, expires_at,
+                      unique_key, workflow_id, dead_letter, worker_id, created_at, finished_at,
+                      record)
+SELECT * FROM unnest(%s::uuid[], %s::boolean[], %s::text[], %s::text[], %s::integer[],
+                     %s::double precision[], %s::double precision[], %s::double precision[],
+                     %s::text[], %s::uuid[], %s::boolean[], %s::text[],
+                     %s::double precision[], %s::double precision[], %s::jsonb[])
+
+-- name: ensure_queues
+INSERT INTO ojs_queues (name, created_at)
+SELECT unnest(%s::text[]), %s ON CONFLICT (name) DO NOTHING
+
 -- name: job_exists
 -- The primary key is (id, finished): an id clash with a finished job is checked here.
 SELECT id FROM ojs_jobs WHERE id = ANY(%s::uuid[])
