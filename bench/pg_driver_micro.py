@@ -3,21 +3,25 @@
 Not a test: prints latency and throughput on this machine, to choose the PostgreSQL
 driver strategy by measurement. Usage::
 
-    .venv/bin/python bench/pg_driver_micro.py [--dsn DSN] [-n 5000] [--repeat 3]
+    .venv/bin/python bench/pg_driver_micro.py [--dsn DSN] [-n 5000] [--repeat 5]
 
 The DSN defaults to $OJS_TEST_DATABASE_URL, else host=127.0.0.1 port=5432 (TCP
-loopback, user postgres, database test). Rows:
+loopback, user postgres, database test). The variants of each group run in
+interleaved rounds (A, B, C, A, B, C, ...), so a change in machine load hits them
+alike; the median and best round are printed, with the load average. Groups:
 
 * ``SELECT 1`` one at a time: TrioConnection; sync psycopg with one
   ``trio.to_thread.run_sync`` hop per query (the "thread per unit of work"
-  alternative); and for reference, bare sync psycopg and asyncio psycopg.
-* a unit of work (a transaction of three SELECTs): ``pool.transaction()`` on Trio
-  vs the whole transaction in one ``to_thread`` hop on a sync connection.
+  alternative when the unit is one statement); for reference, bare sync psycopg
+  and asyncio psycopg (in a worker thread's own event loop).
+* a unit of work that is a transaction of three SELECTs: ``pool.transaction()`` on
+  Trio vs the whole transaction in one ``to_thread`` hop on a sync connection.
 * ``SELECT 1`` from 8 tasks on 8 connections (Trio) vs 8 tasks each hopping to a
   thread per query on 8 sync connections.
-* Writes that exercise Wait.RW (``executemany``, an explicit pipeline) and COPY:
-  TrioConnection with the default RW strategy (zero-timeout poll, two-task wait only
-  when blocked) vs a naive strategy (a nursery with two waiters on every RW wait).
+* writes that exercise Wait.RW (``executemany``, an explicit pipeline) and COPY:
+  TrioConnection with the default RW strategy (zero-timeout poll first, a two-task
+  wait only when blocked) vs a naive one (a nursery with two waiters on every RW
+  wait), and sync psycopg for reference.
 """
 
 from __future__ import annotations
@@ -38,84 +42,112 @@ from ojs_trio.storage.postgres.driver import TrioConnection
 
 DEFAULT_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 
-
-def fmt(label: str, seconds: list[float], n: int, unit: str = "q") -> None:
-    best = min(seconds)
-    med = statistics.median(seconds)
-    print(
-        f"  {label:<52} {med / n * 1e6:8.1f} µs/{unit} (best {best / n * 1e6:6.1f})"
-        f"   {n / med:9,.0f} {unit}/s"
-    )
+Round = Callable[[], Awaitable[None]]
 
 
-async def timed(fn: Callable[[], Awaitable[None]], repeat: int) -> list[float]:
-    out = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
+async def compare(
+    title: str, variants: list[tuple[str, Round]], n: int, repeat: int, unit: str
+) -> None:
+    """Run the variants in interleaved rounds of ``n`` units; print median and best."""
+    print(f"{title}  (load average {os.getloadavg()[0]:.2f})")
+    times: dict[str, list[float]] = {label: [] for label, _ in variants}
+    for _, fn in variants:  # warm-up round
         await fn()
-        out.append(time.perf_counter() - t0)
-    return out
+    for _ in range(repeat):
+        for label, fn in variants:
+            t0 = time.perf_counter()
+            await fn()
+            times[label].append(time.perf_counter() - t0)
+    for label, seconds in times.items():
+        med, best = statistics.median(seconds), min(seconds)
+        print(
+            f"  {label:<54} {med / n * 1e6:8.1f} µs/{unit} (best {best / n * 1e6:6.1f})"
+            f"  {n / med:9,.0f} {unit}/s"
+        )
 
 
 # -- SELECT 1 -------------------------------------------------------------------------
 
 
-async def trio_select(dsn: str, n: int, repeat: int) -> None:
-    conn = await TrioConnection.connect(dsn, autocommit=True)
-    async with conn:
-        for _ in range(200):
-            await conn.execute("SELECT 1")
+async def select_one(dsn: str, n: int, repeat: int) -> None:
+    tconn = await TrioConnection.connect(dsn, autocommit=True)
+    sconn = psycopg.connect(dsn, autocommit=True)
 
-        async def run() -> None:
-            for _ in range(n):
-                cur = await conn.execute("SELECT 1")
-                await cur.fetchone()
+    def sync_one() -> None:
+        sconn.execute("SELECT 1").fetchone()
 
-        fmt("TrioConnection", await timed(run, repeat), n)
+    async def trio_round() -> None:
+        for _ in range(n):
+            await (await tconn.execute("SELECT 1")).fetchone()
 
+    async def hop_round() -> None:
+        for _ in range(n):
+            await trio.to_thread.run_sync(sync_one)
 
-async def thread_hop_select(dsn: str, n: int, repeat: int) -> None:
-    conn = psycopg.connect(dsn, autocommit=True)
-    with conn:
+    async def sync_round() -> None:
+        for _ in range(n):
+            sync_one()
 
-        def one() -> None:
-            conn.execute("SELECT 1").fetchone()
-
-        for _ in range(200):
-            await trio.to_thread.run_sync(one)
-
-        async def run() -> None:
-            for _ in range(n):
-                await trio.to_thread.run_sync(one)
-
-        fmt("sync psycopg, one to_thread hop per query", await timed(run, repeat), n)
-
-
-def sync_select(dsn: str, n: int, repeat: int) -> None:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        out = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            for _ in range(n):
-                conn.execute("SELECT 1").fetchone()
-            out.append(time.perf_counter() - t0)
-        fmt("(ref) sync psycopg, no Trio", out, n)
-
-
-def asyncio_select(dsn: str, n: int, repeat: int) -> None:
-    async def main() -> list[float]:
+    async def asyncio_main() -> None:
         conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
         async with conn:
-            out = []
-            for _ in range(repeat):
-                t0 = time.perf_counter()
-                for _ in range(n):
-                    cur = await conn.execute("SELECT 1")
-                    await cur.fetchone()
-                out.append(time.perf_counter() - t0)
-            return out
+            for _ in range(n):
+                await (await conn.execute("SELECT 1")).fetchone()
 
-    fmt("(ref) asyncio psycopg.AsyncConnection", asyncio.run(main()), n)
+    async def asyncio_round() -> None:
+        # Connecting is outside the timed part only approximately: ~1-2% of a round.
+        await trio.to_thread.run_sync(asyncio.run, asyncio_main())
+
+    await compare(
+        f"SELECT 1, one at a time, {n} per round, {repeat} rounds:",
+        [
+            ("TrioConnection", trio_round),
+            ("sync psycopg, one to_thread hop per query", hop_round),
+            ("(ref) sync psycopg, no Trio, no thread", sync_round),
+            ("(ref) asyncio psycopg.AsyncConnection", asyncio_round),
+        ],
+        n,
+        repeat,
+        "q",
+    )
+    await tconn.close()
+    sconn.close()
+
+
+async def units_of_work(dsn: str, n: int, repeat: int) -> None:
+    """A unit of work = a transaction of 3 statements."""
+    n = max(1, n // 4)
+    stmts = ("SELECT 1", "SELECT 2", "SELECT 3")
+    sconn = psycopg.connect(dsn, autocommit=True)
+
+    def sync_unit() -> None:
+        with sconn.transaction():
+            for q in stmts:
+                sconn.execute(q).fetchone()
+
+    async with driver.open_pool(dsn, min_size=1, max_size=1) as pool:
+
+        async def trio_round() -> None:
+            for _ in range(n):
+                async with pool.transaction() as conn:
+                    for q in stmts:
+                        await (await conn.execute(q)).fetchone()
+
+        async def hop_round() -> None:
+            for _ in range(n):
+                await trio.to_thread.run_sync(sync_unit)
+
+        await compare(
+            f"Unit of work (BEGIN; 3 x SELECT; COMMIT), {n} per round:",
+            [
+                ("TrioConnection via pool.transaction()", trio_round),
+                ("sync psycopg, whole transaction in one to_thread hop", hop_round),
+            ],
+            n,
+            repeat,
+            "tx",
+        )
+    sconn.close()
 
 
 async def parallel(dsn: str, n: int, repeat: int, tasks: int = 8) -> None:
@@ -135,61 +167,30 @@ async def parallel(dsn: str, n: int, repeat: int, tasks: int = 8) -> None:
         for _ in range(per):
             await trio.to_thread.run_sync(one, limiter=limiter)
 
-    async def run_trio() -> None:
+    async def trio_round() -> None:
         async with trio.open_nursery() as nursery:
             for c in tconns:
                 nursery.start_soon(trio_worker, c)
 
-    async def run_hop() -> None:
+    async def hop_round() -> None:
         async with trio.open_nursery() as nursery:
             for c in sconns:
                 nursery.start_soon(hop_worker, c)
 
-    fmt(f"TrioConnection x{tasks} tasks (total)", await timed(run_trio, repeat), per * tasks)
-    fmt(f"sync + to_thread hop x{tasks} tasks (total)", await timed(run_hop, repeat), per * tasks)
+    await compare(
+        f"SELECT 1 from {tasks} tasks on {tasks} connections (total throughput):",
+        [
+            (f"TrioConnection x{tasks}", trio_round),
+            (f"sync psycopg + to_thread hop per query x{tasks}", hop_round),
+        ],
+        per * tasks,
+        repeat,
+        "q",
+    )
     for tc in tconns:
         await tc.close()
     for sc in sconns:
         sc.close()
-
-
-async def units_of_work(dsn: str, n: int, repeat: int) -> None:
-    """A unit of work = a transaction of 3 statements, through a pool checkout."""
-    n = n // 4
-    stmts = ("SELECT 1", "SELECT 2", "SELECT 3")
-    async with driver.open_pool(dsn, min_size=1, max_size=1) as pool:
-
-        async def trio_unit() -> None:
-            async with pool.transaction() as conn:
-                for q in stmts:
-                    await (await conn.execute(q)).fetchone()
-
-        async def run_trio() -> None:
-            for _ in range(n):
-                await trio_unit()
-
-        await run_trio()
-        fmt("TrioConnection: pool.transaction(), 3 SELECTs", await timed(run_trio, repeat), n, "tx")
-
-    conn = psycopg.connect(dsn, autocommit=True)
-    with conn:
-
-        def unit() -> None:
-            with conn.transaction():
-                for q in stmts:
-                    conn.execute(q).fetchone()
-
-        async def run_hop() -> None:
-            for _ in range(n):
-                await trio.to_thread.run_sync(unit)
-
-        await run_hop()
-        fmt(
-            "sync psycopg: whole transaction in one to_thread hop",
-            await timed(run_hop, repeat),
-            n,
-            "tx",
-        )
 
 
 # -- RW waits ----------------------------------------------------------------------------
@@ -207,99 +208,123 @@ async def _naive_wait_fd(fileno: int, s: int, deadline: float | None) -> int:
 
 
 class Counting:
-    """Count blocking RW waits taken by the default strategy."""
+    """Count the blocking RW waits the default strategy takes."""
 
     def __init__(self) -> None:
-        self.rw_blocked = 0
+        self.calls = 0
         self.orig = driver._wait_rw
 
     async def __call__(self, fileno: int) -> int:
-        self.rw_blocked += 1
+        self.calls += 1
         return await self.orig(fileno)
 
 
 async def writes(dsn: str, repeat: int, rows: int = 5000) -> None:
     conn = await TrioConnection.connect(dsn, autocommit=True)
-    async with conn:
-        await conn.execute("CREATE TEMP TABLE bench_t (id int, body text)")
-        data = [(i, f"payload {i:06d}") for i in range(rows)]
+    sconn = psycopg.connect(dsn, autocommit=True)
+    conn_ddl = "CREATE TEMP TABLE bench_t (id int, body text)"
+    await conn.execute(conn_ddl)
+    sconn.execute(conn_ddl)
+    data = [(i, f"payload {i:06d}") for i in range(rows)]
+    orig_wait_fd = driver._wait_fd
+    counter = Counting()
 
-        async def executemany() -> None:
-            await conn.execute("TRUNCATE bench_t")
-            async with conn.transaction():
-                cur = conn.cursor()
-                await cur.executemany("INSERT INTO bench_t VALUES (%s, %s)", data)
-
-        async def pipeline() -> None:
-            await conn.execute("TRUNCATE bench_t")
-            async with conn.pipeline():
-                for row in data[:2000]:
-                    await conn.execute("INSERT INTO bench_t VALUES (%s, %s)", row)
-
-        async def copy() -> None:
-            await conn.execute("TRUNCATE bench_t")
-            cur = conn.cursor()
-            async with cur.copy("COPY bench_t FROM STDIN") as cp:
-                for _ in range(4):
-                    for row in data:
-                        await cp.write_row(row)
-
-        for label, fn, n in (
-            (f"executemany {rows} rows, one transaction", executemany, rows),
-            ("pipeline, 2000 autocommitted INSERTs", pipeline, 2000),
-            (f"COPY {rows * 4} rows", copy, rows * 4),
-        ):
-            counter = Counting()
-            driver._wait_rw = counter  # type: ignore[assignment]
-            try:
-                default = await timed(fn, repeat)
-            finally:
-                driver._wait_rw = counter.orig  # type: ignore[assignment]
-            orig_wait_fd = driver._wait_fd
+    def naive(fn: Round) -> Round:
+        async def run() -> None:
             driver._wait_fd = _naive_wait_fd  # type: ignore[assignment]
             try:
-                naive = await timed(fn, repeat)
+                await fn()
             finally:
-                driver._wait_fd = orig_wait_fd  # type: ignore[assignment]
-            per_round = counter.rw_blocked / repeat
-            fmt(f"{label}: poll-first RW", default, n, "row")
-            fmt(f"{label}: naive RW (nursery)", naive, n, "row")
-            print(f"    (blocking RW waits per round with poll-first: {per_round:.0f})")
+                driver._wait_fd = orig_wait_fd
+
+        return run
+
+    def counted(fn: Round) -> Round:
+        async def run() -> None:
+            driver._wait_rw = counter  # type: ignore[assignment]
+            try:
+                await fn()
+            finally:
+                driver._wait_rw = counter.orig
+
+        return run
+
+    async def executemany() -> None:
+        await conn.execute("TRUNCATE bench_t")
+        async with conn.transaction():
+            await conn.cursor().executemany("INSERT INTO bench_t VALUES (%s, %s)", data)
+
+    async def executemany_sync() -> None:
+        sconn.execute("TRUNCATE bench_t")
+        with sconn.transaction():
+            sconn.cursor().executemany("INSERT INTO bench_t VALUES (%s, %s)", data)
+
+    async def pipeline() -> None:
+        await conn.execute("TRUNCATE bench_t")
+        async with conn.pipeline():
+            for row in data[:2000]:
+                await conn.execute("INSERT INTO bench_t VALUES (%s, %s)", row)
+
+    async def pipeline_sync() -> None:
+        sconn.execute("TRUNCATE bench_t")
+        with sconn.pipeline():
+            for row in data[:2000]:
+                sconn.execute("INSERT INTO bench_t VALUES (%s, %s)", row)
+
+    async def copy() -> None:
+        await conn.execute("TRUNCATE bench_t")
+        async with conn.cursor().copy("COPY bench_t FROM STDIN") as cp:
+            for _ in range(4):
+                for row in data:
+                    await cp.write_row(row)
+
+    async def copy_sync() -> None:
+        sconn.execute("TRUNCATE bench_t")
+        with sconn.cursor().copy("COPY bench_t FROM STDIN") as cp:
+            for _ in range(4):
+                for row in data:
+                    cp.write_row(row)
+
+    for title, fn, sync_fn, n in (
+        (f"executemany, {rows} rows in one transaction:", executemany, executemany_sync, rows),
+        ("pipeline, 2000 autocommitted INSERTs:", pipeline, pipeline_sync, 2000),
+        (f"COPY FROM STDIN, {rows * 4} rows:", copy, copy_sync, rows * 4),
+    ):
+        counter.calls = 0
+        await compare(
+            title,
+            [
+                ("TrioConnection, poll-first RW (default)", counted(fn)),
+                ("TrioConnection, naive RW (nursery every wait)", naive(fn)),
+                ("(ref) sync psycopg", sync_fn),
+            ],
+            n,
+            repeat,
+            "row",
+        )
+        print(f"  (blocking RW waits with poll-first, all rounds: {counter.calls})")
+    await conn.close()
+    sconn.close()
 
 
-def sync_writes(dsn: str, repeat: int, rows: int = 5000) -> None:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("CREATE TEMP TABLE bench_t (id int, body text)")
-        data = [(i, f"payload {i:06d}") for i in range(rows)]
-        out = []
-        for _ in range(repeat):
-            conn.execute("TRUNCATE bench_t")
-            t0 = time.perf_counter()
-            with conn.transaction():
-                conn.cursor().executemany("INSERT INTO bench_t VALUES (%s, %s)", data)
-            out.append(time.perf_counter() - t0)
-        fmt(f"(ref) sync executemany {rows} rows", out, rows, "row")
+async def main_async(dsn: str, n: int, repeat: int) -> None:
+    await select_one(dsn, n, repeat)
+    await units_of_work(dsn, n, repeat)
+    await parallel(dsn, n, repeat)
+    await writes(dsn, max(2, repeat // 2))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--dsn", default=os.environ.get("OJS_TEST_DATABASE_URL", DEFAULT_DSN))
     parser.add_argument("-n", type=int, default=5000)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    print(f"psycopg {psycopg.__version__} ({psycopg.pq.__impl__}), trio {trio.__version__}")
-    print(f"SELECT 1, one at a time, n={args.n}, median of {args.repeat}:")
-    trio.run(trio_select, args.dsn, args.n, args.repeat)
-    trio.run(thread_hop_select, args.dsn, args.n, args.repeat)
-    sync_select(args.dsn, args.n, args.repeat)
-    asyncio_select(args.dsn, args.n, args.repeat)
-    print("Unit of work (BEGIN; 3 x SELECT; COMMIT), one at a time:")
-    trio.run(units_of_work, args.dsn, args.n, args.repeat)
-    print("SELECT 1, 8 concurrent tasks:")
-    trio.run(parallel, args.dsn, args.n, args.repeat)
-    print("Writes (Wait.RW strategy):")
-    trio.run(writes, args.dsn, args.repeat)
-    sync_writes(args.dsn, args.repeat)
+    print(
+        f"psycopg {psycopg.__version__} ({psycopg.pq.__impl__}), trio {trio.__version__}, "
+        f"{os.cpu_count()} CPUs"
+    )
+    trio.run(main_async, args.dsn, args.n, args.repeat)
 
 
 if __name__ == "__main__":

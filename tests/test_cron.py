@@ -130,12 +130,6 @@ def test_six_field_expressions_have_seconds_first(expression: str, expected: lis
     assert occurrences(expression, "UTC", AFTER, 2) == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: next_occurrence starts croniter one hour before `after`, so a "
-    "per-second schedule walks ~3600 candidates (~0.4 s of CPU) per call, blocking the "
-    "event loop on every CronTicker tick",
-)
 def test_per_second_schedule_is_cheap_to_plan(monkeypatch: pytest.MonkeyPatch) -> None:
     candidates = 0
 
@@ -288,7 +282,7 @@ def wall() -> float:
 
 
 @contextmanager
-def real_time_limit(seconds: float = 10.0) -> Iterator[None]:
+def real_time_limit(seconds: float = 30.0) -> Iterator[None]:
     """Fail instead of hang if an actor spins (which freezes an autojump MockClock)."""
     token = trio.lowlevel.current_trio_token()
     with trio.CancelScope() as scope:

@@ -71,7 +71,7 @@ def storage_url(dsn: str) -> str:
 
 def _db_rows(dsn: str, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
     with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
-        return conn.execute(query, params).fetchall()  # type: ignore[arg-type]
+        return conn.execute(query, params).fetchall()
 
 
 async def db_rows(dsn: str, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
@@ -262,7 +262,6 @@ async def run_worker(
     wait_ms: int = 500,
     retry_failed_acks: bool = False,
     on_ack: Callable[[], None] = lambda: None,
-    pause: trio.Event | None = None,
 ) -> None:
     """Fetch and ack until cancelled.
 
@@ -275,8 +274,6 @@ async def run_worker(
     retry: list[str] = []
     async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT) as client:
         while True:
-            if pause is not None and pause.is_set():
-                await trio.sleep(math.inf)
             generation, base = target.generation, target.url
             # Acks that failed earlier (backend down) go first.
             still: list[str] = []
@@ -436,7 +433,7 @@ async def test_two_servers_share_10k_jobs_and_a_cron_fires_once(
             batches_done[0] = trio.current_time()
 
         started = trio.current_time()
-        with trio.fail_after(LOAD_BOUND):
+        with trio.move_on_after(LOAD_BOUND) as bound:
             async with trio.open_nursery() as nursery:
                 chunks = N_JOBS // CHUNK
                 nursery.start_soon(producer, a, range(0, chunks, 2))
@@ -450,6 +447,10 @@ async def test_two_servers_share_10k_jobs_and_a_cron_fires_once(
                 await all_acked.wait()
                 nursery.cancel_scope.cancel()
         elapsed = trio.current_time() - started
+        assert not bound.cancelled_caught, (
+            f"only {ledger.ok_acks} of {N_JOBS} jobs acked, {len(enqueued)} enqueued, "
+            f"within {LOAD_BOUND:.0f} s"
+        )
         rate = N_JOBS / elapsed
         fetches = [r for r in ledger.requests if r.kind == "fetch"]
         acks = [r for r in ledger.requests if r.kind == "ack"]
@@ -635,6 +636,15 @@ DOWN_FOR = 6.0  # seconds PostgreSQL stays down
 RECONNECT_BOUND = 20.0
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: while PostgreSQL is down, actors (fetcher pool, reaper, promoter, cron, "
+    "pruner) crash on BackendUnavailable; the supervisor counts those as crashes and after "
+    "6 in 60 s raises ActorEscalation, which stops the engine and the server process exits "
+    "(~2-3 s into the outage). Waiting fetches also hang instead of getting 503. Patch: "
+    "fetcher answers a failed claim round with the error; supervisor retries "
+    "BackendUnavailable with backoff without escalating.",
+)
 async def test_postgres_restart_mid_load_fails_fast_and_recovers(tmp_path: Path) -> None:
     started = await trio.to_thread.run_sync(start_throwaway_cluster)
     if isinstance(started, str):
@@ -684,6 +694,7 @@ async def _restart_scenario(cluster: ThrowawayCluster, tmp_path: Path) -> None:
                         own, ledger, "enqueue", "POST", f"{server.url}/ojs/v1/jobs", body
                     )
                     sent.append((job_id, trio.current_time(), status))
+                    assert status != NOT_SENT, f"the server is gone:\n{log_tail(server.log)}"
                     assert status in (201, 503, None), (status, payload)
                     i += 1
                     await trio.sleep(0 if status == 201 else 0.1)

@@ -123,11 +123,6 @@ async def test_unique_replace_cancels_the_existing_job() -> None:
         assert fetched.args == [{"user": 7, "v": 2}]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a job cancelled by unique 'replace' publishes no job.cancelled event "
-    "(ojs-unique-jobs 5.2); Engine.enqueue_jobs only reports created jobs",
-)
 async def test_unique_replace_publishes_job_cancelled_for_the_replaced_job() -> None:
     async with running_engine() as engine:
         policy = unique("replace", keys=["type"])
@@ -147,11 +142,6 @@ async def test_unique_replace_of_a_scheduled_job(autojump_clock: trio.testing.Mo
         assert engine.statistics().promoted == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: on_conflict 'replace_except_schedule' is accepted but handled as plain "
-    "'replace'; ojs-unique-jobs 5.3 says the original scheduled_at must be kept",
-)
 async def test_unique_replace_except_schedule_keeps_the_original_time() -> None:
     async with running_engine(clock=lambda: BASE) as engine:
         policy = unique("replace_except_schedule", keys=["type"])

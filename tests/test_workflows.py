@@ -38,7 +38,7 @@ def wall() -> float:
 
 
 @contextmanager
-def real_time_limit(seconds: float = 15.0) -> Iterator[None]:
+def real_time_limit(seconds: float = 30.0) -> Iterator[None]:
     """Fail instead of hang if an actor spins (which freezes an autojump MockClock)."""
     token = trio.lowlevel.current_trio_token()
     with trio.CancelScope() as scope:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -164,9 +164,10 @@ def next_occurrence(expression: str, timezone: str, after: float) -> float:
     tz = zone(timezone)
     expr = normalize_expression(expression)
     local_after = datetime.fromtimestamp(after, tz).replace(tzinfo=None)
-    # Start one step back so a candidate at the same wall minute is not missed
-    # when ``after`` sits in the second pass of a repeated hour.
-    it = croniter(expr, local_after - timedelta(hours=1), second_at_beginning=True)
+    # A candidate in the second pass of a repeated (fall-back) hour maps to its
+    # first instance, which lies before ``after`` and is skipped below: the
+    # repeated wall time fires once.
+    it = croniter(expr, local_after, second_at_beginning=True)
     for _ in range(100_000):
         candidate: datetime = it.get_next(datetime)
         aware = candidate.replace(tzinfo=tz, fold=0)

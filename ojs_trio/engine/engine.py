@@ -217,6 +217,9 @@ class Engine:
         self._counters["fetched"] += len(jobs)
         for job in jobs:
             self._publish("job.started", job, worker_id=job.worker_id)
+        deadlines = [d for j in jobs for d in (j.lease_expires_at, j.execution_deadline()) if d]
+        if deadlines:
+            self.reaper.notify_due_nowait(min(deadlines))
 
     # -- producing -----------------------------------------------------------------
 
@@ -281,12 +284,16 @@ class Engine:
         results = await self.storage.enqueue(jobs, self.clock())
         self._counters["enqueued"] += sum(1 for r in results if r.created)
         for result in results:
+            if result.replaced is not None:
+                self._publish("job.cancelled", result.replaced, reason="unique_replace")
             if not result.created:
                 continue
             job = result.job
             self._publish("job.enqueued", job)
             if job.state is JobState.SCHEDULED and job.scheduled_at is not None:
                 self.promoter.notify_due_nowait(job.scheduled_at)
+            if job.expires_at is not None:
+                self.reaper.notify_due_nowait(job.expires_at)
         self._jobs_became_available([r.job for r in results])
         return results
 

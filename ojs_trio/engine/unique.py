@@ -98,6 +98,16 @@ def on_conflict(job: Job) -> str:
     return str((job.unique or {}).get("on_conflict", "reject"))
 
 
+def inherit_schedule(new: Job, replaced: Job) -> None:
+    """``replace_except_schedule``: the replacement keeps the original's run time."""
+    if on_conflict(new) != "replace_except_schedule":
+        return
+    if replaced.state is JobState.SCHEDULED and replaced.scheduled_at is not None:
+        new.state = JobState.SCHEDULED
+        new.scheduled_at = replaced.scheduled_at
+        new.client_times.pop("scheduled_at", None)
+
+
 def conflicts(new: Job, existing: Job, now: float) -> bool:
     """Does ``existing`` block ``new`` under ``new``'s unique policy?"""
     if existing.state not in states_of(new):

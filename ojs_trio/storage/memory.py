@@ -199,14 +199,18 @@ class MemoryStorage:
                 # A twin earlier in this batch is stored by now: return the stored copy.
                 results.append(EnqueueResult(self._jobs.get(existing.id, existing).clone(), False))
                 continue
+            replaced = None
             if existing is not None and existing.id in self._jobs:
-                replaced = self._jobs[existing.id].clone()
-                if not replaced.state.is_terminal:
-                    lifecycle.cancel(replaced, now)
-                    self._store(replaced, now)
+                current = self._jobs[existing.id].clone()
+                if not current.state.is_terminal:
+                    job = job.clone()
+                    unique.inherit_schedule(job, current)
+                    lifecycle.cancel(current, now)
+                    self._store(current, now)
+                    replaced = current.clone()
             self._apply_queue_limits(job, now)
             self._insert(job, now)
-            results.append(EnqueueResult(self._jobs[job.id].clone(), created=True))
+            results.append(EnqueueResult(self._jobs[job.id].clone(), True, replaced))
         return results
 
     def _find_duplicate(self, job: Job, key: str, now: float) -> Job | None:

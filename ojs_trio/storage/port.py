@@ -51,6 +51,7 @@ class ClaimRequest:
 class EnqueueResult:
     job: Job
     created: bool = True  # False when a unique policy returned an existing job
+    replaced: Job | None = None  # the job a unique "replace" cancelled for this one
 
 
 @dataclass(slots=True)

@@ -57,6 +57,7 @@ MAX_SERIALIZATION_RETRIES = 5
 T = TypeVar("T")
 Settle = tuple[str, Callable[[Job], None], float]  # job id, transition, now
 Enqueue = tuple[Sequence[Job], float]  # one enqueue call: its jobs, now
+Beat = tuple[str | None, tuple[str, ...], int | None, float]  # worker, jobs, visibility, now
 INSERT_COLUMNS = (
     "id",
     "finished",
@@ -146,6 +147,9 @@ class PostgresStorage:
         self._pool: Any = None
         self._enqueues: Coalescer[Enqueue, list[EnqueueResult]] = Coalescer(
             lambda calls: self._retry(lambda: self._enqueue_batch(calls))
+        )
+        self._beats: Coalescer[Beat, list[Job]] = Coalescer(
+            lambda beats: self._retry(lambda: self._heartbeat_batch(beats))
         )
         self._settles: Coalescer[Settle, Job] = Coalescer(
             lambda items: self._retry(lambda: self._settle_batch(items))
@@ -342,16 +346,19 @@ class PostgresStorage:
             if existing is not None and policy == "ignore":
                 results.append(EnqueueResult(existing.clone(), created=False))
                 continue
+            replaced = None
             if existing is not None and not existing.state.is_terminal:
                 if existing.id in ids:
                     raise DuplicateJob(
                         "Two jobs in one batch replace each other", details={"unique_key": key}
                     )
+                unique.inherit_schedule(job, existing)
                 lifecycle.cancel(existing, now)
                 await self._write(conn, existing, now)
+                replaced = existing
             batch_keys[key] = job
             await self._insert(conn, job, now)
-            results.append(EnqueueResult(job, created=True))
+            results.append(EnqueueResult(job, created=True, replaced=replaced))
         if plain:
             await conn.execute(q("ensure_queues"), (sorted({j.queue for j in plain}), now))
             columns = [_columns(j) for j in plain]
@@ -378,7 +385,10 @@ class PostgresStorage:
                         "concurrency": concurrency,
                     },
                 )
-        return [EnqueueResult(r.job.clone(), r.created) for r in results]
+        return [
+            EnqueueResult(r.job.clone(), r.created, r.replaced.clone() if r.replaced else None)
+            for r in results
+        ]
 
     async def _unique_holder(
         self, conn: TrioConnection, job: Job, key: str, twin: Job | None, now: float
@@ -535,32 +545,32 @@ class PostgresStorage:
     async def heartbeat(
         self, worker_id: str | None, job_ids: Sequence[str], visibility_ms: int | None, now: float
     ) -> list[Job]:
-        return await self._retry(
-            lambda: self._heartbeat_once(worker_id, job_ids, visibility_ms, now)
-        )
+        """Coalesced with concurrent heartbeats into one transaction."""
+        return await self._beats.submit((worker_id, tuple(job_ids), visibility_ms, now))
 
-    async def _heartbeat_once(
-        self, worker_id: str | None, job_ids: Sequence[str], visibility_ms: int | None, now: float
-    ) -> list[Job]:
-        extended: list[Job] = []
+    async def _heartbeat_batch(self, beats: Sequence[Beat]) -> list[list[Job] | BaseException]:
+        ids = sorted({job_id for beat in beats for job_id in beat[1] if _is_uuid(job_id)})
+        outcomes: list[list[Job] | BaseException] = []
         async with self._tx() as conn:
-            for job_id in job_ids:
-                if not _is_uuid(job_id):
-                    continue
-                cur = await conn.execute(q("lock_job"), (job_id,))
-                row = await cur.fetchone()
-                if row is None:
-                    continue
-                job = _job(row)
-                if job.state is not JobState.ACTIVE:
-                    continue
-                if worker_id is not None and job.worker_id not in (None, worker_id):
-                    continue
-                ms = visibility_ms or job.visibility_timeout_ms or DEFAULT_VISIBILITY_MS
-                job.lease_expires_at = now + ms / 1000.0
+            cur = await conn.execute(q("lock_jobs"), (ids,))
+            current = {job.id: job for job in map(_job, await cur.fetchall())}
+            touched: dict[str, Job] = {}
+            for worker_id, job_ids, visibility_ms, now in beats:
+                extended = []
+                for job_id in job_ids:
+                    job = current.get(job_id)
+                    if job is None or job.state is not JobState.ACTIVE:
+                        continue
+                    if worker_id is not None and job.worker_id not in (None, worker_id):
+                        continue
+                    ms = visibility_ms or job.visibility_timeout_ms or DEFAULT_VISIBILITY_MS
+                    job.lease_expires_at = now + ms / 1000.0
+                    touched[job.id] = job
+                    extended.append(job.clone())
+                outcomes.append(extended)
+            for job in touched.values():
                 await conn.execute(q("update_job"), _columns(job))
-                extended.append(job)
-        return extended
+        return outcomes
 
     async def get(self, job_id: str) -> Job:
         if not _is_uuid(job_id):
