@@ -384,7 +384,7 @@ async def wait_all_completed(dsn: str, queue: str, total: int, within: float) ->
 N_JOBS = 10_000
 CHUNK = 500
 WORKERS = 8
-LOAD_BOUND = 240.0  # seconds for the 10k jobs
+LOAD_BOUND = 420.0  # seconds for the 10k jobs: a hang detector, not a benchmark
 CRON_GRACE = 8.0  # an occurrence this long past must have fired
 
 
@@ -636,15 +636,6 @@ DOWN_FOR = 6.0  # seconds PostgreSQL stays down
 RECONNECT_BOUND = 20.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: while PostgreSQL is down, actors (fetcher pool, reaper, promoter, cron, "
-    "pruner) crash on BackendUnavailable; the supervisor counts those as crashes and after "
-    "6 in 60 s raises ActorEscalation, which stops the engine and the server process exits "
-    "(~2-3 s into the outage). Waiting fetches also hang instead of getting 503. Patch: "
-    "fetcher answers a failed claim round with the error; supervisor retries "
-    "BackendUnavailable with backoff without escalating.",
-)
 async def test_postgres_restart_mid_load_fails_fast_and_recovers(tmp_path: Path) -> None:
     started = await trio.to_thread.run_sync(start_throwaway_cluster)
     if isinstance(started, str):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from ojs_trio.engine.errors import OjsError
 from ojs_trio.engine.job import Job
 from ojs_trio.engine.timeutil import WallClock
 from ojs_trio.storage.port import ClaimRequest, Storage
@@ -39,12 +40,17 @@ class FetchRequest:
     done: trio.Event = field(default_factory=trio.Event)
     abandoned: bool = False
     tried: bool = False  # has a claim round looked for jobs for it yet?
+    error: OjsError | None = None  # the claim failed (e.g. the backend is down)
 
     def claim_request(self) -> ClaimRequest:
         return ClaimRequest(self.queues, self.count, self.worker_id, self.visibility_ms)
 
     def fulfil(self, jobs: list[Job]) -> None:
         self.jobs = jobs
+        self.done.set()
+
+    def fail(self, error: OjsError) -> None:
+        self.error = error
         self.done.set()
 
 
@@ -139,7 +145,18 @@ class FetcherPool:
 
     async def _claim_round(self) -> None:
         batch = self._waiting[: self._max_batch]
-        results = await self._storage.claim([r.claim_request() for r in batch], self._clock())
+        try:
+            results = await self._storage.claim([r.claim_request() for r in batch], self._clock())
+        except OjsError as exc:
+            # The backend failed (e.g. PostgreSQL is down): answer these fetches with
+            # the error now (503 for BackendUnavailable) instead of crashing the pool,
+            # which left them hanging and, after a few crashes, escalated and stopped
+            # the whole engine. Later fetches get a claim round of their own.
+            log.warning("claim for %s failed: %s", ",".join(self.queues), exc.message)
+            for request in batch:
+                request.fail(exc)
+            self._waiting = self._waiting[len(batch) :]
+            return
         self._claims += 1
         now = trio.current_time()
         served: set[int] = set()

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import trio
 
+from ojs_trio.engine.errors import BackendUnavailable
+
 log = logging.getLogger("ojs_trio.actors")
 
 Actor = Callable[[], Awaitable[None]]
@@ -53,12 +55,22 @@ class Supervisor:
                 await actor()
             except Exception as exc:
                 stats.running = False
+                stats.restarts += 1
+                stats.last_error = f"{type(exc).__name__}: {exc}"
+                if _backend_unavailable(exc):
+                    # The backend is down (PostgreSQL restarting, network cut): not the
+                    # actor's fault, and no reason to stop the server. Retry with backoff
+                    # for as long as it lasts, without counting towards escalation.
+                    log.warning(
+                        "actor %s: storage unavailable (%s); retrying in %.2fs", name, exc, backoff
+                    )
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, self.max_backoff)
+                    continue
                 now = trio.current_time()
                 crashes.append(now)
                 while crashes and crashes[0] < now - self.window:
                     crashes.popleft()
-                stats.restarts += 1
-                stats.last_error = f"{type(exc).__name__}: {exc}"
                 if len(crashes) > self.max_restarts:
                     log.critical(
                         "actor %s crashed %d times in %.0fs; escalating",
@@ -81,3 +93,10 @@ class Supervisor:
 
     def statistics(self) -> list[ActorStatistics]:
         return list(self._stats.values())
+
+
+def _backend_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` is (or is a group made only of) :class:`BackendUnavailable`."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_backend_unavailable(sub) for sub in exc.exceptions)
+    return isinstance(exc, BackendUnavailable)

@@ -348,6 +348,8 @@ class Engine:
                 with trio.CancelScope(shield=True):
                     await self._release(request.jobs)
             raise
+        if request.error is not None:
+            raise request.error
         return request.jobs
 
     async def _release(self, jobs: list[Job]) -> None:
