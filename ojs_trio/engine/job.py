@@ -16,6 +16,14 @@ DEFAULT_VISIBILITY_MS = 1_800_000  # ojs-worker-protocol 5.2: 30 minutes
 MAX_ERROR_HISTORY = 25  # the spec asks for at least 10
 
 
+def _copy_json(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_json(v) for v in value]
+    return value  # str, int, float, bool, None: immutable
+
+
 @dataclass(slots=True)
 class Job:
     """One job.  Times are epoch seconds; ``None`` means "not set"."""
@@ -73,8 +81,25 @@ class Job:
         return self.retry.max_attempts
 
     def clone(self) -> Job:
-        """A deep copy, so storage never shares mutable state with callers."""
-        return copy.deepcopy(self)
+        """A deep copy, so storage never shares mutable state with callers.
+
+        Field by field rather than ``copy.deepcopy``: the values are JSON data,
+        which :func:`_copy_json` copies several times faster (clones sit on
+        every storage verb's path).
+        """
+        new = copy.copy(self)
+        new.args = _copy_json(self.args)
+        new.meta = _copy_json(self.meta)
+        new.result = _copy_json(self.result)
+        new.error = _copy_json(self.error)
+        new.errors = _copy_json(self.errors)
+        new.tags = _copy_json(self.tags)
+        new.unique = _copy_json(self.unique)
+        new.parent_results = _copy_json(self.parent_results)
+        new.options_extra = _copy_json(self.options_extra)
+        new.extra = _copy_json(self.extra)
+        new.client_times = dict(self.client_times)
+        return new
 
     def execution_deadline(self) -> float | None:
         if self.timeout_ms is None or self.started_at is None:
