@@ -74,7 +74,8 @@ async def server_process(
 
 
 async def wait_for_health(client: httpx.AsyncClient, process: trio.Process, log: Path) -> None:
-    with trio.fail_after(8):
+    # A hang detector, generous because CI starts this process next to busy test workers.
+    with trio.fail_after(30):
         while True:
             assert process.poll() is None, read_log(log)
             try:
@@ -140,9 +141,9 @@ async def test_signal_drains_in_flight_long_poll_and_exits_zero(
         (response,) = results
         assert response.status_code == 200, response.text
         assert response.json()["jobs"] == []
-        assert answered_after < 3.0  # drained at once, not after wait_ms (30 s)
+        assert answered_after < 10.0  # drained at once, not after wait_ms (30 s)
 
-        with trio.fail_after(5):
+        with trio.fail_after(15):
             code = await process.wait()
     output = read_log(log)
     assert code == 0, output
@@ -155,7 +156,7 @@ async def test_cli_refuses_public_bind_without_api_key(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     env = server_env(port, OJS_HOST="0.0.0.0")
     async with server_process(log, env=env) as process:
-        with trio.fail_after(8):
+        with trio.fail_after(30):
             code = await process.wait()
     assert code != 0
     assert "refusing to bind 0.0.0.0" in read_log(log)
