@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import trio
-
-from ojs_trio.actors.timers import trio_deadline_for
+from ojs_trio.actors.timers import DueTimes
 from ojs_trio.engine.job import Job
 from ojs_trio.engine.timeutil import WallClock
 from ojs_trio.storage.port import Storage
@@ -33,16 +31,13 @@ class DelayPromoter:
         self._on_promoted = on_promoted
         self._batch = batch
         self._max_sleep = max_sleep
-        self._kick_send, self._kick_receive = trio.open_memory_channel[float](32)
+        self._due = DueTimes()
         self.promoted = 0
         self.passes = 0
 
     def notify_due_nowait(self, due_at: float) -> None:
         """A job is due at ``due_at`` (wall clock).  Never blocks the caller."""
-        try:
-            self._kick_send.send_nowait(due_at)
-        except trio.WouldBlock:
-            pass  # a full channel means a wake-up is already queued
+        self._due.notify_nowait(due_at)
 
     async def run(self) -> None:
         while True:
@@ -54,9 +49,4 @@ class DelayPromoter:
                 if len(promoted) >= self._batch:
                     continue
             next_due = await self._storage.next_due_at()
-            deadline = trio_deadline_for(next_due, self._clock, self._max_sleep)
-            with trio.move_on_at(deadline):
-                while True:
-                    due_at = await self._kick_receive.receive()
-                    if next_due is None or due_at < next_due:
-                        break  # sooner than planned: re-plan now
+            await self._due.sleep_until(next_due, self._clock, self._max_sleep)

@@ -22,6 +22,7 @@ from ojs_trio.engine.errors import BackendUnavailable
 log = logging.getLogger("ojs_trio.actors")
 
 Actor = Callable[[], Awaitable[None]]
+HEALTHY_RUN = 30.0  # seconds of running that reset an actor's restart backoff
 
 
 class ActorEscalation(Exception):
@@ -51,10 +52,13 @@ class Supervisor:
         backoff = self.initial_backoff
         while True:
             stats.running = True
+            started = trio.current_time()
             try:
                 await actor()
             except Exception as exc:
                 stats.running = False
+                if trio.current_time() - started > HEALTHY_RUN:
+                    backoff = self.initial_backoff  # it ran well for a while: start over
                 stats.restarts += 1
                 stats.last_error = f"{type(exc).__name__}: {exc}"
                 if _backend_unavailable(exc):

@@ -13,3 +13,29 @@ def trio_deadline_for(wall_time: float | None, clock: WallClock, max_sleep: floa
     if wall_time is None:
         return now + max_sleep
     return now + min(max_sleep, max(0.0, wall_time - clock()))
+
+
+class DueTimes:
+    """A small channel of "something is due at t" hints for a timer actor.
+
+    The actor plans to sleep until its next known due time; a hint for an
+    earlier time cuts the sleep short.  Senders never block: a full channel
+    already guarantees a wake-up.
+    """
+
+    def __init__(self, buffer: int = 32) -> None:
+        self._send, self._receive = trio.open_memory_channel[float](buffer)
+
+    def notify_nowait(self, due_at: float) -> None:
+        try:
+            self._send.send_nowait(due_at)
+        except trio.WouldBlock:
+            pass
+
+    async def sleep_until(self, next_due: float | None, clock: WallClock, max_sleep: float) -> None:
+        """Sleep until ``next_due`` (at most ``max_sleep``) or a hint for something sooner."""
+        with trio.move_on_at(trio_deadline_for(next_due, clock, max_sleep)):
+            while True:
+                due_at = await self._receive.receive()
+                if next_due is None or due_at < next_due:
+                    return  # sooner than planned: re-plan now

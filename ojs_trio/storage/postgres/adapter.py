@@ -54,6 +54,7 @@ log = logging.getLogger("ojs_trio.postgres")
 
 CHANNEL = "ojs_jobs"
 MAX_SERIALIZATION_RETRIES = 5
+NOTIFY_LIMIT = 7900
 T = TypeVar("T")
 Settle = tuple[str, Callable[[Job], None], float]  # job id, transition, now
 Enqueue = tuple[Sequence[Job], float]  # one enqueue call: its jobs, now
@@ -182,9 +183,8 @@ class PostgresStorage:
                 if self._listener is None:
                     continue
                 if isinstance(event, Notification):
-                    queues = [name for name in event.payload.split(",") if name]
-                    if queues:
-                        self._listener.queues_ready(queues)
+                    # An empty payload (too many queues to list) wakes every fetch.
+                    self._listener.queues_ready([n for n in event.payload.split(",") if n])
                 else:
                     # Reconnected: notifications may have been missed meanwhile.
                     self._listener.queues_ready([])
@@ -277,7 +277,9 @@ class PostgresStorage:
     async def _notify(self, conn: TrioConnection, jobs: Sequence[Job]) -> None:
         queues = sorted({j.queue for j in jobs if j.state is JobState.AVAILABLE})
         if queues:
-            await conn.execute(q("notify"), (",".join(queues),))
+            payload = ",".join(queues)
+            # NOTIFY payloads stop at 8000 bytes; an empty one means "look everywhere".
+            await conn.execute(q("notify"), (payload if len(payload) < NOTIFY_LIMIT else "",))
 
     def _created(self, jobs: list[Job]) -> None:
         if jobs and self._listener is not None:
@@ -406,6 +408,9 @@ class PostgresStorage:
         return None
 
     async def claim(self, requests: Sequence[ClaimRequest], now: float) -> list[list[Job]]:
+        return await self._retry(lambda: self._claim_once(requests, now))
+
+    async def _claim_once(self, requests: Sequence[ClaimRequest], now: float) -> list[list[Job]]:
         """Serve every request with one locking SELECT per queue and one UPDATE in all.
 
         Requests that list the same queues (all the fetches of one fetcher pool)
@@ -584,6 +589,9 @@ class PostgresStorage:
         return _job(row)
 
     async def promote_due(self, now: float, limit: int) -> list[Job]:
+        return await self._retry(lambda: self._promote_due_once(now, limit))
+
+    async def _promote_due_once(self, now: float, limit: int) -> list[Job]:
         async with self._tx() as conn:
             cur = await conn.execute(q("due_jobs"), (now, limit))
             promoted = []
@@ -598,6 +606,9 @@ class PostgresStorage:
         return promoted
 
     async def reap(self, now: float, limit: int) -> list[Job]:
+        return await self._retry(lambda: self._reap_once(now, limit))
+
+    async def _reap_once(self, now: float, limit: int) -> list[Job]:
         reaped: list[Job] = []
         spawned: list[Job] = []
         async with self._tx() as conn:
@@ -631,7 +642,12 @@ class PostgresStorage:
                 q("prune"),
                 {"before": finished_before, "dead_before": dead_letter_before, "limit": limit},
             )
-            return cur.rowcount
+            deleted = cur.rowcount
+            # Rate-limit windows are at most a minute; older claim times are dead weight.
+            horizon = finished_before if finished_before is not None else dead_letter_before
+            if horizon is not None:
+                await conn.execute(q("prune_starts"), (horizon,))
+            return deleted
 
     async def _scalar(self, name: str, params: Sequence[Any] = ()) -> Any:
         with map_errors():

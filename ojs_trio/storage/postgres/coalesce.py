@@ -58,7 +58,10 @@ class Coalescer(Generic[T, R]):
         if not self._leader_active:
             self._leader_active = True
             try:
-                await self._lead()
+                # Shielded, gathering window included: followers depend on the
+                # leader, so its own cancellation waits until their batch is done.
+                with trio.CancelScope(shield=True):
+                    await self._lead()
             finally:
                 self._leader_active = False
         await slot.done.wait()
@@ -78,11 +81,10 @@ class Coalescer(Generic[T, R]):
             self._full = trio.Event()
             self._stats.batches += 1
             self._stats.largest_batch = max(self._stats.largest_batch, len(batch))
-            with trio.CancelScope(shield=True):
-                try:
-                    outcomes = await self._run([s.item for s in batch])
-                except BaseException as exc:  # the whole batch failed
-                    outcomes = [exc] * len(batch)
+            try:
+                outcomes = await self._run([s.item for s in batch])
+            except Exception as exc:  # the whole batch failed
+                outcomes = [exc] * len(batch)
             for slot, outcome in zip(batch, outcomes, strict=True):
                 if isinstance(outcome, BaseException):
                     slot.error = outcome
