@@ -40,6 +40,7 @@ from ojs_trio.storage.port import DeadLetterPage, EnqueueResult, QueueInfo, Stor
 log = logging.getLogger("ojs_trio.engine")
 
 WORKER_STATES = ("running", "quiet", "terminate")
+TERMINAL_WORKFLOW = ("completed", "failed", "cancelled")
 
 
 @dataclass
@@ -193,7 +194,7 @@ class Engine:
             workflow = await self.storage.get_workflow(job.workflow_id)
         except OjsError:
             return
-        if workflow.state in ("completed", "failed") and workflow.completed_at == job_settled_at(
+        if workflow.state in TERMINAL_WORKFLOW and workflow.completed_at == job_settled_at(
             job
         ):
             self.events.publish(
@@ -453,6 +454,7 @@ class Engine:
     async def cancel(self, job_id: str) -> Job:
         job = await self.storage.cancel(job_id, self.clock())
         self._publish("job.cancelled", job)
+        await self._after_settle(job)
         return job
 
     async def list_dead_letter(
