@@ -194,9 +194,7 @@ class Engine:
             workflow = await self.storage.get_workflow(job.workflow_id)
         except OjsError:
             return
-        if workflow.state in TERMINAL_WORKFLOW and workflow.completed_at == job_settled_at(
-            job
-        ):
+        if workflow.state in TERMINAL_WORKFLOW and workflow.completed_at == job_settled_at(job):
             self.events.publish(
                 workflow_event(f"workflow.{workflow.state}", workflow, self.clock())
             )
