@@ -10,10 +10,7 @@ exact and instant.
 
 from __future__ import annotations
 
-import random
-import threading
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,11 +18,12 @@ import pytest
 import trio
 import trio.testing
 from croniter import croniter
+from mockclock import engine_on_clock, real_time_limit
 
 import ojs_trio.engine.cron as cron_module
 from ojs_trio.actors.cron import CronTicker
 from ojs_trio.engine.cron import CronFire, next_occurrence
-from ojs_trio.engine.engine import Engine, EngineConfig, open_engine
+from ojs_trio.engine.engine import Engine
 from ojs_trio.engine.errors import InvalidCronExpression, InvalidRequest, NotFound
 from ojs_trio.engine.job import Job
 from ojs_trio.engine.states import JobState
@@ -281,37 +279,11 @@ def wall() -> float:
     return BASE + trio.current_time()
 
 
-@contextmanager
-def real_time_limit(seconds: float = 30.0) -> Iterator[None]:
-    """Fail instead of hang if an actor spins (which freezes an autojump MockClock)."""
-    token = trio.lowlevel.current_trio_token()
-    with trio.CancelScope() as scope:
-
-        def expire() -> None:
-            try:
-                token.run_sync_soon(scope.cancel)
-            except trio.RunFinishedError:
-                pass
-
-        timer = threading.Timer(seconds, expire)
-        timer.daemon = True
-        timer.start()
-        try:
-            yield
-        finally:
-            timer.cancel()
-    if scope.cancelled_caught:
-        pytest.fail(f"did not finish within {seconds}s of real time (busy loop?)")
-
-
-@asynccontextmanager
-async def running_engine(
+def running_engine(
     storage: MemoryStorage | None = None, **config: Any
-) -> AsyncIterator[Engine]:
+) -> AbstractAsyncContextManager[Engine]:
     config.setdefault("clock", wall)
-    storage = storage or MemoryStorage(rng=random.Random(0))
-    async with open_engine(storage, EngineConfig(**config)) as engine:
-        yield engine
+    return engine_on_clock(storage, **config)
 
 
 def cron_body(name: str = "tick", expression: str = "* * * * *", **extra: Any) -> dict[str, Any]:

@@ -11,15 +11,13 @@ fail; :func:`real_time_limit` turns such a hang into a failure.
 
 from __future__ import annotations
 
-import random
-import threading
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
+from mockclock import engine_on_clock, real_time_limit
 
 from ojs_trio.engine.engine import Engine, EngineConfig, open_engine
 from ojs_trio.engine.job import Job
@@ -34,37 +32,11 @@ def wall() -> float:
     return BASE + trio.current_time()
 
 
-@asynccontextmanager
-async def running_engine(**config: Any) -> AsyncIterator[Engine]:
+def running_engine(
+    storage: MemoryStorage | None = None, **config: Any
+) -> AbstractAsyncContextManager[Engine]:
     config.setdefault("clock", wall)
-    async with open_engine(MemoryStorage(rng=random.Random(0)), EngineConfig(**config)) as engine:
-        yield engine
-
-
-@contextmanager
-def real_time_limit(seconds: float = 30.0) -> Iterator[None]:
-    """Cancel the block after ``seconds`` of *real* time and fail the test.
-
-    ``trio.fail_after`` measures mock time, which stands still while a task spins.
-    """
-    token = trio.lowlevel.current_trio_token()
-    with trio.CancelScope() as scope:
-
-        def expire() -> None:
-            try:
-                token.run_sync_soon(scope.cancel)
-            except trio.RunFinishedError:
-                pass
-
-        timer = threading.Timer(seconds, expire)
-        timer.daemon = True
-        timer.start()
-        try:
-            yield
-        finally:
-            timer.cancel()
-    if scope.cancelled_caught:
-        pytest.fail(f"did not finish within {seconds}s of real time (busy loop?)")
+    return engine_on_clock(storage, **config)
 
 
 async def fetchable(engine: Engine, queue: str = "default") -> list[Job]:

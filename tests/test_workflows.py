@@ -10,18 +10,18 @@ turns a spinning actor (which would freeze the mock clock) into a failure.
 from __future__ import annotations
 
 import random
-import threading
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
+from mockclock import engine_on_clock, real_time_limit
 
-from ojs_trio.engine.engine import Engine, EngineConfig, open_engine
+from ojs_trio.engine.engine import Engine
 from ojs_trio.engine.errors import OjsError
 from ojs_trio.engine.job import Job
 from ojs_trio.engine.lifecycle import Failure
@@ -37,37 +37,11 @@ def wall() -> float:
     return BASE + trio.current_time()
 
 
-@contextmanager
-def real_time_limit(seconds: float = 30.0) -> Iterator[None]:
-    """Fail instead of hang if an actor spins (which freezes an autojump MockClock)."""
-    token = trio.lowlevel.current_trio_token()
-    with trio.CancelScope() as scope:
-
-        def expire() -> None:
-            try:
-                token.run_sync_soon(scope.cancel)
-            except trio.RunFinishedError:
-                pass
-
-        timer = threading.Timer(seconds, expire)
-        timer.daemon = True
-        timer.start()
-        try:
-            yield
-        finally:
-            timer.cancel()
-    if scope.cancelled_caught:
-        pytest.fail(f"did not finish within {seconds}s of real time (busy loop?)")
-
-
-@asynccontextmanager
-async def running_engine(
+def running_engine(
     storage: MemoryStorage | None = None, **config: Any
-) -> AsyncIterator[Engine]:
+) -> AbstractAsyncContextManager[Engine]:
     config.setdefault("clock", wall)
-    storage = storage or MemoryStorage(rng=random.Random(0))
-    async with open_engine(storage, EngineConfig(**config)) as engine:
-        yield engine
+    return engine_on_clock(storage, **config)
 
 
 @asynccontextmanager
