@@ -44,7 +44,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from ipaddress import ip_address
 from types import TracebackType
-from typing import Any, Final, Literal, Self, TypeVar
+from typing import Any, Final, Self, TypeVar
 
 import psycopg
 import trio
@@ -62,6 +62,7 @@ from psycopg.pq.abc import PGconn
 from psycopg.rows import AsyncRowFactory, tuple_row
 
 from ojs_trio.engine.errors import BackendError, BackendUnavailable
+from ojs_trio.storage.errormap import ErrorMapper
 
 __all__ = [
     "ConnectionLock",
@@ -578,7 +579,7 @@ def to_backend_error(exc: psycopg.Error) -> BackendError:
     return BackendError(f"PostgreSQL error ({what})", details=details)
 
 
-class map_errors:
+def map_errors() -> ErrorMapper[psycopg.Error]:
     """Map psycopg errors raised in the block to our backend errors (sync or async).
 
     ::
@@ -593,32 +594,7 @@ class map_errors:
     or :class:`BackendError`, chained from the original (``__cause__``). Our own
     ``OjsError``\\ s and everything else pass through unchanged, so blocks can nest.
     """
-
-    __slots__ = ()
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> Literal[False]:
-        if isinstance(exc, psycopg.Error):
-            raise to_backend_error(exc) from exc
-        return False
-
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> Literal[False]:
-        return self.__exit__(exc_type, exc, tb)
+    return ErrorMapper(psycopg.Error, to_backend_error)
 
 
 # --------------------------------------------------------------------------------------

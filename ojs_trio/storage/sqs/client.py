@@ -30,8 +30,7 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
-from types import TracebackType
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import trio
@@ -41,6 +40,7 @@ from aiobotocore.session import get_session  # type: ignore[import-untyped]
 from botocore import exceptions as boto_exc  # type: ignore[import-untyped]
 
 from ojs_trio.engine.errors import BackendError, BackendUnavailable, Conflict, OjsError
+from ojs_trio.storage.errormap import ErrorMapper
 
 __all__ = [
     "THROTTLING_CODES",
@@ -213,11 +213,7 @@ def to_backend_error(exc: Exception) -> OjsError:
     return BackendError(f"AWS client error ({name})", details={"error": name})
 
 
-def _should_map(exc: BaseException | None) -> bool:
-    return isinstance(exc, boto_exc.ClientError | boto_exc.BotoCoreError)
-
-
-class map_errors:
+def map_errors() -> ErrorMapper[Exception]:
     """Map botocore errors raised in the block to our backend errors (sync or async).
 
     ::
@@ -230,33 +226,7 @@ class map_errors:
     from the original. Our own ``OjsError``\\ s and everything else (Trio cancellation
     included) pass through unchanged, so blocks can nest.
     """
-
-    __slots__ = ()
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> Literal[False]:
-        if _should_map(exc):
-            assert isinstance(exc, Exception)
-            raise to_backend_error(exc) from exc
-        return False
-
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> Literal[False]:
-        return self.__exit__(exc_type, exc, tb)
+    return ErrorMapper((boto_exc.ClientError, boto_exc.BotoCoreError), to_backend_error)
 
 
 async def retry_throttled(
