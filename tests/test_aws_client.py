@@ -40,6 +40,7 @@ from ojs_trio.storage.sqs.client import (
 )
 from ojs_trio.storage.sqs.provision import (
     DLQ_INDEX,
+    EXPIRY_INDEX,
     QUEUE_STATE_INDEX,
     TTL_ATTRIBUTE,
     provision,
@@ -141,6 +142,9 @@ def test_sqs_queue_names() -> None:
     fifo = replace(s, use_fifo=True)
     assert sqs_queue_name(fifo, "default") == "ojs-default.fifo"
     assert sqs_queue_name(fifo, "default", dlq=True) == "ojs-default-dlq.fifo"
+    assert sqs_queue_name(s, "default", tier=3) == "ojs-default-p3"
+    assert sqs_queue_name(s, "default", tier=-100) == "ojs-default-n100"
+    assert sqs_queue_name(fifo, "a.b", tier=7) == "ojs-a_b-p7.fifo"
     long = "q" * 200
     for settings in (s, fifo):
         for dlq in (False, True):
@@ -423,6 +427,7 @@ async def test_provision_twice_is_idempotent(aws_settings: AwsSettings) -> None:
             assert {i["IndexName"] for i in described["GlobalSecondaryIndexes"]} == {
                 QUEUE_STATE_INDEX,
                 DLQ_INDEX,
+                EXPIRY_INDEX,
             }
             ttl = await clients.dynamodb.describe_time_to_live(TableName="ojs-jobs")
             assert ttl["TimeToLiveDescription"] == {

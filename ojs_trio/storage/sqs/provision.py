@@ -11,33 +11,45 @@ item                          ``pk``                 ``sk``
 ============================  =====================  ==================================
 job                           ``JOB#{job_id}``       ``JOB``
 unique-key claim              ``UNIQUE#{key}``       ``UNIQUE``
-queue metadata (pause, ...)   ``QUEUE#{queue}``      ``META``
-cron registration             ``CRON#{name}``        ``CRON``
+workflow                      ``WF#{workflow_id}``   ``WF``
+queue (pause, limits, tiers)  ``QUEUES``             ``{queue}``
+cron registration             ``CRONS``              ``{name}``
 ============================  =====================  ==================================
+
+Queues and crons share one partition each so that listing them is one ``Query``;
+both are small, administrative sets.
 
 Global secondary indexes (projection ``ALL``; they are eventually consistent on AWS):
 
 * ``by-queue-state`` -- ``gsi1pk = "Q#{queue}#{state}"``,
-  ``gsi1sk = "{sort_key}#{job_id}"`` (e.g. zero-padded enqueue time or priority):
-  list and count a queue's jobs in one state, in order. Every job item carries it.
+  ``gsi1sk = "{time}#{job_id}"`` where time is the moment that matters in that state
+  (due time when scheduled/retryable, lease or execution deadline when active, finish
+  time when terminal, enqueue time otherwise): the promoter and reaper read due jobs
+  as a range, counts are ``Select=COUNT`` queries. Every job item carries it.
 * ``dead-letter`` -- sparse: only dead-lettered jobs carry ``gsi2pk = "DLQ#{queue}"``
   and ``gsi2sk = "{failed_at}#{job_id}"``; listing dead letters reads nothing else.
   A cross-queue listing queries per queue and merges (one partition for all dead
   letters would be a hot key).
+* ``by-expiry`` -- sparse: jobs not yet started that have an ``expires_at`` carry
+  ``gsi3pk = "EXP#{queue}"`` and ``gsi3sk = "{expires_at}#{job_id}"``, so the reaper
+  finds TTL-expired jobs without reading the backlog.
 
-TTL: the attribute ``expires_at_ttl`` (epoch seconds) is enabled for retention.
-DynamoDB deletes expired items late (typically within days) and moto never does, so
-every read must still filter on ``expires_at_ttl``; never rely on deletion.
+TTL: the attribute ``expires_at_ttl`` (epoch seconds) is set on finished jobs as a
+retention backstop. DynamoDB deletes expired items late (typically within days) and
+moto never does, so every read still filters on ``expires_at_ttl``; never rely on
+deletion.
 
 SQS queues
 ----------
 
-For each OJS queue ``q``: ``{prefix}-{q}`` and its dead-letter queue
-``{prefix}-{q}-dlq`` (``.fifo`` appended to both when ``use_fifo``), the main queue
-redriving to the DLQ after ``max_receive_count`` receives. OJS queue names may contain
-``.``, which SQS forbids, so dots become ``_`` (which OJS names cannot contain: the
-mapping stays injective). Names that would exceed SQS's 80 characters are shortened
-with a hash suffix (see :func:`sqs_queue_name`).
+For each OJS queue ``q`` and priority tier ``p``: ``{prefix}-{q}`` for priority 0,
+``{prefix}-{q}-p{p}`` / ``{prefix}-{q}-n{-p}`` for positive / negative priorities,
+all redriving to one dead-letter queue ``{prefix}-{q}-dlq`` after
+``max_receive_count`` receives (``.fifo`` appended to every name when ``use_fifo``).
+The adapter creates tier queues when a job first needs one. OJS queue names may
+contain ``.``, which SQS forbids, so dots become ``_`` (which OJS names cannot
+contain: the mapping stays injective). Names that would exceed SQS's 80 characters
+are shortened with a hash suffix (see :func:`sqs_queue_name`).
 
 Everything here is safe to run twice and concurrently from several processes: an
 existing table is checked against the key design (not altered), TTL is only enabled
@@ -61,6 +73,7 @@ from ojs_trio.storage.sqs.client import AwsClients, AwsSettings, aws_error_code,
 
 __all__ = [
     "DLQ_INDEX",
+    "EXPIRY_INDEX",
     "QUEUE_STATE_INDEX",
     "TTL_ATTRIBUTE",
     "ProvisionResult",
@@ -73,6 +86,7 @@ __all__ = [
 
 QUEUE_STATE_INDEX: Final = "by-queue-state"
 DLQ_INDEX: Final = "dead-letter"
+EXPIRY_INDEX: Final = "by-expiry"
 TTL_ATTRIBUTE: Final = "expires_at_ttl"
 
 #: SQS keeps messages at most 14 days.
@@ -90,6 +104,7 @@ _KEY_SCHEMA: Final = [
 _GSIS: Final = {
     QUEUE_STATE_INDEX: ("gsi1pk", "gsi1sk"),
     DLQ_INDEX: ("gsi2pk", "gsi2sk"),
+    EXPIRY_INDEX: ("gsi3pk", "gsi3sk"),
 }
 
 
@@ -109,16 +124,22 @@ class ProvisionResult:
     queues: dict[str, QueueUrls]
 
 
-def sqs_queue_name(settings: AwsSettings, queue: str, *, dlq: bool = False) -> str:
-    """The SQS queue name for OJS queue ``queue`` (or its dead-letter queue).
+def sqs_queue_name(settings: AwsSettings, queue: str, *, dlq: bool = False, tier: int = 0) -> str:
+    """The SQS queue name for OJS queue ``queue`` at priority ``tier`` (or its DLQ).
 
-    ``{prefix}-{queue}[-dlq][.fifo]``, with ``.`` mapped to ``_``. A name over 80
-    characters keeps a prefix of the queue name and appends the first 10 hex digits
-    of the SHA-256 of the OJS queue name.
+    ``{prefix}-{queue}[-p{tier}|-n{-tier}|-dlq][.fifo]``, with ``.`` mapped to ``_``.
+    A name over 80 characters keeps a prefix of the queue name and appends the first
+    10 hex digits of the SHA-256 of the OJS queue name.
     """
     if not queue:
         raise ValueError("queue name must not be empty")
-    suffix = ("-dlq" if dlq else "") + (".fifo" if settings.use_fifo else "")
+    if dlq:
+        marker = "-dlq"
+    elif tier:
+        marker = f"-p{tier}" if tier > 0 else f"-n{-tier}"
+    else:
+        marker = ""
+    suffix = marker + (".fifo" if settings.use_fifo else "")
     middle = queue.replace(".", "_")
     name = f"{settings.queue_prefix}-{middle}"
     if len(name) + len(suffix) > SQS_NAME_MAX:
@@ -260,8 +281,9 @@ async def _ensure_queue(sqs: Any, name: str, attributes: dict[str, str]) -> tupl
     return url, str(attrs["Attributes"]["QueueArn"])
 
 
-async def provision_queue(clients: AwsClients, queue: str) -> QueueUrls:
-    """Create (or reconcile) the SQS queue of OJS ``queue`` and its dead-letter queue."""
+async def provision_queue(clients: AwsClients, queue: str, tier: int = 0) -> QueueUrls:
+    """Create (or reconcile) the SQS queue of OJS ``queue`` at priority ``tier``, and
+    the queue's dead-letter queue."""
     settings = clients.settings
     base: dict[str, str] = {"MessageRetentionPeriod": str(MAX_RETENTION_SECONDS)}
     if settings.use_fifo:
@@ -275,7 +297,9 @@ async def provision_queue(clients: AwsClients, queue: str) -> QueueUrls:
             {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(settings.max_receive_count)}
         )
         url, arn = await _ensure_queue(
-            clients.sqs, sqs_queue_name(settings, queue), {**base, "RedrivePolicy": redrive}
+            clients.sqs,
+            sqs_queue_name(settings, queue, tier=tier),
+            {**base, "RedrivePolicy": redrive},
         )
     return QueueUrls(queue=queue, url=url, arn=arn, dlq_url=dlq_url, dlq_arn=dlq_arn)
 
