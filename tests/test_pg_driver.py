@@ -628,12 +628,15 @@ async def test_pool_under_churn(pg_dsn: str) -> None:
                 nursery.start_soon(sleeper)
                 watcher = await _connect(pg_dsn)
                 try:
-                    while not await _scalar(
-                        watcher,
-                        "SELECT count(*) FROM pg_stat_activity"
-                        " WHERE state = 'active' AND pid <> pg_backend_pid() AND query LIKE %s",
-                        (f"%{marker}%",),
-                    ):
+                    # Poll the server until the query runs (the outer fail_after bounds it).
+                    for _ in range(100_000):
+                        if await _scalar(
+                            watcher,
+                            "SELECT count(*) FROM pg_stat_activity"
+                            " WHERE state = 'active' AND pid <> pg_backend_pid() AND query LIKE %s",
+                            (f"%{marker}%",),
+                        ):
+                            break
                         await trio.sleep(0.01)
                 finally:
                     await watcher.close()
