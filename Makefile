@@ -5,7 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve serve-postgres test lint typecheck unit conformance clean install
+.PHONY: serve serve-postgres test lint typecheck unit conformance clean install \
+	bench bench-quick bench-smoke
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +17,13 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The benchmark harness's peers (pgqueuer, asyncpg, procrastinate) and plots
+# (matplotlib) come with the [bench] extra; nothing at runtime needs them.
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): pyproject.toml | $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,postgres,sqs,bench]'
+	touch $(BENCH_STAMP)
 
 serve: $(STAMP)
 	$(BIN)/ojs-trio serve --host 127.0.0.1 --port $${OJS_PORT:-8080} --storage $${OJS_STORAGE:-memory://}
@@ -46,7 +54,23 @@ unit: $(STAMP)
 conformance: $(STAMP)
 	$(BIN)/pytest -q -n $(PYTEST_WORKERS) tests/test_conformance.py
 
-test: lint typecheck unit
+# Benchmarks (bench/README.md). Results: bench/results/latest.{md,json} and
+# timestamped copies. PostgreSQL at $(BENCH_DATABASE_URL), dropped and created per run.
+BENCH_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/ojs_bench
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench --pg-url $(BENCH_DATABASE_URL)
+
+bench-quick: $(BENCH_STAMP)
+	$(BIN)/python -m bench --quick --pg-url $(BENCH_DATABASE_URL)
+
+# Part of `make test`: every scenario at tiny sizes so the harness never rots. No
+# timing assertions; needs only the dev extras (peers and plots are skipped without
+# the [bench] extra, PostgreSQL when it is not reachable); writes to a temp dir.
+BENCH_SMOKE_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/ojs_bench_smoke
+bench-smoke: $(STAMP)
+	$(BIN)/python -m bench --smoke --no-progress --pg-url $(BENCH_SMOKE_DATABASE_URL)
+
+test: lint typecheck unit bench-smoke
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

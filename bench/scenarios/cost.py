@@ -1,0 +1,121 @@
+"""Cost growth: claim latency and throughput with many jobs resident, and after churn.
+
+For each size in ``sizes.cost_resident``: storage is emptied, that many available
+jobs are enqueued (batches of 1000), then
+
+* claim latency: ``sizes.cost_samples`` sequential ``fetch(count=1)`` calls, each
+  followed by its ack (latency of the fetch only);
+* throughput: 16 workers ``fetch(count=10)`` + ack from the backlog for
+  ``sizes.cost_tp_s`` (no producer: the backlog is the resident set).
+
+A last case measures the smallest size again after ``sizes.cost_dead`` jobs have been
+run to completion first without emptying storage (completed rows and the dead
+tuples they leave behind in PostgreSQL's live partition; autovacuum is left at the
+schema's settings).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from bench.load import summarize
+from bench.scenarios.common import QUEUE, Context, fill
+
+WORKERS = 16
+MAX_JOBS = 10
+
+
+async def run(ctx: Context) -> None:
+    target = ctx.target
+    for resident in ctx.sizes.cost_resident:
+        await target.reset()
+        await _fill(ctx, resident, f"cost: fill {resident:,}")
+        metrics = await measure(ctx, f"{resident:,} resident")
+        ctx.record("cost", {"resident": resident, "dead": 0}, metrics)
+    # after churn: run cost_dead jobs to completion, then measure the smallest size
+    await target.reset()
+    dead = ctx.sizes.cost_dead
+    await _fill(ctx, dead, f"cost: churn fill {dead:,}")
+    churn_rate = await _drain(ctx, dead)
+    resident = ctx.sizes.cost_resident[0]
+    await _fill(ctx, resident, f"cost: fill {resident:,} after churn")
+    metrics = await measure(ctx, f"{resident:,} resident after {dead:,} done")
+    metrics["churn_jobs_per_s"] = round(churn_rate, 1)
+    ctx.record("cost", {"resident": resident, "dead": dead}, metrics)
+    await target.reset()
+
+
+async def _fill(ctx: Context, count: int, text: str) -> None:
+    def tick(done: int) -> None:
+        if done % 10_000 < 1000 or done == count:
+            ctx.progress.show(ctx.label(f"{text} ({done:,})"))
+
+    rate = await fill(ctx.target, QUEUE, count, tick=tick)
+    ctx.measured["fill_jobs_per_s"] = rate
+
+
+async def _drain(ctx: Context, count: int) -> float:
+    """Fetch (100 at a time) and ack ``count`` jobs with 16 workers; jobs per second."""
+    target = ctx.target
+    done = 0
+    t0 = trio.current_time()
+
+    async def worker(k: int) -> None:
+        nonlocal done
+        while done < count:
+            ids = await target.fetch(QUEUE, 100, worker_id=f"churn-{k}")
+            if not ids:
+                return
+            for job_id in ids:
+                await target.ack(job_id, f"churn-{k}")
+                done += 1
+            if done % 5000 < 100:
+                ctx.progress.show(ctx.label(f"cost: churn {done:,}/{count:,}"))
+
+    async with trio.open_nursery() as nursery:
+        for k in range(WORKERS):
+            nursery.start_soon(worker, k)
+    return done / max(trio.current_time() - t0, 1e-9)
+
+
+async def measure(ctx: Context, text: str) -> dict[str, Any]:
+    target, sizes = ctx.target, ctx.sizes
+    ctx.progress.show(ctx.label(f"cost: claim latency, {text}"))
+    latencies: list[float] = []
+    for _ in range(sizes.cost_samples):
+        t0 = trio.current_time()
+        ids = await target.fetch(QUEUE, 1, worker_id="cost-claim")
+        latencies.append(trio.current_time() - t0)
+        for job_id in ids:
+            await target.ack(job_id, "cost-claim")
+
+    ctx.progress.show(ctx.label(f"cost: throughput, {text}"))
+    acked = 0
+    t0 = trio.current_time()
+    stop_at = t0 + sizes.cost_tp_s
+    last = t0
+
+    async def worker(k: int) -> None:
+        nonlocal acked, last
+        while trio.current_time() < stop_at:
+            ids = await target.fetch(QUEUE, MAX_JOBS, worker_id=f"cost-{k}")
+            if not ids:
+                return
+            for job_id in ids:
+                await target.ack(job_id, f"cost-{k}")
+                acked += 1
+            last = trio.current_time()
+
+    async with trio.open_nursery() as nursery:
+        for k in range(WORKERS):
+            nursery.start_soon(worker, k)
+    elapsed = max(last - t0, 1e-9)
+    return {
+        "claim_latency": summarize(latencies),
+        "jobs_per_s": round(acked / elapsed, 1),
+        "acked": acked,
+        "duration_s": round(elapsed, 3),
+        "fill_jobs_per_s": round(ctx.measured.get("fill_jobs_per_s", 0.0), 1),
+    }

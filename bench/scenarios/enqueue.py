@@ -1,0 +1,44 @@
+"""Enqueue latency at fixed offered rates, single jobs and batches.
+
+For each kind (one job per call; ``sizes.batch`` jobs per call):
+
+1. the maximum rate: ``sizes.concurrency`` closed-loop callers for ``sizes.max_s``;
+2. open-loop runs at ``sizes.fractions`` of that maximum, each for ``sizes.rate_s``,
+   with latency measured from each call's scheduled send time.
+
+Storage is emptied before every run so resident rows do not build up across runs.
+"""
+
+from __future__ import annotations
+
+from bench.load import closed_loop, open_loop
+from bench.scenarios.common import QUEUE, Context
+
+
+async def run(ctx: Context) -> None:
+    target, sizes = ctx.target, ctx.sizes
+    for kind, n in (("single", 1), ("batch", sizes.batch)):
+
+        async def op(i: int, n: int = n) -> None:
+            await target.enqueue(QUEUE, n, i * n)
+
+        await target.reset()
+        ctx.progress.show(ctx.label(f"enqueue {kind}: max rate"))
+        best = await closed_loop(op, sizes.concurrency, sizes.max_s)
+        ctx.record(
+            "enqueue",
+            {"kind": kind, "batch": n, "phase": "max", "concurrency": sizes.concurrency},
+            best.to_json(n),
+        )
+        ctx.measured[f"enqueue_{kind}_max_rate"] = best.achieved_rate
+        for fraction in sizes.fractions:
+            rate = max(best.achieved_rate * fraction, 1.0)
+            await target.reset()
+            ctx.progress.show(ctx.label(f"enqueue {kind}: {rate:,.0f}/s open loop"))
+            result = await open_loop(op, rate, sizes.rate_s)
+            ctx.record(
+                "enqueue",
+                {"kind": kind, "batch": n, "phase": "open", "fraction": fraction},
+                result.to_json(n),
+            )
+    await target.reset()

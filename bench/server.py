@@ -1,0 +1,78 @@
+"""The server under test for HTTP runs, in its own process.
+
+    python -m bench.server --storage memory:// [--pool-size 10]
+
+Starts the engine and Hypercorn on an ephemeral loopback port (``nursery.start``
+reports the bound address), prints ``{"url": ...}`` as one JSON line on stdout and
+serves until SIGTERM/SIGINT.  ``POST /ojs/v1/admin/reset`` is enabled so the harness
+can empty storage between scenarios; test directives stay off.  The load generator
+runs in the parent process, so client and server each get a core, as in the Go
+reference measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import signal
+import sys
+
+import trio
+
+from ojs_trio.config import Settings
+from ojs_trio.engine.engine import EngineConfig, open_engine
+from ojs_trio.http.serve import serve
+from ojs_trio.storage import open_storage
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft open-files limit to the hard limit; returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+async def main(storage_url: str, pool_size: int) -> None:
+    settings = Settings(port=0, storage_url=storage_url, enable_reset=True, pool_size=pool_size)
+    settings.graceful_timeout = 2.0
+    storage = open_storage(storage_url, pool_size=pool_size)
+    stop = trio.Event()
+    async with open_engine(storage, EngineConfig()) as engine:
+
+        async def shutdown_trigger() -> None:
+            await stop.wait()
+            engine.begin_shutdown()
+
+        async def watch_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    stop.set()
+                    return
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_signals)
+            addresses = await nursery.start(serve, engine, settings, shutdown_trigger)
+            sys.stdout.write(json.dumps({"url": addresses[0]}) + "\n")
+            sys.stdout.flush()
+        # serve() returned after the graceful drain; the signal watcher has exited.
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--storage", default="memory://")
+    parser.add_argument("--pool-size", type=int, default=10)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    # When the harness cancels in-flight fetches and resets storage right away, the
+    # engine's release of jobs claimed for them can find them gone; that is expected.
+    logging.getLogger("ojs_trio.engine").setLevel(logging.ERROR)
+    raise_nofile_limit()
+    trio.run(main, args.storage, args.pool_size)

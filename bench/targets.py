@@ -1,0 +1,264 @@
+"""What the scenarios drive: the engine embedded in-process, or the HTTP API.
+
+A :class:`Target` offers the four operations every scenario needs (enqueue one or a
+batch, fetch, ack, reset), the same way for both transports, so one scenario body
+measures both.  :func:`open_target` opens one for a storage URL:
+
+* ``embedded``: ``open_engine(open_storage(url))`` in this process; the calls are
+  ``Engine.submit``/``submit_many``/``fetch``/``ack``.
+* ``http``: ``python -m bench.server`` in a child process (engine + Hypercorn on an
+  ephemeral port) and httpx clients here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, Protocol
+
+import httpx
+import trio
+
+from ojs_trio.engine.engine import Engine, EngineConfig, open_engine
+from ojs_trio.engine.worker import JobContext
+from ojs_trio.storage import open_storage
+
+JOB_TYPE = "bench.noop"
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def job_body(queue: str, i: int) -> dict[str, Any]:
+    return {"type": JOB_TYPE, "args": [i], "options": {"queue": queue}}
+
+
+class Target(Protocol):
+    storage: str  # "memory" | "postgres"
+    transport: str  # "embedded" | "http"
+
+    async def enqueue(self, queue: str, n: int = 1, start: int = 0) -> None:
+        """One job (n == 1: the single-job call) or a batch of ``n`` in one call."""
+
+    async def fetch(
+        self, queue: str, count: int = 1, *, wait_ms: int = 0, worker_id: str | None = None
+    ) -> list[str]:
+        """Claim up to ``count`` jobs; returns their ids."""
+        ...
+
+    async def ack(self, job_id: str, worker_id: str | None = None) -> None: ...
+
+    async def reset(self) -> None: ...
+
+    async def waiting_workers(self) -> int:
+        """Workers the server has seen since the last reset (a long-poll progress probe)."""
+        ...
+
+    def new_client(self, connections: int) -> Target:
+        """A target sharing the same server but with its own connection pool (HTTP)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class EmbeddedTarget:
+    transport = "embedded"
+
+    def __init__(self, storage: str, engine: Engine) -> None:
+        self.storage = storage
+        self.engine = engine
+
+    async def enqueue(self, queue: str, n: int = 1, start: int = 0) -> None:
+        if n == 1:
+            await self.engine.submit(job_body(queue, start))
+        else:
+            await self.engine.submit_many([job_body(queue, start + k) for k in range(n)])
+
+    async def fetch(
+        self, queue: str, count: int = 1, *, wait_ms: int = 0, worker_id: str | None = None
+    ) -> list[str]:
+        jobs = await self.engine.fetch([queue], count, worker_id=worker_id, wait_ms=wait_ms)
+        return [job.id for job in jobs]
+
+    async def ack(self, job_id: str, worker_id: str | None = None) -> None:
+        await self.engine.ack(job_id, None, has_result=False, worker_id=worker_id)
+
+    async def reset(self) -> None:
+        await self.engine.reset()
+
+    async def waiting_workers(self) -> int:
+        return self.engine.statistics().waiting_fetches
+
+    def new_client(self, connections: int) -> EmbeddedTarget:
+        return self
+
+    async def aclose(self) -> None:
+        return None
+
+
+class HttpError(Exception):
+    pass
+
+
+class HttpTarget:
+    transport = "http"
+
+    def __init__(self, storage: str, url: str, connections: int = 512) -> None:
+        self.storage = storage
+        self.url = url
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        self.client = httpx.AsyncClient(
+            base_url=url, limits=limits, timeout=httpx.Timeout(120.0, connect=30.0)
+        )
+
+    async def _post(self, path: str, body: Any, expect: int = 200) -> dict[str, Any]:
+        # Hypercorn sometimes closes a keep-alive connection just as the next request
+        # goes out (perf-anchors.md §4c); such a request never reached the app, so one
+        # retry on a fresh connection is safe and keeps the loop going.
+        for attempt in range(3):
+            try:
+                response = await self.client.post(path, json=body)
+                break
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+                if attempt == 2:
+                    raise
+        if response.status_code != expect:
+            raise HttpError(f"{path}: {response.status_code} {response.text[:200]}")
+        result: dict[str, Any] = response.json()
+        return result
+
+    async def enqueue(self, queue: str, n: int = 1, start: int = 0) -> None:
+        if n == 1:
+            await self._post("/ojs/v1/jobs", job_body(queue, start), 201)
+        else:
+            jobs = [job_body(queue, start + k) for k in range(n)]
+            await self._post("/ojs/v1/jobs/batch", {"jobs": jobs}, 201)
+
+    async def fetch(
+        self, queue: str, count: int = 1, *, wait_ms: int = 0, worker_id: str | None = None
+    ) -> list[str]:
+        body: dict[str, Any] = {"queues": [queue], "count": count, "wait_ms": wait_ms}
+        if worker_id is not None:
+            body["worker_id"] = worker_id
+        reply = await self._post("/ojs/v1/workers/fetch", body)
+        return [job["id"] for job in reply["jobs"]]
+
+    async def ack(self, job_id: str, worker_id: str | None = None) -> None:
+        body: dict[str, Any] = {"job_id": job_id}
+        if worker_id is not None:
+            body["worker_id"] = worker_id
+        await self._post("/ojs/v1/workers/ack", body)
+
+    async def reset(self) -> None:
+        await self._post("/ojs/v1/admin/reset", {})
+
+    async def waiting_workers(self) -> int:
+        response = await self.client.get("/ojs/v1/admin/workers")
+        return len(response.json()["workers"])
+
+    def new_client(self, connections: int) -> HttpTarget:
+        return HttpTarget(self.storage, self.url, connections)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+# -- PostgreSQL databases --------------------------------------------------------------
+
+
+def pg_admin_dsn(url: str) -> str:
+    """The maintenance database next to the one in ``url``."""
+    base, _, _ = url.rpartition("/")
+    return base + "/postgres"
+
+
+def recreate_database(url: str) -> None:
+    """Drop and create the database named in ``url`` (sync; before any engine opens it)."""
+    import psycopg
+    from psycopg import sql
+
+    name = url.rpartition("/")[2].split("?")[0]
+    with psycopg.connect(pg_admin_dsn(url), autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+def drop_database(url: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    name = url.rpartition("/")[2].split("?")[0]
+    with psycopg.connect(pg_admin_dsn(url), autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+def postgres_version(url: str) -> str | None:
+    try:
+        import psycopg
+
+        with psycopg.connect(pg_admin_dsn(url), autocommit=True, connect_timeout=3) as conn:
+            row = conn.execute("SHOW server_version").fetchone()
+            return str(row[0]) if row else None
+    except Exception:
+        return None
+
+
+# -- opening targets --------------------------------------------------------------------
+
+
+async def noop(ctx: JobContext) -> None:
+    return None
+
+
+@asynccontextmanager
+async def open_embedded(storage: str, url: str) -> AsyncIterator[EmbeddedTarget]:
+    async with open_engine(open_storage(url), EngineConfig()) as engine:
+        engine.register(JOB_TYPE, noop)
+        yield EmbeddedTarget(storage, engine)
+
+
+@asynccontextmanager
+async def open_http(storage: str, url: str) -> AsyncIterator[HttpTarget]:
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "bench.server", "--storage", url],
+        stdout=subprocess.PIPE,
+        cwd=REPO_ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        line = b""
+        with trio.fail_after(60):
+            while not line.endswith(b"\n"):
+                chunk = await proc.stdout.receive_some(1)
+                if not chunk:
+                    raise RuntimeError("bench.server exited before reporting its address")
+                line += chunk
+        server_url = json.loads(line)["url"]
+        target = HttpTarget(storage, server_url)
+        try:
+            yield target
+        finally:
+            await target.aclose()
+    finally:
+        with trio.CancelScope(shield=True):
+            if proc.returncode is None:
+                proc.terminate()
+                with trio.move_on_after(15):
+                    await proc.wait()
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+
+
+def open_target(transport: str, storage: str, url: str) -> AbstractAsyncContextManager[Target]:
+    if transport == "embedded":
+        return open_embedded(storage, url)
+    if transport == "http":
+        return open_http(storage, url)
+    raise ValueError(f"unknown transport {transport!r}")
