@@ -40,3 +40,7 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     root.setLevel(level)
     # Hypercorn's own error log goes through the same handler.
     logging.getLogger("hypercorn.error").handlers[:] = []
+    # The AWS clients log every request at INFO; keep that for DEBUG runs only.
+    quiet = logging.DEBUG if logging.getLevelName(level) == logging.DEBUG else logging.WARNING
+    for name in ("httpx", "httpcore", "botocore", "aiobotocore"):
+        logging.getLogger(name).setLevel(quiet)

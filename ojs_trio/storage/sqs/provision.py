@@ -222,11 +222,18 @@ async def provision_table(clients: AwsClients, *, active_within: float = 120.0) 
     ddb = clients.dynamodb
     table_name = clients.settings.dynamodb_table
     async with map_errors():
+        # Describe first: a server whose IAM role may not create tables (the
+        # deploy/terraform policy) must still start against an existing table.
         try:
-            await ddb.create_table(**_table_spec(table_name))
+            await ddb.describe_table(TableName=table_name)
         except Exception as exc:
-            if aws_error_code(exc) != "ResourceInUseException":
+            if aws_error_code(exc) != "ResourceNotFoundException":
                 raise
+            try:
+                await ddb.create_table(**_table_spec(table_name))
+            except Exception as exc:
+                if aws_error_code(exc) != "ResourceInUseException":
+                    raise
         delay = 0.1
         table: dict[str, Any] = {}
         with trio.move_on_after(active_within):
