@@ -58,9 +58,40 @@ def reset_moto(endpoint: str, *, timeout: float = 10.0) -> None:
             raise RuntimeError(f"moto reset failed: HTTP {response.status}")
 
 
+_SERIALIZED = False
+
+
+def _serialize_moto_requests() -> None:
+    """Handle one moto request at a time.
+
+    The threaded server runs requests concurrently, but moto's backends are not
+    thread-safe: a DynamoDB transaction deep-copies the table while another thread
+    writes to it (``RuntimeError: dictionary changed size``), and two conditional
+    writes can both pass. AWS serializes conditional writes per item; one lock gives
+    the same guarantee here.
+    """
+    global _SERIALIZED
+    if _SERIALIZED:
+        return
+    import threading
+
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication
+
+    lock = threading.Lock()
+    handle = DomainDispatcherApplication.__call__
+
+    def serialized(self: Any, environ: Any, start_response: Any) -> Any:
+        with lock:
+            return handle(self, environ, start_response)
+
+    DomainDispatcherApplication.__call__ = serialized  # type: ignore[method-assign]
+    _SERIALIZED = True
+
+
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
     server_cls = _require_moto()
+    _serialize_moto_requests()
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request
     server = server_cls(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()

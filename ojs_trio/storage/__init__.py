@@ -6,7 +6,8 @@ __all__ = ["ClaimRequest", "EnqueueResult", "QueueInfo", "Storage", "open_storag
 
 
 def open_storage(url: str, *, pool_size: int = 10) -> Storage:
-    """Build the adapter named by a storage URL: ``memory://`` or ``postgresql://…``."""
+    """Build the adapter named by a storage URL: ``memory://``, ``postgresql://…`` or
+    ``sqs://…`` (see docs/aws.md)."""
     scheme = url.split(":", 1)[0].lower()
     if scheme == "memory":
         from ojs_trio.storage.memory import MemoryStorage
@@ -17,4 +18,12 @@ def open_storage(url: str, *, pool_size: int = 10) -> Storage:
         from ojs_trio.storage.postgres.adapter import PostgresStorage
 
         return PostgresStorage(url, max_size=pool_size)
-    raise ValueError(f"unsupported storage URL {url!r}: expected memory:// or postgresql://")
+    if scheme == "sqs":
+        # Imported lazily: aiobotocore is only needed with the [sqs] extra.
+        from ojs_trio.storage.sqs.adapter import SqsStorage
+        from ojs_trio.storage.sqs.client import AwsSettings
+
+        return SqsStorage(AwsSettings.from_url(url))
+    raise ValueError(
+        f"unsupported storage URL {url!r}: expected memory://, postgresql:// or sqs://"
+    )

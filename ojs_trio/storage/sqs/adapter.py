@@ -1,0 +1,1734 @@
+"""AWS storage: SQS carries the messages, DynamoDB holds the state.
+
+The design in one paragraph
+---------------------------
+
+DynamoDB is the source of truth: one item per job (the job record, a ``version``
+and the bookkeeping below), and every state change is a conditional write on that
+version, computed by the same pure rules as every other adapter
+(:mod:`ojs_trio.engine.lifecycle`). An SQS message is a *wake-up token*: its body
+names a job id and a token; the job item records which token is current. A fetch
+receives messages from the job queue's SQS tier queues (highest priority first),
+reads their items and claims each job with a conditional write; a message whose job
+is finished, cancelled, expired or missing, or whose token is no longer current, is
+deleted and never delivered. Duplicate deliveries therefore never make two holders.
+
+The port's clock is the engine's (``now``); SQS timers run on the wall clock. So
+SQS timing is only ever an optimisation: a job scheduled 5 minutes out is sent with
+``DelaySeconds``, a retry parks its message with ``ChangeMessageVisibility``, a
+lease sets the message's visibility timeout -- and whenever the engine's clock says a
+job is claimable (promotion, an expired lease) while its message would not yet be
+visible, a fresh token is sent and the old message becomes stale.
+
+Messages are sent *before* the items that name them are written: a crash in between
+leaves an orphan message (deleted when received), never a job without a message.
+
+See docs/aws.md for configuration, provisioning and IAM.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, replace
+from typing import Any, Final
+
+import trio
+
+from ojs_trio.engine import lifecycle, unique, workflows
+from ojs_trio.engine.cron import CronFire, CronRecord
+from ojs_trio.engine.errors import (
+    BackendUnavailable,
+    DuplicateJob,
+    NotFound,
+    OjsError,
+    PayloadTooLarge,
+)
+from ojs_trio.engine.job import DEFAULT_VISIBILITY_MS, Job
+from ojs_trio.engine.lifecycle import Failure
+from ojs_trio.engine.queue_limits import RateWindow, queue_limits_from
+from ojs_trio.engine.states import JobState
+from ojs_trio.engine.workflows import Workflow
+from ojs_trio.storage.port import (
+    ClaimRequest,
+    DeadLetterPage,
+    EnqueueResult,
+    QueueInfo,
+    StorageListener,
+)
+from ojs_trio.storage.sqs.client import (
+    AwsClients,
+    AwsSettings,
+    ConditionFailed,
+    map_errors,
+    open_aws_clients,
+    retry_throttled,
+)
+from ojs_trio.storage.sqs.provision import (
+    DLQ_INDEX,
+    EXPIRY_INDEX,
+    QUEUE_STATE_INDEX,
+    TTL_ATTRIBUTE,
+    provision_queue,
+    provision_table,
+)
+
+__all__ = ["MAX_JOB_BYTES", "SqsStorage"]
+
+#: SQS's message size limit, applied to the job envelope: a job must fit in one
+#: message on any SQS-based system, and DynamoDB items stop at 400 KB.
+MAX_JOB_BYTES: Final = 256 * 1024
+MAX_DELAY_SECONDS: Final = 900  # SQS DelaySeconds limit
+MAX_VISIBILITY_SECONDS: Final = 43_200  # SQS visibility timeout limit (12 h)
+TRANSACT_MAX: Final = 100  # DynamoDB TransactWriteItems item limit
+CAS_ATTEMPTS: Final = 25
+#: Job ids kept per unique key (newest); older holders are long finished in practice.
+UNIQUE_IDS_KEPT: Final = 200
+#: An item-less message younger than this may belong to an enqueue still writing its
+#: items (messages go first); older ones are orphans of a failed enqueue.
+ORPHAN_GRACE_SECONDS: Final = 30.0
+#: Finished jobs get a DynamoDB TTL this far out: a retention backstop behind pruning.
+FINISHED_TTL_SECONDS: Final = 30 * 86400
+
+_TERMINAL_STATES: Final = (JobState.COMPLETED, JobState.CANCELLED, JobState.DISCARDED)
+_NOT_STARTED: Final = frozenset(
+    {JobState.AVAILABLE, JobState.SCHEDULED, JobState.RETRYABLE, JobState.PENDING}
+)
+
+
+def _ts(t: float) -> str:
+    """A sortable string for an epoch time (GSI sort keys are strings)."""
+    return f"{max(t, 0.0):020.6f}"
+
+
+def _s(value: str) -> dict[str, str]:
+    return {"S": value}
+
+
+def _n(value: float | int) -> dict[str, str]:
+    return {"N": repr(value) if isinstance(value, float) else str(value)}
+
+
+@dataclass
+class _Row:
+    """A job item: the job plus the adapter's bookkeeping."""
+
+    job: Job
+    version: int = 0  # 0: not stored yet
+    token: str | None = None  # the current wake-up message, if any
+    token_url: str | None = None  # the SQS queue holding it
+    visible_at: float | None = None  # wall time the token message becomes visible
+    receipt: str | None = None  # receipt handle of the holder's receive
+    receives: int = 0  # SQS receive count at the last claim
+    expires_ttl: float | None = None  # DynamoDB TTL (wall time)
+
+    def copy(self) -> _Row:
+        return replace(self, job=self.job.clone())
+
+    def drop_token(self) -> None:
+        self.token = self.token_url = self.visible_at = self.receipt = None
+
+
+@dataclass
+class _QueueMeta:
+    name: str
+    version: int
+    created_at: float
+    paused: bool
+    tiers: set[int]
+    rate_limit: dict[str, Any] | None
+    concurrency: int | None
+    starts: list[float]
+
+
+@dataclass
+class _Message:
+    url: str
+    receipt: str
+    job_id: str | None
+    token: str | None
+    sent_at: float  # wall time
+    receives: int
+
+
+@dataclass
+class _UniqueKey:
+    """A unique key's item: the ids of the jobs that hold it, newest last."""
+
+    key: str
+    version: int  # 0: no item yet
+    stored: list[str]
+    ids: list[str]
+
+    @property
+    def changed(self) -> bool:
+        return self.ids != self.stored
+
+
+@dataclass
+class _Send:
+    """A token message to send before the items naming it are written."""
+
+    row: _Row
+    delay: int = 0
+
+
+class SqsStorage:
+    """The storage port on SQS + DynamoDB (see the module docstring)."""
+
+    name = "sqs"
+
+    def __init__(
+        self,
+        settings: AwsSettings | None = None,
+        *,
+        rng: random.Random | None = None,
+        wall: Callable[[], float] = time.time,
+        provision_table_on_open: bool = True,
+    ) -> None:
+        self.settings = settings or AwsSettings.from_env()
+        self._rng = rng or random.Random()
+        self._wall = wall  # SQS timers and DynamoDB TTL run on the wall clock
+        self._provision = provision_table_on_open
+        self._stack: AsyncExitStack | None = None
+        self._clients: AwsClients | None = None
+        self._listener: StorageListener | None = None
+        self._urls: dict[tuple[str, int], str] = {}  # (queue, tier) -> SQS queue URL
+        self._url_locks: dict[tuple[str, int], trio.Lock] = {}
+        self._known_tiers: dict[str, set[int]] = {}  # tiers registered in QUEUES
+        self._expired_unreported: list[Job] = []
+        self._table = self.settings.dynamodb_table
+
+    # -- adapter lifecycle ---------------------------------------------------------
+
+    async def open(self) -> None:
+        stack = AsyncExitStack()
+        try:
+            self._clients = await stack.enter_async_context(open_aws_clients(self.settings))
+            if self._provision:
+                await provision_table(self._clients)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+
+    async def aclose(self) -> None:
+        stack, self._stack, self._clients = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
+
+    @property
+    def clients(self) -> AwsClients:
+        if self._clients is None:
+            raise BackendUnavailable("SQS storage is not open")
+        return self._clients
+
+    async def _ddb(self, operation: str, **kwargs: Any) -> Any:
+        method = getattr(self.clients.dynamodb, operation)
+        return await retry_throttled(lambda: method(**kwargs))
+
+    async def _sqs(self, operation: str, **kwargs: Any) -> Any:
+        method = getattr(self.clients.sqs, operation)
+        return await retry_throttled(lambda: method(**kwargs))
+
+    async def ping(self) -> dict[str, Any]:
+        await self._ddb("get_item", TableName=self._table, Key=self._key("PING", "PING"))
+        return {"type": self.name, "status": "connected", "table": self._table}
+
+    def set_listener(self, listener: StorageListener | None) -> None:
+        self._listener = listener
+
+    async def listen(self) -> None:
+        # Nothing to subscribe to: parked fetches re-check storage every second and
+        # the timer actors re-read due times, which covers other servers' work.
+        await trio.lowlevel.checkpoint()
+
+    async def reset(self) -> None:
+        start: dict[str, Any] | None = None
+        while True:
+            kwargs: dict[str, Any] = {"TableName": self._table, "ProjectionExpression": "pk, sk"}
+            if start:
+                kwargs["ExclusiveStartKey"] = start
+            page = await self._ddb("scan", **kwargs)
+            keys = [{"pk": i["pk"], "sk": i["sk"]} for i in page.get("Items", [])]
+            for chunk in _chunks(keys, 25):
+                await self._batch_delete(chunk)
+            start = page.get("LastEvaluatedKey")
+            if not start:
+                break
+        prefix = self.settings.queue_prefix + "-"
+        listed = await self._sqs("list_queues", QueueNamePrefix=prefix)
+        for url in listed.get("QueueUrls", []):
+            try:
+                async with map_errors():
+                    await self.clients.sqs.purge_queue(QueueUrl=url)
+            except OjsError:
+                pass  # purge is rate limited on AWS; stale messages are deleted on receipt
+        self._known_tiers.clear()
+        self._expired_unreported.clear()
+
+    async def _batch_delete(self, keys: list[dict[str, Any]]) -> None:
+        requests = [{"DeleteRequest": {"Key": k}} for k in keys]
+        while requests:
+            out = await self._ddb("batch_write_item", RequestItems={self._table: requests})
+            requests = out.get("UnprocessedItems", {}).get(self._table, [])
+            if requests:
+                await trio.sleep(0.05)
+
+    # -- item encoding ---------------------------------------------------------------
+
+    @staticmethod
+    def _key(pk: str, sk: str) -> dict[str, Any]:
+        return {"pk": _s(pk), "sk": _s(sk)}
+
+    @staticmethod
+    def _job_key(job_id: str) -> dict[str, Any]:
+        return {"pk": _s(f"JOB#{job_id}"), "sk": _s("JOB")}
+
+    def _encode(self, row: _Row, version: int) -> dict[str, Any]:
+        job = row.job
+        body = json.dumps(job.to_record(), separators=(",", ":"))
+        if len(body) > 350_000:  # DynamoDB's item limit is 400 KB
+            raise PayloadTooLarge(
+                f"Job {job.id} is too large to store ({len(body)} bytes)",
+                details={"job_id": job.id, "max_bytes": MAX_JOB_BYTES},
+            )
+        state = job.state
+        item: dict[str, Any] = {
+            **self._job_key(job.id),
+            "v": _n(version),
+            "st": _s(state.value),
+            "q": _s(job.queue),
+            "body": _s(body),
+            "rc": _n(row.receives),
+            "gsi1pk": _s(f"Q#{job.queue}#{state.value}"),
+            "gsi1sk": _s(f"{_ts(_sort_time(job))}#{job.id}"),
+        }
+        if row.token is not None:
+            item["tok"] = _s(row.token)
+            item["turl"] = _s(row.token_url or "")
+            item["vis"] = _n(row.visible_at if row.visible_at is not None else 0.0)
+        if row.receipt is not None:
+            item["rcpt"] = _s(row.receipt)
+        if state is JobState.DISCARDED and job.dead_letter:
+            item["gsi2pk"] = _s(f"DLQ#{job.queue}")
+            item["gsi2sk"] = _s(f"{_ts(job.discarded_at or 0.0)}#{job.id}")
+        if job.expires_at is not None and state in _NOT_STARTED:
+            item["gsi3pk"] = _s(f"EXP#{job.queue}")
+            item["gsi3sk"] = _s(f"{_ts(job.expires_at)}#{job.id}")
+        if state.is_terminal:
+            if row.expires_ttl is None:
+                row.expires_ttl = self._wall() + FINISHED_TTL_SECONDS
+            item[TTL_ATTRIBUTE] = _n(int(row.expires_ttl))
+        else:
+            row.expires_ttl = None
+        return item
+
+    def _decode(self, item: dict[str, Any]) -> _Row | None:
+        ttl = item.get(TTL_ATTRIBUTE)
+        if ttl is not None and float(ttl["N"]) < self._wall():
+            return None  # expired; DynamoDB deletes it whenever it gets to it
+        job = Job.from_record(json.loads(item["body"]["S"]))
+        return _Row(
+            job=job,
+            version=int(item["v"]["N"]),
+            token=item["tok"]["S"] if "tok" in item else None,
+            token_url=(item["turl"]["S"] or None) if "turl" in item else None,
+            visible_at=float(item["vis"]["N"]) if "vis" in item else None,
+            receipt=item["rcpt"]["S"] if "rcpt" in item else None,
+            receives=int(item.get("rc", {"N": "0"})["N"]),
+            expires_ttl=float(ttl["N"]) if ttl is not None else None,
+        )
+
+    def _put(self, row: _Row) -> dict[str, Any]:
+        """A conditional Put of ``row`` as the next version (transaction item body)."""
+        put: dict[str, Any] = {
+            "TableName": self._table,
+            "Item": self._encode(row, row.version + 1),
+        }
+        if row.version == 0:
+            put["ConditionExpression"] = "attribute_not_exists(pk)"
+        else:
+            put["ConditionExpression"] = "v = :v"
+            put["ExpressionAttributeValues"] = {":v": _n(row.version)}
+        return put
+
+    async def _load(self, job_id: str) -> _Row:
+        row = await self._load_or_none(job_id)
+        if row is None:
+            raise NotFound(f"Job {job_id} not found", details={"job_id": job_id})
+        return row
+
+    async def _load_or_none(self, job_id: str) -> _Row | None:
+        out = await self._ddb(
+            "get_item", TableName=self._table, Key=self._job_key(job_id), ConsistentRead=True
+        )
+        item = out.get("Item")
+        return self._decode(item) if item else None
+
+    async def _load_many(self, job_ids: Iterable[str]) -> dict[str, _Row]:
+        rows: dict[str, _Row] = {}
+        for chunk in _chunks(list(dict.fromkeys(job_ids)), 100):
+            keys = [self._job_key(i) for i in chunk]
+            while keys:
+                out = await self._ddb(
+                    "batch_get_item",
+                    RequestItems={self._table: {"Keys": keys, "ConsistentRead": True}},
+                )
+                for item in out.get("Responses", {}).get(self._table, []):
+                    row = self._decode(item)
+                    if row is not None:
+                        rows[row.job.id] = row
+                keys = out.get("UnprocessedKeys", {}).get(self._table, {}).get("Keys", [])
+                if keys:
+                    await trio.sleep(0.05)
+        return rows
+
+    # -- writing ----------------------------------------------------------------------
+
+    async def _write(self, items: list[dict[str, Any]]) -> None:
+        """Write transaction items (``{"Put": ...}`` etc.) atomically."""
+        if len(items) == 1 and "Put" in items[0]:
+            await self._ddb("put_item", **items[0]["Put"])
+        elif len(items) == 1 and "Delete" in items[0]:
+            await self._ddb("delete_item", **items[0]["Delete"])
+        elif items:
+            await self._ddb("transact_write_items", TransactItems=items)
+
+    async def _commit(
+        self,
+        rows: Sequence[_Row],
+        now: float,
+        *,
+        extra: Sequence[dict[str, Any]] = (),
+        loaded: dict[str, tuple[Workflow, int]] | None = None,
+    ) -> list[_Row]:
+        """Write changed job rows in one step, advancing their workflows with them.
+
+        Each row is written conditionally on the version it was read at (or on not
+        existing yet). A row of a workflow member also updates the workflow and
+        inserts the jobs the workflow rules spawn, in the same transaction: a crash
+        can neither lose nor duplicate a step. Raises :class:`ConditionFailed` when
+        anything changed since it was read; callers re-read and retry.
+        """
+        flows: dict[str, tuple[Workflow, int]] = dict(loaded or {})
+        spawned: list[_Row] = []
+        touched: set[str] = set(loaded or {})
+        for row in rows:
+            workflow_id = row.job.workflow_id
+            # A member starting changes nothing the workflow rules act on, so claims
+            # leave the workflow item alone (no contention between members' claims);
+            # get_workflow reads live member states.
+            if workflow_id is None or row.job.state is JobState.ACTIVE:
+                continue
+            if workflow_id not in flows:
+                found = await self._load_workflow(workflow_id)
+                if found is None:
+                    continue
+                flows[workflow_id] = found
+            workflow = flows[workflow_id][0]
+            touched.add(workflow_id)
+            if workflow.started_at is None and row.job.started_at is not None:
+                workflow.started_at = row.job.started_at
+            for job in workflows.on_job_finished(workflow, row.job, now):
+                spawned.append(_Row(job=job))
+        await self._send_tokens([_Send(r) for r in spawned if r.job.state is JobState.AVAILABLE])
+        items = [{"Put": self._put(r)} for r in [*rows, *spawned]]
+        for workflow_id, (workflow, version) in flows.items():
+            if workflow_id in touched:
+                items.append({"Put": self._workflow_put(workflow, version)})
+        items.extend(extra)
+        if len(items) > TRANSACT_MAX:
+            raise OjsError(f"one step would write {len(items)} items (limit {TRANSACT_MAX})")
+        await self._write(items)
+        for row in [*rows, *spawned]:
+            row.version += 1
+        if spawned:
+            for row in spawned:
+                await self._register_tier(row.job.queue, row.job.priority, now)
+            if self._listener is not None:
+                self._listener.jobs_created([r.job.clone() for r in spawned])
+        return spawned
+
+    async def _mutate(
+        self,
+        job_id: str,
+        now: float,
+        change: Callable[[_Row], None],
+    ) -> _Row:
+        """Read the job, apply ``change`` to a copy, write it back conditionally; retry
+        on a concurrent change. ``change`` raises to refuse (e.g. an illegal transition)."""
+        for attempt in range(CAS_ATTEMPTS):
+            row = await self._load(job_id)
+            new = row.copy()
+            change(new)
+            try:
+                await self._commit([new], now)
+            except ConditionFailed:
+                await self._backoff(attempt)
+                continue
+            return new
+        raise BackendUnavailable(
+            f"Job {job_id} kept changing concurrently; try again", details={"job_id": job_id}
+        )
+
+    async def _backoff(self, attempt: int) -> None:
+        await trio.sleep(self._rng.uniform(0, min(0.2, 0.005 * 2**attempt)))
+
+    # -- SQS ----------------------------------------------------------------------------
+
+    async def _queue_url(self, queue: str, tier: int) -> str:
+        key = (queue, tier)
+        url = self._urls.get(key)
+        if url is not None:
+            return url
+        lock = self._url_locks.setdefault(key, trio.Lock())
+        async with lock:
+            url = self._urls.get(key)
+            if url is None:
+                url = (await provision_queue(self.clients, queue, tier)).url
+                self._urls[key] = url
+        return url
+
+    async def _register_tier(self, queue: str, tier: int, now: float) -> None:
+        """Record in the queue item that ``queue`` has messages at priority ``tier``."""
+        if tier in self._known_tiers.get(queue, ()):
+            return
+        await self._ddb(
+            "update_item",
+            TableName=self._table,
+            Key=self._key("QUEUES", queue),
+            UpdateExpression="SET created_at = if_not_exists(created_at, :now), "
+            "v = if_not_exists(v, :zero) ADD tiers :t",
+            ExpressionAttributeValues={
+                ":now": _n(now),
+                ":zero": _n(0),
+                ":t": {"NS": [str(tier)]},
+            },
+        )
+        self._known_tiers.setdefault(queue, set()).add(tier)
+
+    async def _send_tokens(self, sends: Sequence[_Send]) -> None:
+        """Give each row a fresh token and send its message (before the row is written)."""
+        by_url: dict[str, list[_Send]] = {}
+        for send in sends:
+            row = send.row
+            url = await self._queue_url(row.job.queue, row.job.priority)
+            row.token = uuid.uuid4().hex
+            row.token_url = url
+            row.visible_at = None  # set once SQS has the message
+            row.receipt = None
+            by_url.setdefault(url, []).append(send)
+        async with trio.open_nursery() as nursery:
+            for url, group in by_url.items():
+                for chunk in _chunks(group, 10):
+                    nursery.start_soon(self._send_batch, url, chunk)
+
+    async def _send_batch(self, url: str, sends: list[_Send]) -> None:
+        entries = []
+        for i, send in enumerate(sends):
+            entry: dict[str, Any] = {
+                "Id": str(i),
+                "MessageBody": json.dumps({"id": send.row.job.id, "t": send.row.token}),
+            }
+            if self.settings.use_fifo:
+                # One group per job: FIFO queues deliver a group one message at a time.
+                entry["MessageGroupId"] = send.row.job.id
+                entry["MessageDeduplicationId"] = send.row.token
+            elif send.delay:
+                entry["DelaySeconds"] = send.delay
+            entries.append(entry)
+        out = await self._sqs("send_message_batch", QueueUrl=url, Entries=entries)
+        failed = out.get("Failed") or []
+        if failed:
+            raise BackendUnavailable(
+                "SQS refused to send messages",
+                details={"codes": sorted({str(f.get("Code")) for f in failed})},
+            )
+        sent = self._wall()  # not earlier than SQS's own clock started the delay
+        for send in sends:
+            send.row.visible_at = sent + send.delay
+
+    async def _delete_message(self, url: str | None, receipt: str | None) -> None:
+        if url is None or receipt is None:
+            return
+        try:
+            async with map_errors():
+                await self.clients.sqs.delete_message(QueueUrl=url, ReceiptHandle=receipt)
+        except OjsError:
+            pass  # the message then comes back stale and is deleted on receipt
+
+    async def _set_visibility(self, url: str | None, receipt: str | None, seconds: int) -> None:
+        if url is None or receipt is None:
+            return
+        seconds = max(0, min(MAX_VISIBILITY_SECONDS, seconds))
+        try:
+            async with map_errors():
+                await self.clients.sqs.change_message_visibility(
+                    QueueUrl=url, ReceiptHandle=receipt, VisibilityTimeout=seconds
+                )
+        except OjsError:
+            pass  # an expired receipt: the message is visible again and re-decided
+
+    async def _receive(self, url: str, count: int, visibility: int) -> list[_Message]:
+        out = await self._sqs(
+            "receive_message",
+            QueueUrl=url,
+            MaxNumberOfMessages=max(1, min(10, count)),
+            VisibilityTimeout=max(1, min(MAX_VISIBILITY_SECONDS, visibility)),
+            WaitTimeSeconds=0,
+            MessageSystemAttributeNames=["SentTimestamp", "ApproximateReceiveCount"],
+        )
+        messages = []
+        for raw in out.get("Messages", []):
+            attrs = raw.get("Attributes", {})
+            job_id: str | None
+            token: str | None
+            try:
+                body = json.loads(raw["Body"])
+                job_id, token = str(body["id"]), str(body["t"])
+            except (ValueError, KeyError, TypeError):
+                job_id = token = None
+            messages.append(
+                _Message(
+                    url=url,
+                    receipt=raw["ReceiptHandle"],
+                    job_id=job_id,
+                    token=token,
+                    sent_at=int(attrs.get("SentTimestamp", "0")) / 1000.0,
+                    receives=int(attrs.get("ApproximateReceiveCount", "1")),
+                )
+            )
+        return messages
+
+    async def _ensure_token(self, row: _Row) -> None:
+        """Make sure an available row has a message that is (or soon is) visible."""
+        if row.token is not None and row.visible_at is not None and row.visible_at <= self._wall():
+            row.receipt = None
+            return
+        await self._send_tokens([_Send(row)])
+
+    # -- enqueue ----------------------------------------------------------------------
+
+    async def enqueue(self, jobs: Sequence[Job], now: float) -> list[EnqueueResult]:
+        for job in jobs:
+            size = len(json.dumps(job.to_wire(), separators=(",", ":")))
+            if size > MAX_JOB_BYTES:
+                raise PayloadTooLarge(
+                    f"Job is {size} bytes; SQS-backed storage takes at most {MAX_JOB_BYTES}",
+                    details={"job_id": job.id, "size": size, "max_bytes": MAX_JOB_BYTES},
+                )
+        for attempt in range(CAS_ATTEMPTS):
+            try:
+                return await self._enqueue_once(jobs, now)
+            except ConditionFailed as exc:
+                duplicate = await self._first_existing([j.id for j in jobs])
+                if duplicate is not None:
+                    raise DuplicateJob(
+                        f"A job with id {duplicate} already exists",
+                        details={"existing_job_id": duplicate},
+                    ) from exc
+                await self._backoff(attempt)  # lost a race on a unique key: decide again
+        raise BackendUnavailable("Unique keys kept changing concurrently; try again")
+
+    async def _first_existing(self, job_ids: list[str]) -> str | None:
+        found = await self._load_many(job_ids)
+        return next((i for i in job_ids if i in found), None)
+
+    async def _enqueue_once(self, jobs: Sequence[Job], now: float) -> list[EnqueueResult]:
+        seen: set[str] = set()
+        batch: dict[str, _Row] = {}  # rows this call creates, by id
+        keys: dict[str, _UniqueKey] = {}  # unique keys this call claims
+        replaced: dict[str, _Row] = {}  # existing jobs this call cancels
+        # ("new", id, replaced job) | ("twin", id of a job of this batch) | ("old", job)
+        plan: list[tuple[str, str, Job | None]] = []
+        for job in jobs:
+            if job.id in seen:
+                raise DuplicateJob(
+                    f"A job with id {job.id} already exists", details={"existing_job_id": job.id}
+                )
+            seen.add(job.id)
+            row = _Row(job=job.clone())
+            key = unique.fingerprint(row.job)
+            row.job.unique_key = key
+            replaced_job: Job | None = None
+            if key is not None:
+                if key not in keys:
+                    keys[key] = await self._unique_key(key)
+                existing = await self._find_duplicate(row.job, keys[key], batch, now)
+                if existing is not None:
+                    policy = unique.on_conflict(row.job)
+                    if policy == "reject":
+                        raise DuplicateJob(
+                            "A job with the same unique key already exists",
+                            details={"existing_job_id": existing.job.id, "unique_key": key},
+                        )
+                    if policy == "ignore":
+                        if existing.job.id in batch:
+                            plan.append(("twin", existing.job.id, None))
+                        else:
+                            plan.append(("old", existing.job.id, existing.job.clone()))
+                        continue
+                    if not existing.job.state.is_terminal:
+                        unique.inherit_schedule(row.job, existing.job)
+                        lifecycle.cancel(existing.job, now)
+                        existing.drop_token()
+                        if existing.job.id not in batch:
+                            replaced[existing.job.id] = existing
+                        replaced_job = existing.job
+                keys[key].ids.append(row.job.id)
+            batch[row.job.id] = row
+            plan.append(("new", row.job.id, replaced_job))
+
+        limits = [r.job for r in batch.values() if queue_limits_from(r.job.options_extra)]
+        sends = []
+        for row in batch.values():
+            if row.job.state is JobState.AVAILABLE:
+                sends.append(_Send(row))
+            elif (
+                row.job.state is JobState.SCHEDULED
+                and row.job.scheduled_at is not None
+                and not self.settings.use_fifo
+            ):
+                # Rounded down so the message is visible when the promoter runs.
+                delay = math.floor(row.job.scheduled_at - now)
+                if delay <= MAX_DELAY_SECONDS:
+                    sends.append(_Send(row, max(0, delay)))
+        await self._send_tokens(sends)
+
+        items: list[dict[str, Any]] = [{"Put": self._put(r)} for r in batch.values()]
+        items += [{"Put": self._put(r)} for r in replaced.values()]
+        items += [self._unique_put(k, now) for k in keys.values() if k.changed]
+        # Replaced workflow members would need their workflows updated too.
+        if len(items) <= TRANSACT_MAX and not any(r.job.workflow_id for r in replaced.values()):
+            await self._write(items)
+        else:
+            await self._write_in_chunks(items, list(batch))
+            for row in replaced.values():
+                await self._commit([row], now)
+        for row in batch.values():
+            row.version += 1
+            await self._register_tier(row.job.queue, row.job.priority, now)
+        for job in limits:
+            await self._apply_queue_limits(job, now)
+        out: list[EnqueueResult] = []
+        for kind, job_id, other in plan:
+            if kind == "old":
+                assert other is not None
+                out.append(EnqueueResult(other, False))
+            elif kind == "twin":
+                out.append(EnqueueResult(batch[job_id].job.clone(), False))
+            else:
+                out.append(
+                    EnqueueResult(batch[job_id].job.clone(), True, other.clone() if other else None)
+                )
+        return out
+
+    async def _write_in_chunks(self, items: list[dict[str, Any]], job_ids: list[str]) -> None:
+        """Write more than one transaction's worth: check ids first, undo on failure."""
+        duplicate = await self._first_existing(job_ids)
+        if duplicate is not None:
+            raise DuplicateJob(
+                f"A job with id {duplicate} already exists", details={"existing_job_id": duplicate}
+            )
+        written: list[dict[str, Any]] = []
+        try:
+            for chunk in _chunks(items, TRANSACT_MAX):
+                await self._write(chunk)
+                written.extend(chunk)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                keys = [
+                    {"pk": i["Put"]["Item"]["pk"], "sk": i["Put"]["Item"]["sk"]}
+                    for i in written
+                    if "Put" in i and i["Put"].get("ConditionExpression", "").startswith("attr")
+                ]
+                for chunk in _chunks(keys, 25):
+                    await self._batch_delete(chunk)
+            raise
+
+    async def _unique_key(self, key: str) -> _UniqueKey:
+        out = await self._ddb(
+            "get_item",
+            TableName=self._table,
+            Key=self._key(f"UNIQUE#{key}", "UNIQUE"),
+            ConsistentRead=True,
+        )
+        item = out.get("Item")
+        if not item:
+            return _UniqueKey(key, 0, [], [])
+        stored = json.loads(item["ids"]["S"])
+        return _UniqueKey(key, int(item["v"]["N"]), stored, list(stored))
+
+    def _unique_put(self, key: _UniqueKey, now: float) -> dict[str, Any]:
+        """Write the key's job ids (newest last), conditional on the version read."""
+        ids = key.ids[-UNIQUE_IDS_KEPT:]
+        put: dict[str, Any] = {
+            "TableName": self._table,
+            "Item": {
+                **self._key(f"UNIQUE#{key.key}", "UNIQUE"),
+                "ids": _s(json.dumps(ids)),
+                "v": _n(key.version + 1),
+                "at": _n(now),
+            },
+        }
+        if key.version == 0:
+            put["ConditionExpression"] = "attribute_not_exists(pk)"
+        else:
+            put["ConditionExpression"] = "v = :v"
+            put["ExpressionAttributeValues"] = {":v": _n(key.version)}
+        return {"Put": put}
+
+    async def _find_duplicate(
+        self, job: Job, key: _UniqueKey, batch: dict[str, _Row], now: float
+    ) -> _Row | None:
+        """The newest job holding ``key`` that blocks ``job`` under its policy."""
+        rows = await self._load_many(i for i in key.ids if i not in batch)
+        # Ids of jobs that are gone (pruned) can no longer block anyone.
+        alive = [i for i in key.ids if i in rows or i in batch]
+        if alive != key.ids:
+            key.ids[:] = alive
+        for job_id in reversed(key.ids):
+            row = batch.get(job_id) or rows[job_id]
+            if unique.conflicts(job, row.job, now):
+                return row
+        return None
+
+    # -- queues -------------------------------------------------------------------------
+
+    def _decode_queue(self, item: dict[str, Any]) -> _QueueMeta:
+        return _QueueMeta(
+            name=item["sk"]["S"],
+            version=int(item.get("v", {"N": "0"})["N"]),
+            created_at=float(item.get("created_at", {"N": "0"})["N"]),
+            paused=bool(item.get("paused", {"BOOL": False})["BOOL"]),
+            tiers={int(t) for t in item.get("tiers", {"NS": []})["NS"]},
+            rate_limit=json.loads(item["rate"]["S"]) if "rate" in item else None,
+            concurrency=int(item["conc"]["N"]) if "conc" in item else None,
+            starts=json.loads(item["starts"]["S"]) if "starts" in item else [],
+        )
+
+    async def _queue_metas(self, names: Iterable[str] | None = None) -> dict[str, _QueueMeta]:
+        if names is None:
+            items = await self._query(
+                KeyConditionExpression="pk = :pk",
+                ExpressionAttributeValues={":pk": _s("QUEUES")},
+                ConsistentRead=True,
+            )
+        else:
+            wanted = list(dict.fromkeys(names))
+            items = []
+            for chunk in _chunks(wanted, 100):
+                out = await self._ddb(
+                    "batch_get_item",
+                    RequestItems={
+                        self._table: {
+                            "Keys": [self._key("QUEUES", n) for n in chunk],
+                            "ConsistentRead": True,
+                        }
+                    },
+                )
+                items += out.get("Responses", {}).get(self._table, [])
+        metas = {m.name: m for m in map(self._decode_queue, items)}
+        for meta in metas.values():
+            self._known_tiers.setdefault(meta.name, set()).update(meta.tiers)
+        return metas
+
+    async def _query(self, *, index: str | None = None, **kwargs: Any) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        query: dict[str, Any] = {"TableName": self._table, **kwargs}
+        if index is not None:
+            query["IndexName"] = index
+        limit = kwargs.get("Limit")
+        while True:
+            out = await self._ddb("query", **query)
+            items += out.get("Items", [])
+            start = out.get("LastEvaluatedKey")
+            if not start or (limit is not None and len(items) >= limit):
+                return items
+            query["ExclusiveStartKey"] = start
+
+    async def _count(self, pk: str, low: str | None = None) -> int:
+        kwargs: dict[str, Any] = {
+            "KeyConditionExpression": "gsi1pk = :pk",
+            "ExpressionAttributeValues": {":pk": _s(pk)},
+            "Select": "COUNT",
+        }
+        if low is not None:
+            kwargs["KeyConditionExpression"] += " AND gsi1sk >= :low"
+            kwargs["ExpressionAttributeValues"][":low"] = _s(low)
+        query: dict[str, Any] = {"TableName": self._table, "IndexName": QUEUE_STATE_INDEX}
+        total = 0
+        while True:
+            out = await self._ddb("query", **query, **kwargs)
+            total += int(out.get("Count", 0))
+            start = out.get("LastEvaluatedKey")
+            if not start:
+                return total
+            query["ExclusiveStartKey"] = start
+
+    async def _update_queue(
+        self, queue: str, now: float, sets: dict[str, dict[str, Any]], removes: Sequence[str] = ()
+    ) -> None:
+        values: dict[str, Any] = {":now": _n(now), ":zero": _n(0), ":one": _n(1)}
+        names: dict[str, str] = {}
+        parts = [
+            "created_at = if_not_exists(created_at, :now)",
+            "v = if_not_exists(v, :zero) + :one",
+        ]
+        for i, (attr, value) in enumerate(sets.items()):
+            names[f"#a{i}"] = attr
+            values[f":a{i}"] = value
+            parts.append(f"#a{i} = :a{i}")
+        expression = "SET " + ", ".join(parts)
+        if removes:
+            for i, attr in enumerate(removes):
+                names[f"#r{i}"] = attr
+            expression += " REMOVE " + ", ".join(f"#r{i}" for i in range(len(removes)))
+        kwargs: dict[str, Any] = {
+            "TableName": self._table,
+            "Key": self._key("QUEUES", queue),
+            "UpdateExpression": expression,
+            "ExpressionAttributeValues": values,
+        }
+        if names:
+            kwargs["ExpressionAttributeNames"] = names
+        await self._ddb("update_item", **kwargs)
+
+    async def _apply_queue_limits(self, job: Job, now: float) -> None:
+        limits = queue_limits_from(job.options_extra)
+        if limits is None:
+            return
+        rate, concurrency = limits
+        metas = await self._queue_metas([job.queue])
+        meta = metas.get(job.queue)
+        sets: dict[str, dict[str, Any]] = {}
+        removes: list[str] = []
+        if rate is not None:
+            sets["rate"] = _s(json.dumps(rate, sort_keys=True))
+            if meta is None or meta.rate_limit != rate:
+                removes.append("starts")  # a new limit starts a new window
+        if concurrency is not None:
+            sets["conc"] = _n(concurrency)
+        await self._update_queue(job.queue, now, sets, removes)
+
+    async def list_queues(self) -> list[QueueInfo]:
+        metas = await self._queue_metas()
+        out = []
+        for name in sorted(metas):
+            counts = {}
+            for state in JobState:
+                n = await self._count(f"Q#{name}#{state.value}")
+                if n:
+                    counts[state.value] = n
+            meta = metas[name]
+            out.append(
+                QueueInfo(name=name, paused=meta.paused, created_at=meta.created_at, counts=counts)
+            )
+        return out
+
+    async def queue_info(self, queue: str, now: float) -> QueueInfo:
+        meta = (await self._queue_metas([queue])).get(queue)
+        if meta is None:
+            raise NotFound(f"Queue {queue} not found", details={"queue": queue})
+        counts = {s.value: await self._count(f"Q#{queue}#{s.value}") for s in JobState}
+        since = _ts(now - 60)
+        return QueueInfo(
+            name=queue,
+            paused=meta.paused,
+            created_at=meta.created_at,
+            counts=counts,
+            rate_limit=meta.rate_limit,
+            concurrency=meta.concurrency,
+            completed_last_minute=await self._count(f"Q#{queue}#completed", since),
+            failed_last_minute=await self._count(f"Q#{queue}#discarded", since),
+        )
+
+    async def set_queue_paused(self, queue: str, paused: bool, now: float) -> QueueInfo:
+        await self._update_queue(queue, now, {"paused": {"BOOL": paused}})
+        meta = (await self._queue_metas([queue]))[queue]
+        if not paused and self._listener is not None:
+            self._listener.queues_ready([queue])
+        return QueueInfo(name=queue, paused=meta.paused, created_at=meta.created_at)
+
+    # -- claim --------------------------------------------------------------------------
+
+    async def claim(self, requests: Sequence[ClaimRequest], now: float) -> list[list[Job]]:
+        metas = await self._queue_metas(q for r in requests for q in r.queues)
+        out: list[list[Job]] = []
+        for request in requests:
+            got: list[Job] = []
+            for queue in request.queues:
+                meta = metas.get(queue)
+                if meta is None or meta.paused:
+                    continue
+                budget = await self._budget(meta, now)
+                taken = 0
+                for tier in sorted(meta.tiers, reverse=True):
+                    while len(got) < request.count and (budget is None or taken < budget):
+                        want = request.count - len(got)
+                        if budget is not None:
+                            want = min(want, budget - taken)
+                        jobs, received = await self._claim_round(queue, tier, request, want, now)
+                        got += jobs
+                        taken += len(jobs)
+                        # A short receive of only claimable jobs means the tier looks
+                        # drained; stale messages took slots, so look again then.
+                        if received == 0 or (len(jobs) == received and received < min(10, want)):
+                            break
+                    if len(got) >= request.count:
+                        break
+                if taken and meta.rate_limit is not None:
+                    await self._record_starts(meta, taken, now)
+                if len(got) >= request.count:
+                    break
+            out.append(got)
+        return out
+
+    async def _budget(self, meta: _QueueMeta, now: float) -> int | None:
+        """How many more jobs this queue may start now (None: unlimited)."""
+        budget: int | None = None
+        if meta.rate_limit is not None:
+            window = RateWindow.from_config(meta.rate_limit)
+            window.starts.extend(sorted(meta.starts))
+            budget = window.remaining(now)
+        if meta.concurrency is not None:
+            room = max(0, meta.concurrency - await self._count(f"Q#{meta.name}#active"))
+            budget = room if budget is None else min(budget, room)
+        return budget
+
+    async def _record_starts(self, meta: _QueueMeta, taken: int, now: float) -> None:
+        """Append claim times to the queue's rate window (compare-and-set, retried)."""
+        for attempt in range(CAS_ATTEMPTS):
+            assert meta.rate_limit is not None
+            window = int(meta.rate_limit["window_ms"]) / 1000.0
+            starts = [t for t in meta.starts if t > now - window] + [now] * taken
+            try:
+                async with map_errors():
+                    await self.clients.dynamodb.update_item(
+                        TableName=self._table,
+                        Key=self._key("QUEUES", meta.name),
+                        UpdateExpression="SET starts = :s, v = :next",
+                        ConditionExpression="v = :v",
+                        ExpressionAttributeValues={
+                            ":s": _s(json.dumps(starts)),
+                            ":v": _n(meta.version),
+                            ":next": _n(meta.version + 1),
+                        },
+                    )
+                meta.starts, meta.version = starts, meta.version + 1
+                return
+            except ConditionFailed:
+                await self._backoff(attempt)
+                fresh = (await self._queue_metas([meta.name])).get(meta.name)
+                if fresh is None or fresh.rate_limit is None:
+                    return
+                meta.starts, meta.version, meta.rate_limit = (
+                    fresh.starts,
+                    fresh.version,
+                    fresh.rate_limit,
+                )
+
+    async def _claim_round(
+        self, queue: str, tier: int, request: ClaimRequest, want: int, now: float
+    ) -> tuple[list[Job], int]:
+        """Receive up to ``want`` (≤ 10) messages from one tier queue and claim their
+        jobs. Returns the claimed jobs (message order) and how many messages came."""
+        url = await self._queue_url(queue, tier)
+        visibility = math.ceil((request.visibility_ms or DEFAULT_VISIBILITY_MS) / 1000)
+        messages = await self._receive(url, want, visibility)
+        if not messages:
+            return [], 0
+        rows = await self._load_many(m.job_id for m in messages if m.job_id)
+        claimed: list[Job | None] = [None] * len(messages)
+        # One message per job: the current token's if it came, else any (stale) one.
+        chosen: dict[str, int] = {}
+        for index, message in enumerate(messages):
+            row = rows.get(message.job_id or "")
+            if message.job_id is None or row is None:
+                continue
+            first = chosen.setdefault(message.job_id, index)
+            if first != index and message.token == row.token:
+                chosen[message.job_id] = index
+
+        async def settle(index: int, message: _Message) -> None:
+            claimed[index] = await self._take(message, rows.get(message.job_id or ""), request, now)
+
+        async with trio.open_nursery() as nursery:
+            for index, message in enumerate(messages):
+                row = rows.get(message.job_id or "")
+                if row is None or chosen[row.job.id] == index:
+                    nursery.start_soon(settle, index, message)
+                elif message.token != row.token:
+                    nursery.start_soon(self._delete_message, message.url, message.receipt)
+                # else: SQS delivered the current message twice; leave the copy alone
+        return [j for j in claimed if j is not None], len(messages)
+
+    async def _take(
+        self, message: _Message, row: _Row | None, request: ClaimRequest, now: float
+    ) -> Job | None:
+        """Decide what a received message means; claim its job if it is claimable."""
+        url, receipt = message.url, message.receipt
+        if row is None:
+            if message.job_id is None or self._wall() - message.sent_at > ORPHAN_GRACE_SECONDS:
+                await self._delete_message(url, receipt)
+            else:  # its enqueue may still be writing the item
+                await self._set_visibility(url, receipt, 2)
+            return None
+        job = row.job
+        if row.token != message.token or job.state.is_terminal or job.state is JobState.PENDING:
+            await self._delete_message(url, receipt)  # stale: never delivered
+            return None
+        if job.state is JobState.ACTIVE:
+            # A duplicate delivery, or a lease the reaper has not expired yet.
+            remaining = (job.lease_expires_at or now) - now
+            await self._set_visibility(url, receipt, max(1, math.ceil(remaining)))
+            return None
+        if job.state in (JobState.SCHEDULED, JobState.RETRYABLE):
+            if job.scheduled_at is not None and job.scheduled_at > now:
+                await self._set_visibility(url, receipt, math.ceil(job.scheduled_at - now))
+                return None
+        new = row.copy()
+        if new.job.state in (JobState.SCHEDULED, JobState.RETRYABLE):
+            lifecycle.promote(new.job, now)
+        if lifecycle.is_expired(new.job, now):
+            lifecycle.expire_ttl(new.job, now)
+            new.drop_token()
+            try:
+                await self._commit([new], now)
+            except ConditionFailed:
+                await self._set_visibility(url, receipt, 0)
+                return None
+            self._expired_unreported.append(new.job.clone())
+            await self._delete_message(url, receipt)
+            return None
+        lifecycle.claim(new.job, request.worker_id, request.visibility_ms, now)
+        lease = math.ceil(((new.job.lease_expires_at or now) - now) - 1e-9)
+        requested = math.ceil((request.visibility_ms or DEFAULT_VISIBILITY_MS) / 1000)
+        new.receipt = receipt
+        new.token_url = url
+        new.receives = message.receives
+        # A visibility change after the commit lands later: allow for the round trip.
+        new.visible_at = self._wall() + max(1, lease) + (1.0 if lease != requested else 0.0)
+        try:
+            await self._commit([new], now)
+        except ConditionFailed:
+            await self._set_visibility(url, receipt, 0)  # changed under us: decide again
+            return None
+        if lease != requested:
+            await self._set_visibility(url, receipt, max(1, lease))
+        return new.job.clone()
+
+    # -- settling -------------------------------------------------------------------------
+
+    async def ack(
+        self, job_id: str, worker_id: str | None, result: Any, has_result: bool, now: float
+    ) -> Job:
+        held: dict[str, str | None] = {}
+
+        def change(row: _Row) -> None:
+            lifecycle.ack(row.job, worker_id, result, has_result, now)
+            held.update(url=row.token_url, receipt=row.receipt)
+            row.drop_token()
+
+        row = await self._mutate(job_id, now, change)
+        await self._delete_message(held.get("url"), held.get("receipt"))
+        return row.job.clone()
+
+    async def nack(
+        self, job_id: str, worker_id: str | None, failure: Failure, requeue: bool, now: float
+    ) -> Job:
+        actions: list[tuple[str, str | None, str | None, int]] = []
+
+        def change(row: _Row) -> None:
+            actions.clear()
+            url, receipt, receives = row.token_url, row.receipt, row.receives
+            lifecycle.nack(row.job, worker_id, failure, requeue, now, self._rng)
+            state = row.job.state
+            if state is JobState.AVAILABLE:
+                actions.append(("show", url, receipt, 0))
+                row.visible_at, row.receipt = self._wall() + 1.0, None
+                return
+            if state is JobState.RETRYABLE and row.job.scheduled_at is not None:
+                delay = max(0, math.floor(row.job.scheduled_at - now))
+                # Re-using the message counts a receive; stay clear of the SQS redrive.
+                if (
+                    delay <= MAX_VISIBILITY_SECONDS
+                    and receives + 1 < self.settings.max_receive_count
+                ):
+                    actions.append(("show", url, receipt, delay))
+                    # The visibility changes after this commit: allow for the round trip.
+                    row.visible_at, row.receipt = self._wall() + delay + 1.0, None
+                    return
+            actions.append(("delete", url, receipt, 0))
+            row.drop_token()
+
+        row = await self._mutate(job_id, now, change)
+        for action, url, receipt, seconds in actions:
+            if action == "delete":
+                await self._delete_message(url, receipt)
+            else:
+                await self._set_visibility(url, receipt, seconds)
+        return row.job.clone()
+
+    async def heartbeat(
+        self, worker_id: str | None, job_ids: Sequence[str], visibility_ms: int | None, now: float
+    ) -> list[Job]:
+        extended: dict[str, Job] = {}
+
+        async def extend(job_id: str) -> None:
+            for attempt in range(CAS_ATTEMPTS):
+                row = await self._load_or_none(job_id)
+                if row is None or row.job.state is not JobState.ACTIVE:
+                    return
+                if worker_id is not None and row.job.worker_id not in (None, worker_id):
+                    return
+                ms = visibility_ms or row.job.visibility_timeout_ms or DEFAULT_VISIBILITY_MS
+                new = row.copy()
+                new.job.lease_expires_at = now + ms / 1000.0
+                seconds = max(1, math.ceil(ms / 1000))
+                new.visible_at = self._wall() + seconds + 1.0  # changed after the commit
+                try:
+                    await self._commit([new], now)
+                except ConditionFailed:
+                    await self._backoff(attempt)
+                    continue
+                await self._set_visibility(new.token_url, new.receipt, seconds)
+                extended[job_id] = new.job.clone()
+                return
+
+        async with trio.open_nursery() as nursery:
+            for job_id in dict.fromkeys(job_ids):
+                nursery.start_soon(extend, job_id)
+        return [extended[i] for i in dict.fromkeys(job_ids) if i in extended]
+
+    async def cancel(self, job_id: str, now: float) -> Job:
+        held: dict[str, str | None] = {}
+
+        def change(row: _Row) -> None:
+            lifecycle.cancel(row.job, now)
+            held.update(url=row.token_url, receipt=row.receipt)
+            row.drop_token()
+
+        row = await self._mutate(job_id, now, change)
+        await self._delete_message(held.get("url"), held.get("receipt"))
+        return row.job.clone()
+
+    async def get(self, job_id: str) -> Job:
+        return (await self._load(job_id)).job.clone()
+
+    # -- timers ----------------------------------------------------------------------------
+
+    async def _due_rows(
+        self, pk: str, until: float, limit: int, index: str = QUEUE_STATE_INDEX
+    ) -> list[_Row]:
+        hash_key, range_key = (
+            ("gsi3pk", "gsi3sk") if index == EXPIRY_INDEX else ("gsi1pk", "gsi1sk")
+        )
+        items = await self._query(
+            index=index,
+            KeyConditionExpression=f"{hash_key} = :pk AND {range_key} <= :until",
+            ExpressionAttributeValues={":pk": _s(pk), ":until": _s(_ts(until) + "~")},
+            Limit=limit,
+        )
+        rows = [self._decode(i) for i in items[:limit]]
+        return [r for r in rows if r is not None]
+
+    async def _queue_names(self) -> list[str]:
+        return sorted(await self._queue_metas())
+
+    async def promote_due(self, now: float, limit: int) -> list[Job]:
+        promoted: list[Job] = []
+        for queue in await self._queue_names():
+            for state in (JobState.SCHEDULED, JobState.RETRYABLE):
+                if len(promoted) >= limit:
+                    return promoted
+                for candidate in await self._due_rows(
+                    f"Q#{queue}#{state.value}", now, limit - len(promoted)
+                ):
+                    job = await self._promote_one(candidate.job.id, now)
+                    if job is not None:
+                        promoted.append(job)
+        return promoted
+
+    async def _promote_one(self, job_id: str, now: float) -> Job | None:
+        for attempt in range(CAS_ATTEMPTS):
+            row = await self._load_or_none(job_id)
+            if row is None or row.job.state not in (JobState.SCHEDULED, JobState.RETRYABLE):
+                return None
+            job = row.job
+            if job.scheduled_at is None or job.scheduled_at > now or lifecycle.is_expired(job, now):
+                return None  # not due (a stale index entry), or the reaper's to discard
+            new = row.copy()
+            lifecycle.promote(new.job, now)
+            await self._ensure_token(new)
+            try:
+                await self._commit([new], now)
+            except ConditionFailed:
+                await self._backoff(attempt)
+                continue
+            return new.job.clone()
+        return None
+
+    async def reap(self, now: float, limit: int) -> list[Job]:
+        reaped, self._expired_unreported = self._expired_unreported, []
+        for queue in await self._queue_names():
+            if len(reaped) >= limit:
+                break
+            for candidate in await self._due_rows(f"Q#{queue}#active", now, limit - len(reaped)):
+                job = await self._reap_lease(candidate.job.id, now)
+                if job is not None:
+                    reaped.append(job)
+            if len(reaped) >= limit:
+                break
+            for candidate in await self._due_rows(
+                f"EXP#{queue}", now, limit - len(reaped), EXPIRY_INDEX
+            ):
+                job = await self._reap_ttl(candidate.job.id, now)
+                if job is not None:
+                    reaped.append(job)
+        return reaped
+
+    async def _reap_lease(self, job_id: str, now: float) -> Job | None:
+        for attempt in range(CAS_ATTEMPTS):
+            row = await self._load_or_none(job_id)
+            if row is None or row.job.state is not JobState.ACTIVE:
+                return None
+            deadline = _sort_time(row.job)
+            if deadline > now:
+                return None  # extended since the index was read
+            new = row.copy()
+            exec_deadline = new.job.execution_deadline()
+            if exec_deadline is not None and exec_deadline <= now:
+                lifecycle.execution_timeout(new.job, now, self._rng)
+            else:
+                lifecycle.expire_lease(new.job, now)
+            stale: tuple[str | None, str | None] = (None, None)
+            if new.job.state is JobState.AVAILABLE:
+                await self._ensure_token(new)
+            elif new.job.state.is_terminal:
+                stale = (new.token_url, new.receipt)
+                new.drop_token()
+            else:
+                new.receipt = None  # retryable: the promoter decides about the message
+            try:
+                await self._commit([new], now)
+            except ConditionFailed:
+                await self._backoff(attempt)
+                continue
+            await self._delete_message(*stale)
+            return new.job.clone()
+        return None
+
+    async def _reap_ttl(self, job_id: str, now: float) -> Job | None:
+        for attempt in range(CAS_ATTEMPTS):
+            row = await self._load_or_none(job_id)
+            if row is None or row.job.state not in _NOT_STARTED:
+                return None
+            if not lifecycle.is_expired(row.job, now):
+                return None
+            new = row.copy()
+            lifecycle.expire_ttl(new.job, now)
+            new.drop_token()  # an unreceived message is deleted as stale when it comes
+            try:
+                await self._commit([new], now)
+            except ConditionFailed:
+                await self._backoff(attempt)
+                continue
+            return new.job.clone()
+        return None
+
+    async def _head(self, pk: str, index: str = QUEUE_STATE_INDEX) -> float | None:
+        hash_key = "gsi3pk" if index == EXPIRY_INDEX else "gsi1pk"
+        out = await self._ddb(
+            "query",
+            TableName=self._table,
+            IndexName=index,
+            KeyConditionExpression=f"{hash_key} = :pk",
+            ExpressionAttributeValues={":pk": _s(pk)},
+            Limit=1,
+        )
+        items = out.get("Items", [])
+        if not items:
+            return None
+        sort_key = items[0]["gsi3sk" if index == EXPIRY_INDEX else "gsi1sk"]["S"]
+        return float(sort_key.split("#", 1)[0])
+
+    async def _earliest(self, pks: list[tuple[str, str]]) -> float | None:
+        times = [t for pk, index in pks if (t := await self._head(pk, index)) is not None]
+        return min(times) if times else None
+
+    async def next_due_at(self) -> float | None:
+        queues = await self._queue_names()
+        return await self._earliest(
+            [(f"Q#{q}#{s}", QUEUE_STATE_INDEX) for q in queues for s in ("scheduled", "retryable")]
+        )
+
+    async def next_reap_at(self) -> float | None:
+        if self._expired_unreported:
+            return float("-inf")
+        queues = await self._queue_names()
+        return await self._earliest(
+            [(f"Q#{q}#active", QUEUE_STATE_INDEX) for q in queues]
+            + [(f"EXP#{q}", EXPIRY_INDEX) for q in queues]
+        )
+
+    async def next_wakeup(self) -> float | None:
+        times = [t for t in (await self.next_due_at(), await self.next_reap_at()) if t is not None]
+        return min(times) if times else None
+
+    async def prune(
+        self, finished_before: float | None, dead_letter_before: float | None, limit: int
+    ) -> int:
+        cutoffs = [c for c in (finished_before, dead_letter_before) if c is not None]
+        if not cutoffs:
+            return 0
+        doomed: list[_Row] = []
+        for queue in await self._queue_names():
+            for state in _TERMINAL_STATES:
+                for row in await self._due_rows(f"Q#{queue}#{state.value}", max(cutoffs), 10_000):
+                    job = row.job
+                    finished = (
+                        job.completed_at or job.discarded_at or job.cancelled_at or job.created_at
+                    )
+                    cutoff = dead_letter_before if job.dead_letter else finished_before
+                    if cutoff is not None and finished < cutoff:
+                        doomed.append(row)
+                    if len(doomed) >= limit:
+                        break
+        doomed = doomed[:limit]
+        deleted = 0
+        for row in doomed:
+            try:
+                async with map_errors():
+                    await self.clients.dynamodb.delete_item(
+                        TableName=self._table,
+                        Key=self._job_key(row.job.id),
+                        ConditionExpression="v = :v",
+                        ExpressionAttributeValues={":v": _n(row.version)},
+                    )
+                deleted += 1
+            except ConditionFailed:
+                continue  # changed meanwhile (e.g. a dead letter retried)
+        return deleted
+
+    # -- dead letter --------------------------------------------------------------------------
+
+    async def list_dead_letter(self, queue: str | None, limit: int, offset: int) -> DeadLetterPage:
+        queues = [queue] if queue is not None else await self._queue_names()
+        items: list[dict[str, Any]] = []
+        for name in queues:
+            items += await self._query(
+                index=DLQ_INDEX,
+                KeyConditionExpression="gsi2pk = :pk",
+                ExpressionAttributeValues={":pk": _s(f"DLQ#{name}")},
+            )
+        items.sort(key=lambda i: i["gsi2sk"]["S"])
+        rows = [r for r in map(self._decode, items) if r is not None]
+        rows = [r for r in rows if r.job.state is JobState.DISCARDED and r.job.dead_letter]
+        page = [r.job.clone() for r in rows[offset : offset + limit]]
+        return DeadLetterPage(jobs=page, total=len(rows))
+
+    async def _dead_letter_row(self, job_id: str) -> _Row:
+        row = await self._load_or_none(job_id)
+        if row is None or row.job.state is not JobState.DISCARDED or not row.job.dead_letter:
+            raise NotFound(
+                f"Job {job_id} is not in the dead letter queue", details={"job_id": job_id}
+            )
+        return row
+
+    async def retry_dead_letter(self, job_id: str, now: float) -> Job:
+        for attempt in range(CAS_ATTEMPTS):
+            new = (await self._dead_letter_row(job_id)).copy()
+            lifecycle.retry_dead_letter(new.job, now)
+            new.expires_ttl = None
+            await self._send_tokens([_Send(new)])
+            try:
+                await self._commit([new], now)
+            except ConditionFailed:
+                await self._backoff(attempt)
+                continue
+            await self._register_tier(new.job.queue, new.job.priority, now)
+            return new.job.clone()
+        raise BackendUnavailable(f"Job {job_id} kept changing concurrently; try again")
+
+    async def delete_dead_letter(self, job_id: str) -> Job:
+        row = await self._dead_letter_row(job_id)
+        try:
+            async with map_errors():
+                await self.clients.dynamodb.delete_item(
+                    TableName=self._table,
+                    Key=self._job_key(job_id),
+                    ConditionExpression="v = :v",
+                    ExpressionAttributeValues={":v": _n(row.version)},
+                )
+        except ConditionFailed as exc:
+            raise NotFound(
+                f"Job {job_id} is not in the dead letter queue", details={"job_id": job_id}
+            ) from exc
+        return row.job.clone()
+
+    # -- workflows ------------------------------------------------------------------------------
+
+    def _workflow_put(self, workflow: Workflow, version: int) -> dict[str, Any]:
+        put: dict[str, Any] = {
+            "TableName": self._table,
+            "Item": {
+                **self._key(f"WF#{workflow.id}", "WF"),
+                "v": _n(version + 1),
+                "body": _s(json.dumps(workflow.to_record(), separators=(",", ":"))),
+            },
+        }
+        if version == 0:
+            put["ConditionExpression"] = "attribute_not_exists(pk)"
+        else:
+            put["ConditionExpression"] = "v = :v"
+            put["ExpressionAttributeValues"] = {":v": _n(version)}
+        return put
+
+    async def _load_workflow(self, workflow_id: str) -> tuple[Workflow, int] | None:
+        out = await self._ddb(
+            "get_item",
+            TableName=self._table,
+            Key=self._key(f"WF#{workflow_id}", "WF"),
+            ConsistentRead=True,
+        )
+        item = out.get("Item")
+        if not item:
+            return None
+        return Workflow.from_record(json.loads(item["body"]["S"])), int(item["v"]["N"])
+
+    async def _workflow(self, workflow_id: str) -> tuple[Workflow, int]:
+        found = await self._load_workflow(workflow_id)
+        if found is None:
+            raise NotFound(
+                f"Workflow {workflow_id} not found", details={"workflow_id": workflow_id}
+            )
+        return found
+
+    async def create_workflow(
+        self, workflow: Workflow, jobs: Sequence[Job], now: float
+    ) -> Workflow:
+        if await self._load_workflow(workflow.id) is not None:
+            raise DuplicateJob(
+                f"A workflow with id {workflow.id} already exists",
+                details={"existing_workflow_id": workflow.id},
+            )
+        rows = [_Row(job=job.clone()) for job in jobs]
+        for row in rows:
+            row.job.unique_key = unique.fingerprint(row.job)
+        await self._send_tokens([_Send(r) for r in rows if r.job.state is JobState.AVAILABLE])
+        items = [{"Put": self._workflow_put(workflow, 0)}]
+        items += [{"Put": self._put(r)} for r in rows]
+        try:
+            if len(items) <= TRANSACT_MAX:
+                await self._write(items)
+            else:
+                await self._write_in_chunks(items, [r.job.id for r in rows])
+        except ConditionFailed as exc:
+            duplicate = await self._first_existing([r.job.id for r in rows])
+            raise DuplicateJob(
+                "A job or workflow with the same id already exists",
+                details={"existing_job_id": duplicate, "workflow_id": workflow.id},
+            ) from exc
+        for row in rows:
+            await self._register_tier(row.job.queue, row.job.priority, now)
+        return workflow.clone()
+
+    async def get_workflow(self, workflow_id: str) -> Workflow:
+        workflow = (await self._workflow(workflow_id))[0]
+        rows = await self._load_many(workflow.job_states)
+        for job_id, row in rows.items():
+            workflow.job_states[job_id] = row.job.state.value
+            started = row.job.started_at
+            if started is not None and (
+                workflow.started_at is None or started < workflow.started_at
+            ):
+                workflow.started_at = started
+        return workflow
+
+    async def cancel_workflow(self, workflow_id: str, now: float) -> tuple[Workflow, list[Job]]:
+        for attempt in range(CAS_ATTEMPTS):
+            workflow, version = await self._workflow(workflow_id)
+            to_cancel = workflows.cancel(workflow, now)
+            rows = list((await self._load_many(to_cancel)).values())
+            stale: list[tuple[str | None, str | None]] = []
+            for row in rows:
+                lifecycle.cancel(row.job, now)
+                stale.append((row.token_url, row.receipt))
+                row.drop_token()
+            try:
+                for chunk in _chunks(rows, TRANSACT_MAX - 1):
+                    await self._commit(chunk, now, loaded={workflow_id: (workflow, version)})
+                    version += 1
+                if not rows:
+                    await self._write([{"Put": self._workflow_put(workflow, version)}])
+            except ConditionFailed:
+                await self._backoff(attempt)
+                continue
+            for url, receipt in stale:
+                await self._delete_message(url, receipt)
+            return workflow.clone(), [r.job.clone() for r in rows]
+        raise BackendUnavailable(f"Workflow {workflow_id} kept changing concurrently; try again")
+
+    # -- cron ---------------------------------------------------------------------------------
+
+    def _cron_put(self, record: CronRecord, version: int) -> dict[str, Any]:
+        put: dict[str, Any] = {
+            "TableName": self._table,
+            "Item": {
+                **self._key("CRONS", record.name),
+                "v": _n(version + 1),
+                "body": _s(json.dumps(record.to_record(), separators=(",", ":"))),
+            },
+        }
+        if version == 0:
+            put["ConditionExpression"] = "attribute_not_exists(pk)"
+        else:
+            put["ConditionExpression"] = "v = :v"
+            put["ExpressionAttributeValues"] = {":v": _n(version)}
+        return put
+
+    @staticmethod
+    def _decode_cron(item: dict[str, Any]) -> tuple[CronRecord, int]:
+        return CronRecord.from_record(json.loads(item["body"]["S"])), int(item["v"]["N"])
+
+    async def _load_cron(self, name: str) -> tuple[CronRecord, int] | None:
+        out = await self._ddb(
+            "get_item", TableName=self._table, Key=self._key("CRONS", name), ConsistentRead=True
+        )
+        item = out.get("Item")
+        return self._decode_cron(item) if item else None
+
+    async def _cron(self, name: str) -> tuple[CronRecord, int]:
+        found = await self._load_cron(name)
+        if found is None:
+            raise NotFound(f"Cron schedule {name!r} not found", details={"name": name})
+        return found
+
+    async def put_cron(self, record: CronRecord) -> CronRecord:
+        for attempt in range(CAS_ATTEMPTS):
+            found = await self._load_cron(record.name)
+            stored = CronRecord.from_record(json.loads(json.dumps(record.to_record())))
+            version = 0
+            if found is not None:
+                existing, version = found
+                stored.created_at = existing.created_at
+                stored.last_run_at = existing.last_run_at
+                stored.last_job_id = existing.last_job_id
+                stored.runs = existing.runs
+                stored.skipped = existing.skipped
+            try:
+                await self._write([{"Put": self._cron_put(stored, version)}])
+            except ConditionFailed:
+                await self._backoff(attempt)
+                continue
+            return stored
+        raise BackendUnavailable(f"Cron schedule {record.name!r} kept changing; try again")
+
+    async def list_crons(self) -> list[CronRecord]:
+        items = await self._query(
+            KeyConditionExpression="pk = :pk",
+            ExpressionAttributeValues={":pk": _s("CRONS")},
+            ConsistentRead=True,
+        )
+        return sorted((self._decode_cron(i)[0] for i in items), key=lambda c: c.name)
+
+    async def get_cron(self, name: str) -> CronRecord:
+        return (await self._cron(name))[0]
+
+    async def delete_cron(self, name: str) -> CronRecord:
+        record, version = await self._cron(name)
+        try:
+            async with map_errors():
+                await self.clients.dynamodb.delete_item(
+                    TableName=self._table,
+                    Key=self._key("CRONS", name),
+                    ConditionExpression="v = :v",
+                    ExpressionAttributeValues={":v": _n(version)},
+                )
+        except ConditionFailed:
+            return await self.delete_cron(name)  # changed meanwhile: delete what is there
+        return record
+
+    async def fire_cron(
+        self, name: str, occurrence: float, next_run_at: float | None, job: Job, now: float
+    ) -> CronFire:
+        for attempt in range(CAS_ATTEMPTS):
+            found = await self._load_cron(name)
+            if found is None:
+                return CronFire(False, reason="missing")
+            record, version = found
+            if record.next_run_at != occurrence:
+                return CronFire(False, reason="already_fired", record=record)
+            record.next_run_at = next_run_at
+            try:
+                fire = await self._fire_once(record, version, occurrence, job, now)
+            except ConditionFailed:
+                await self._backoff(attempt)
+                continue
+            return fire
+        raise BackendUnavailable(f"Cron schedule {name!r} kept changing; try again")
+
+    async def _fire_once(
+        self, record: CronRecord, version: int, occurrence: float, job: Job, now: float
+    ) -> CronFire:
+        if not record.enabled:
+            await self._write([{"Put": self._cron_put(record, version)}])
+            return CronFire(False, reason="disabled", record=record)
+        rows: list[_Row] = []
+        previous = await self._load_or_none(record.last_job_id) if record.last_job_id else None
+        stale: tuple[str | None, str | None] = (None, None)
+        if previous is not None and not previous.job.state.is_terminal:
+            if record.overlap_policy == "skip":
+                record.skipped += 1
+                await self._write([{"Put": self._cron_put(record, version)}])
+                return CronFire(False, reason="overlap", record=record)
+            if record.overlap_policy == "cancel_previous":
+                lifecycle.cancel(previous.job, now)
+                stale = (previous.token_url, previous.receipt)
+                previous.drop_token()
+                rows.append(previous)
+        new = _Row(job=job.clone())
+        new.job.unique_key = unique.fingerprint(new.job)
+        if new.job.state is JobState.AVAILABLE:
+            await self._send_tokens([_Send(new)])
+        record.last_run_at = occurrence
+        record.last_job_id = new.job.id
+        record.runs += 1
+        rows.append(new)
+        await self._commit(rows, now, extra=[{"Put": self._cron_put(record, version)}])
+        await self._delete_message(*stale)
+        await self._register_tier(new.job.queue, new.job.priority, now)
+        if self._listener is not None:
+            self._listener.jobs_created([new.job.clone()])
+        return CronFire(True, job=new.job.clone(), record=record)
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+
+def _sort_time(job: Job) -> float:
+    """The time that orders a job within its state (see the key design)."""
+    state = job.state
+    if state in (JobState.SCHEDULED, JobState.RETRYABLE):
+        return job.scheduled_at or job.created_at
+    if state is JobState.ACTIVE:
+        deadline = job.lease_expires_at or job.started_at or job.created_at
+        exec_deadline = job.execution_deadline()
+        return min(deadline, exec_deadline) if exec_deadline is not None else deadline
+    if state is JobState.COMPLETED:
+        return job.completed_at or job.created_at
+    if state is JobState.CANCELLED:
+        return job.cancelled_at or job.created_at
+    if state is JobState.DISCARDED:
+        return job.discarded_at or job.created_at
+    return job.enqueued_at or job.created_at
+
+
+def _chunks(items: Sequence[Any], size: int) -> list[Any]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
