@@ -2,7 +2,8 @@
 
 Each JSON case is one test per adapter.  Each test starts its own engine and
 Hypercorn server in-process on a free port (on PostgreSQL with a fresh
-database cloned from the migrated template), so a failing case cannot leak
+database cloned from the migrated template, on SQS + DynamoDB against a moto
+server wiped before each case), so a failing case cannot leak
 state into the next, and runs the case with our DSL runner.
 
 The suites come from ``OJS_CONFORMANCE_SUITES`` (default
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import aws_fixtures
 import httpx
 import pytest
 import trio
@@ -28,6 +30,12 @@ from ojs_trio.http.serve import serve
 from ojs_trio.storage.memory import MemoryStorage
 from ojs_trio.storage.port import Storage
 from ojs_trio.storage.postgres.adapter import PostgresStorage
+from ojs_trio.storage.sqs.adapter import SqsStorage
+from ojs_trio.storage.sqs.client import AwsSettings
+
+moto_endpoint = aws_fixtures.moto_endpoint
+aws_endpoint = aws_fixtures.aws_endpoint
+aws_settings = aws_fixtures.aws_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITES = Path(
@@ -92,3 +100,8 @@ async def test_conformance_memory(case: Case) -> None:
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 async def test_conformance_postgres(case: Case, fresh_db: str) -> None:
     await run_against(PostgresStorage(fresh_db, apply_migrations=False), case)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+async def test_conformance_sqs(case: Case, aws_settings: AwsSettings) -> None:
+    await run_against(SqsStorage(aws_settings), case)
