@@ -45,11 +45,12 @@ typecheck: $(STAMP)
 # they run spread over several pytest workers; each starts its own server.
 PYTEST_WORKERS ?= 8
 
-# The multi-process PostgreSQL tests (two servers, kill -9, database restart)
-# are timing-sensitive under load, so they run on their own after the rest.
+# The multi-process tests (two servers on PostgreSQL and on SQS, kill -9,
+# database restart) are timing-sensitive under load, so they run on their own
+# after the rest.
 unit: $(STAMP)
-	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --ignore=tests/test_pg_cluster.py
-	$(BIN)/pytest -q tests/test_pg_cluster.py
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --ignore=tests/test_pg_cluster.py --ignore=tests/test_sqs_cluster.py
+	$(BIN)/pytest -q tests/test_pg_cluster.py tests/test_sqs_cluster.py
 
 conformance: $(STAMP)
 	$(BIN)/pytest -q -n $(PYTEST_WORKERS) tests/test_conformance.py

@@ -87,6 +87,7 @@ MAX_DELAY_SECONDS: Final = 900  # SQS DelaySeconds limit
 MAX_VISIBILITY_SECONDS: Final = 43_200  # SQS visibility timeout limit (12 h)
 TRANSACT_MAX: Final = 100  # DynamoDB TransactWriteItems item limit
 CAS_ATTEMPTS: Final = 25
+MAX_WASTED_RECEIVES: Final = 3  # receives in a row that brought no job, per tier
 #: Job ids kept per unique key (newest); older holders are long finished in practice.
 UNIQUE_IDS_KEPT: Final = 200
 #: An item-less message younger than this may belong to an enqueue still writing its
@@ -970,6 +971,9 @@ class SqsStorage:
                 budget = await self._budget(meta, now)
                 taken = 0
                 for tier in sorted(meta.tiers, reverse=True):
+                    # Receives that bring no job (stale copies, not-yet-due jobs) are
+                    # bounded: SQS may keep handing out copies of held messages.
+                    wasted = 0
                     while len(got) < request.count and (budget is None or taken < budget):
                         want = request.count - len(got)
                         if budget is not None:
@@ -980,6 +984,9 @@ class SqsStorage:
                         # A short receive of only claimable jobs means the tier looks
                         # drained; stale messages took slots, so look again then.
                         if received == 0 or (len(jobs) == received and received < min(10, want)):
+                            break
+                        wasted = wasted + 1 if not jobs else 0
+                        if wasted >= MAX_WASTED_RECEIVES:
                             break
                     if len(got) >= request.count:
                         break
