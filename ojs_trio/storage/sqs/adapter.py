@@ -1205,14 +1205,38 @@ class SqsStorage:
                 except ConditionFailed:
                     await self._backoff(attempt)
                     continue
-                await self._set_visibility(new.token_url, new.receipt, seconds)
+                if new.token_url is not None and new.receipt is not None:
+                    visibility.setdefault(new.token_url, []).append((new.receipt, seconds))
                 extended[job_id] = new.job.clone()
                 return
 
+        visibility: dict[str, list[tuple[str, int]]] = {}  # queue URL -> (receipt, s)
         async with trio.open_nursery() as nursery:
             for job_id in dict.fromkeys(job_ids):
                 nursery.start_soon(extend, job_id)
+        async with trio.open_nursery() as nursery:
+            for url, changes in visibility.items():
+                for chunk in _chunks(changes, 10):
+                    nursery.start_soon(self._set_visibility_batch, url, chunk)
         return [extended[i] for i in dict.fromkeys(job_ids) if i in extended]
+
+    async def _set_visibility_batch(self, url: str, changes: list[tuple[str, int]]) -> None:
+        """Extend up to 10 messages' visibility in one call (heartbeats)."""
+        entries = [
+            {
+                "Id": str(i),
+                "ReceiptHandle": receipt,
+                "VisibilityTimeout": min(seconds, MAX_VISIBILITY_SECONDS),
+            }
+            for i, (receipt, seconds) in enumerate(changes)
+        ]
+        try:
+            async with map_errors():
+                await self.clients.sqs.change_message_visibility_batch(
+                    QueueUrl=url, Entries=entries
+                )
+        except OjsError:
+            pass  # a failed extension shows as a redelivery, handled like a duplicate
 
     async def cancel(self, job_id: str, now: float) -> Job:
         held: dict[str, str | None] = {}
