@@ -34,8 +34,12 @@ class DueTimes:
 
     async def sleep_until(self, next_due: float | None, clock: WallClock, max_sleep: float) -> None:
         """Sleep until ``next_due`` (at most ``max_sleep``) or a hint for something sooner."""
-        with trio.move_on_at(trio_deadline_for(next_due, clock, max_sleep)):
+        deadline = trio_deadline_for(next_due, clock, max_sleep)
+        with trio.move_on_at(deadline):
             while True:
                 due_at = await self._receive.receive()
-                if next_due is None or due_at < next_due:
+                # Only a hint due before the planned wake-up changes the plan (one
+                # due later is found by the pass at that wake-up); every claim sends
+                # a lease deadline, which must not cost a storage pass each time.
+                if due_at - clock() < deadline - trio.current_time():
                     return  # sooner than planned: re-plan now

@@ -43,14 +43,15 @@ def job_event(kind: str, job: Job, now: float, **data: Any) -> dict[str, Any]:
         "attempt": job.attempt,
     }
     payload.update(data)
+    stamp = format_ts(now)
     return {
         "specversion": "1.0",
         "id": uuid7(),
         "type": kind,
         "source": "ojs-trio",
         "subject": job.id,
-        "time": format_ts(now),
-        "timestamp": format_ts(now),
+        "time": stamp,
+        "timestamp": stamp,
         "job_id": job.id,
         "queue": job.queue,
         "state": job.state.value,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ojs_trio.engine.retry import DEFAULT_POLICY, RetryPolicy
@@ -87,7 +87,7 @@ class Job:
         which :func:`_copy_json` copies several times faster (clones sit on
         every storage verb's path).
         """
-        new = copy.copy(self)
+        new = _shallow_copy(self)
         new.args = _copy_json(self.args)
         new.meta = _copy_json(self.meta)
         new.result = _copy_json(self.result)
@@ -239,3 +239,21 @@ class Job:
             extra=extra,
             client_times={k: (v[0], v[1]) for k, v in p.get("client_times", {}).items()},
         )
+
+
+def _make_shallow_copy() -> Callable[[Job], Job]:
+    """A function copying every field of a Job into a new one, attribute by attribute.
+
+    Generated from the field list: several times faster than ``copy.copy``,
+    which goes through ``__reduce_ex__`` for a slots dataclass.
+    """
+    lines = ["def shallow_copy(self):", "    new = _new(Job)"]
+    lines += [f"    new.{f.name} = self.{f.name}" for f in fields(Job)]
+    lines.append("    return new")
+    namespace: dict[str, Any] = {"_new": object.__new__, "Job": Job}
+    exec("\n".join(lines), namespace)
+    copier: Callable[[Job], Job] = namespace["shallow_copy"]
+    return copier
+
+
+_shallow_copy = _make_shallow_copy()

@@ -18,7 +18,10 @@ def system_clock() -> float:
 
 def format_ts(epoch: float) -> str:
     dt = datetime.fromtimestamp(epoch, tz=UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    if dt.year < 1000:  # isoformat pads the year; keep strftime's spelling there
+        return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    # isoformat truncates to milliseconds like the strftime form, several times faster.
+    return dt.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
 _RFC3339 = re.compile(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import random
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, TypeVar
 
@@ -59,27 +59,27 @@ T = TypeVar("T")
 Settle = tuple[str, Callable[[Job], None], float]  # job id, transition, now
 Enqueue = tuple[Sequence[Job], float]  # one enqueue call: its jobs, now
 Beat = tuple[str | None, tuple[str, ...], int | None, float]  # worker, jobs, visibility, now
-INSERT_COLUMNS = (
-    "id",
-    "finished",
-    "queue",
-    "state",
-    "priority",
-    "run_at",
-    "lease_until",
-    "expires_at",
-    "unique_key",
-    "workflow_id",
-    "dead_letter",
-    "worker_id",
-    "created_at",
-    "finished_at",
-    "record",
-)
 TERMINAL = (JobState.COMPLETED, JobState.DISCARDED, JobState.CANCELLED)
 
 
 def _columns(job: Job) -> dict[str, Any]:
+    """The job's column values as statement parameters (``record`` as Jsonb)."""
+    row = _row(job)
+    row["record"] = Jsonb(row["record"])
+    return row
+
+
+def _rows(jobs: Sequence[Job]) -> Jsonb:
+    """Many jobs' column values as one JSON array parameter (for jsonb_to_recordset).
+
+    One ``json.dumps`` of the whole batch: a ``jsonb[]`` parameter would be quoted
+    and escaped element by element in Python, which costs more than the query.
+    """
+    return Jsonb([_row(job) for job in jobs])
+
+
+def _row(job: Job) -> dict[str, Any]:
+    """The job's column values, ``record`` as a plain dict."""
     lease = None
     if job.state is JobState.ACTIVE:
         lease = job.lease_expires_at
@@ -105,8 +105,32 @@ def _columns(job: Job) -> dict[str, Any]:
         "worker_id": job.worker_id if job.state is JobState.ACTIVE else None,
         "created_at": job.created_at,
         "finished_at": finished,
-        "record": Jsonb(job.to_record()),
+        "record": job.to_record(),
     }
+
+
+UPDATE_COLUMNS = (
+    "id",
+    "finished",
+    "state",
+    "priority",
+    "run_at",
+    "lease_until",
+    "expires_at",
+    "dead_letter",
+    "worker_id",
+    "finished_at",
+    "record",
+)
+
+
+def _update_rows(jobs: Iterable[Job]) -> Jsonb:
+    """Parameter of ``update_jobs``: what ``update_job`` writes, for many (distinct) jobs."""
+    out = []
+    for job in jobs:
+        row = _row(job)
+        out.append({name: row[name] for name in UPDATE_COLUMNS})
+    return Jsonb(out)
 
 
 def _is_serialization_failure(exc: BaseException) -> bool:
@@ -116,6 +140,31 @@ def _is_serialization_failure(exc: BaseException) -> bool:
 
 def _job(row: Sequence[Any]) -> Job:
     return Job.from_record(row[0])
+
+
+def _plain_calls(calls: Sequence[Enqueue]) -> list[list[Job]] | None:
+    """Copies of the calls' jobs if none needs the general path, else None.
+
+    The general path is needed for unique policies, queue limits, and ids that
+    repeat within the batch (their DuplicateJob must name the right call).
+    """
+    staged: list[list[Job]] = []
+    seen: set[str] = set()
+    for jobs, _ in calls:
+        copies = []
+        for job in jobs:
+            if job.unique is not None or job.id in seen:
+                return None
+            if job.options_extra and (
+                "rate_limit" in job.options_extra or "concurrency" in job.options_extra
+            ):
+                return None
+            seen.add(job.id)
+            copy = job.clone()
+            copy.unique_key = None
+            copies.append(copy)
+        staged.append(copies)
+    return staged
 
 
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
@@ -294,6 +343,53 @@ class PostgresStorage:
     async def _enqueue_batch(
         self, calls: Sequence[Enqueue]
     ) -> list[list[EnqueueResult] | BaseException]:
+        staged = _plain_calls(calls)
+        if staged is not None:
+            try:
+                return await self._enqueue_plain(calls, staged)
+            except BackendError as exc:
+                if not isinstance(exc.__cause__, psycopg.errors.UniqueViolation):
+                    raise
+                # A concurrent enqueue took one of these ids meanwhile: nothing was
+                # written; sort it out call by call below.
+        return await self._enqueue_each(calls)
+
+    async def _enqueue_plain(
+        self, calls: Sequence[Enqueue], staged: list[list[Job]]
+    ) -> list[list[EnqueueResult] | BaseException]:
+        """Calls without unique policies or queue limits: one autocommitted statement."""
+        rows = []
+        for index, jobs in enumerate(staged):
+            for job in jobs:
+                row = _row(job)
+                row["call"] = index
+                rows.append(row)
+        params = {
+            "rows": Jsonb(rows),
+            "now": min(now for _, now in calls),
+            "limit": NOTIFY_LIMIT,
+        }
+        with map_errors():
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(q("enqueue_plain"), params)
+                clashes = {call: job_id for call, job_id in await cur.fetchall() if call >= 0}
+        outcomes: list[list[EnqueueResult] | BaseException] = []
+        for index, jobs in enumerate(staged):
+            taken = clashes.get(index)
+            if taken is not None:
+                outcomes.append(
+                    DuplicateJob(
+                        f"A job with id {taken} already exists",
+                        details={"existing_job_id": taken},
+                    )
+                )
+            else:
+                outcomes.append([EnqueueResult(job, created=True) for job in jobs])
+        return outcomes
+
+    async def _enqueue_each(
+        self, calls: Sequence[Enqueue]
+    ) -> list[list[EnqueueResult] | BaseException]:
         outcomes: list[list[EnqueueResult] | BaseException] = []
         inserted: list[Job] = []
         async with self._tx() as conn:
@@ -363,12 +459,8 @@ class PostgresStorage:
             results.append(EnqueueResult(job, created=True, replaced=replaced))
         if plain:
             await conn.execute(q("ensure_queues"), (sorted({j.queue for j in plain}), now))
-            columns = [_columns(j) for j in plain]
             try:
-                await conn.execute(
-                    q("insert_jobs"),
-                    tuple([c[name] for c in columns] for name in INSERT_COLUMNS),
-                )
+                await conn.execute(q("insert_jobs"), (_rows(plain),))
             except psycopg.errors.UniqueViolation:
                 # A concurrent enqueue with the same client-provided id won the race.
                 raise DuplicateJob(
@@ -455,14 +547,21 @@ class PostgresStorage:
                         claimed.append(job)
             plain = [j for j in claimed if j.workflow_id is None]
             if plain:
-                columns = [_columns(j) for j in plain]
+                rows = [_row(j) for j in plain]
                 await conn.execute(
                     q("update_claimed"),
                     (
-                        [c["id"] for c in columns],
-                        [c["lease_until"] for c in columns],
-                        [c["worker_id"] for c in columns],
-                        [c["record"] for c in columns],
+                        Jsonb(
+                            [
+                                {
+                                    "id": r["id"],
+                                    "lease_until": r["lease_until"],
+                                    "worker_id": r["worker_id"],
+                                    "record": r["record"],
+                                }
+                                for r in rows
+                            ]
+                        ),
                     ),
                 )
             for job in claimed:
@@ -504,6 +603,7 @@ class PostgresStorage:
         outcomes: list[Job | BaseException] = []
         spawned: list[Job] = []
         changed: list[Job] = []
+        plain: dict[str, Job] = {}  # latest state of each job outside workflows
         async with self._tx() as conn:
             ids = sorted({job_id for job_id, _, _ in items})
             # Lock in id order so concurrent batches from other servers cannot deadlock.
@@ -520,10 +620,15 @@ class PostgresStorage:
                 except OjsError as exc:
                     outcomes.append(exc)
                     continue
-                spawned += await self._write(conn, candidate, now)
+                if candidate.workflow_id is not None:
+                    spawned += await self._write(conn, candidate, now)
+                else:
+                    plain[job_id] = candidate  # written below, all in one statement
                 current[job_id] = candidate  # a later item for the same job sees this state
                 changed.append(candidate)
                 outcomes.append(candidate)
+            if plain:
+                await conn.execute(q("update_jobs"), (_update_rows(plain.values()),))
             await self._notify(conn, changed + spawned)
         self._created(spawned)
         return outcomes
@@ -573,8 +678,8 @@ class PostgresStorage:
                     touched[job.id] = job
                     extended.append(job.clone())
                 outcomes.append(extended)
-            for job in touched.values():
-                await conn.execute(q("update_job"), _columns(job))
+            if touched:
+                await conn.execute(q("update_jobs"), (_update_rows(touched.values()),))
         return outcomes
 
     async def get(self, job_id: str) -> Job:

@@ -40,7 +40,7 @@ class CoalescerStatistics:
 
 
 class Coalescer(Generic[T, R]):
-    def __init__(self, run: BatchRunner[T, R], *, window: float = 0.001, max_batch: int = 256):
+    def __init__(self, run: BatchRunner[T, R], *, window: float = 0.0, max_batch: int = 256):
         self._run = run
         self._window = window
         self._max_batch = max_batch
@@ -70,9 +70,16 @@ class Coalescer(Generic[T, R]):
         return slot.result  # type: ignore[return-value]
 
     async def _lead(self) -> None:
-        # Gather followers for one window, then drain in batches until empty.
-        with trio.move_on_after(self._window):
-            await self._full.wait()
+        # Gather followers, then drain in batches until empty.  By default
+        # (window 0) the leader lets every task that is ready to run take its turn
+        # first -- a burst of callers lands in one batch -- and then starts at
+        # once: a lone call pays no timer, and under load the callers that arrive
+        # while a batch runs form the next one (batch size follows the load).
+        if self._window > 0:
+            with trio.move_on_after(self._window):
+                await self._full.wait()
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
         while self._pending:
             batch, self._pending = (
                 self._pending[: self._max_batch],

@@ -10,13 +10,57 @@ VALUES (%(id)s, %(finished)s, %(queue)s, %(state)s, %(priority)s, %(run_at)s, %(
         %(created_at)s, %(finished_at)s, %(record)s)
 
 -- name: insert_jobs
+-- One JSON array of row objects: a single parameter, dumped by one json.dumps
+-- (a jsonb[] parameter is escaped element by element in Python, which is slow).
 INSERT INTO ojs_jobs (id, finished, queue, state, priority, run_at, lease_until, expires_at,
                       unique_key, workflow_id, dead_letter, worker_id, created_at, finished_at,
                       record)
-SELECT * FROM unnest(%s::uuid[], %s::boolean[], %s::text[], %s::text[], %s::integer[],
-                     %s::double precision[], %s::double precision[], %s::double precision[],
-                     %s::text[], %s::uuid[], %s::boolean[], %s::text[],
-                     %s::double precision[], %s::double precision[], %s::jsonb[])
+SELECT id, finished, queue, state, priority, run_at, lease_until, expires_at, unique_key,
+       workflow_id, dead_letter, worker_id, created_at, finished_at, record
+  FROM jsonb_to_recordset(%s::jsonb) AS x(
+       id uuid, finished boolean, queue text, state text, priority integer,
+       run_at double precision, lease_until double precision, expires_at double precision,
+       unique_key text, workflow_id uuid, dead_letter boolean, worker_id text,
+       created_at double precision, finished_at double precision, record jsonb)
+
+-- name: enqueue_plain
+-- Enqueue calls without unique policies or queue limits, in one autocommitted
+-- statement: per call (column "call"), either every job is inserted or, if one of
+-- its ids is taken, none is and the taken id is returned.  Queues are created and
+-- one NOTIFY is sent for the inserted available jobs.
+WITH input AS (
+    SELECT * FROM jsonb_to_recordset(%(rows)s::jsonb) AS x(
+        call integer, id uuid, finished boolean, queue text, state text, priority integer,
+        run_at double precision, lease_until double precision, expires_at double precision,
+        unique_key text, workflow_id uuid, dead_letter boolean, worker_id text,
+        created_at double precision, finished_at double precision, record jsonb)
+), clash AS (
+    SELECT DISTINCT ON (i.call) i.call, i.id
+      FROM input i JOIN ojs_jobs j ON j.id = i.id
+     ORDER BY i.call
+), good AS (
+    SELECT * FROM input WHERE call NOT IN (SELECT call FROM clash)
+), queues AS (
+    INSERT INTO ojs_queues (name, created_at)
+    SELECT DISTINCT queue, %(now)s::double precision FROM good
+    ON CONFLICT (name) DO NOTHING
+), inserted AS (
+    INSERT INTO ojs_jobs (id, finished, queue, state, priority, run_at, lease_until,
+                          expires_at, unique_key, workflow_id, dead_letter, worker_id,
+                          created_at, finished_at, record)
+    SELECT id, finished, queue, state, priority, run_at, lease_until, expires_at, unique_key,
+           workflow_id, dead_letter, worker_id, created_at, finished_at, record
+      FROM good
+    RETURNING queue, state
+), notified AS (
+    SELECT pg_notify('ojs_jobs', CASE WHEN length(p) < %(limit)s THEN p ELSE '' END)
+      FROM (SELECT string_agg(DISTINCT queue, ',') AS p
+              FROM inserted WHERE state = 'available') AS s
+     WHERE p IS NOT NULL
+)
+SELECT call, id::text FROM clash
+UNION ALL
+SELECT -1, NULL FROM notified
 
 -- name: ensure_queues
 INSERT INTO ojs_queues (name, created_at)
@@ -82,9 +126,21 @@ SELECT %s, %s FROM generate_series(1, %s)
 UPDATE ojs_jobs AS j
    SET state = 'active', run_at = NULL, lease_until = u.lease_until,
        worker_id = u.worker_id, record = u.record
-  FROM unnest(%s::uuid[], %s::double precision[], %s::text[], %s::jsonb[])
-       AS u(id, lease_until, worker_id, record)
+  FROM jsonb_to_recordset(%s::jsonb) AS u(id uuid, lease_until double precision,
+                                          worker_id text, record jsonb)
  WHERE j.id = u.id AND NOT j.finished
+
+-- name: update_jobs
+-- update_job for many rows at once (one JSON array of row objects; ids distinct).
+UPDATE ojs_jobs AS j
+   SET finished = u.finished, state = u.state, priority = u.priority, run_at = u.run_at,
+       lease_until = u.lease_until, expires_at = u.expires_at, dead_letter = u.dead_letter,
+       worker_id = u.worker_id, finished_at = u.finished_at, record = u.record
+  FROM jsonb_to_recordset(%s::jsonb) AS u(
+       id uuid, finished boolean, state text, priority integer, run_at double precision,
+       lease_until double precision, expires_at double precision, dead_letter boolean,
+       worker_id text, finished_at double precision, record jsonb)
+ WHERE j.id = u.id
 
 -- name: prune_starts
 DELETE FROM ojs_queue_starts WHERE started_at < %s
