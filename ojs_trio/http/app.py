@@ -4,11 +4,15 @@ The app holds a handle on an engine that runs in the caller's nurseries; it
 never starts engine tasks in ``app.nursery``.  Cross-cutting concerns live in
 hooks here: auth, body limits, the OJS headers on every response, and mapping
 every error (ours, routing's, or an unexpected crash) to the OJS error body.
+
+``serve`` puts the raw-ASGI fast path (fastpath.py) in front of this app: it
+serves the hot routes itself and repeats what these hooks do for them, so a
+change to a hook here must be mirrored there (tests/test_http_fastpath.py
+compares the two byte for byte).
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 
 from quart import Response, g, request
@@ -27,7 +31,13 @@ from ojs_trio.engine.errors import (
 )
 from ojs_trio.engine.ids import uuid7
 from ojs_trio.http import cron, jobs, queues, streams, system, workers, workflows
-from ojs_trio.http.common import OJS_VERSION, ApiContext, ojs_response
+from ojs_trio.http.common import (
+    OJS_VERSION,
+    ApiContext,
+    api_key_ok,
+    error_reply,
+    reply_response,
+)
 
 log = logging.getLogger("ojs_trio.http")
 
@@ -44,22 +54,14 @@ def create_app(engine: Engine, settings: Settings | None = None) -> QuartTrio:
     api_key = settings.api_key.encode() if settings.api_key else None
 
     def error_response(exc: OjsError) -> Response:
-        headers = {}
-        if isinstance(exc, Unauthenticated):
-            headers["WWW-Authenticate"] = 'Bearer realm="ojs"'
-        if exc.http_status in (429, 503):
-            headers["Retry-After"] = "1"
-        request_id = getattr(g, "request_id", None)
-        return ojs_response({"error": exc.to_wire(request_id)}, exc.http_status, headers)
+        return reply_response(error_reply(exc, getattr(g, "request_id", None)))
 
     @app.before_request
     async def authenticate() -> Response | None:
         g.request_id = request.headers.get("X-Request-Id") or f"req_{uuid7()}"
         if api_key is None or request.path in UNAUTHENTICATED_PATHS:
             return None
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), api_key):
+        if not api_key_ok(request.headers.get("Authorization", ""), api_key):
             return error_response(Unauthenticated("Missing or invalid API key"))
         # The body limit must hold before we read anything (Content-Length known).
         return None

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import hmac
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 from quart import Response, request
+from quart_trio import QuartTrio
 
 from ojs_trio.config import Settings
 from ojs_trio.engine.engine import Engine
-from ojs_trio.engine.errors import InvalidPayload, InvalidRequest, UnsupportedMediaType
+from ojs_trio.engine.errors import (
+    InvalidPayload,
+    InvalidRequest,
+    OjsError,
+    Unauthenticated,
+    UnsupportedMediaType,
+)
 
 CONTENT_TYPE = "application/openjobspec+json"
 ACCEPTED_TYPES = frozenset({CONTENT_TYPE, "application/json"})
@@ -23,22 +32,57 @@ class ApiContext:
     settings: Settings
 
 
+class Reply(NamedTuple):
+    """What a route answers, independent of the web framework that sends it."""
+
+    status: int
+    payload: dict[str, Any]
+    headers: dict[str, str] | None = None
+
+
+# A hot route's logic: parsed JSON body in, reply out.  Both the Quart route and the
+# raw-ASGI fast path (fastpath.py) call the same function.
+Handler = Callable[[ApiContext, Any], Awaitable[Reply]]
+
+
+def encode_json(payload: dict[str, Any]) -> str:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+
+
 def ojs_response(
     payload: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
-    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-    return Response(body, status=status, content_type=CONTENT_TYPE, headers=headers)
+    return Response(encode_json(payload), status=status, content_type=CONTENT_TYPE, headers=headers)
 
 
-async def json_body() -> Any:
-    """The request body as JSON, or an OJS error (415 wrong type, 400 bad JSON)."""
-    content_type = (request.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-    if content_type and content_type not in ACCEPTED_TYPES:
+def reply_response(reply: Reply) -> Response:
+    return ojs_response(reply.payload, reply.status, reply.headers)
+
+
+def error_reply(exc: OjsError, request_id: str | None) -> Reply:
+    """The OJS error body for ``exc``, with the headers its status calls for."""
+    headers = {}
+    if isinstance(exc, Unauthenticated):
+        headers["WWW-Authenticate"] = 'Bearer realm="ojs"'
+    if exc.http_status in (429, 503):
+        headers["Retry-After"] = "1"
+    return Reply(exc.http_status, {"error": exc.to_wire(request_id)}, headers)
+
+
+def api_key_ok(authorization: str, api_key: bytes) -> bool:
+    """Whether an ``Authorization`` header value carries the bearer ``api_key``."""
+    scheme, _, token = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), api_key)
+
+
+def parse_json(content_type: str | None, raw: bytes) -> Any:
+    """A request body as JSON, or an OJS error (415 wrong type, 400 bad JSON)."""
+    media_type = (content_type or "").split(";")[0].strip().lower()
+    if media_type and media_type not in ACCEPTED_TYPES:
         raise UnsupportedMediaType(
-            f"Content-Type {content_type!r} is not supported",
+            f"Content-Type {media_type!r} is not supported",
             details={"accepted": sorted(ACCEPTED_TYPES)},
         )
-    raw = await request.get_data(as_text=False)
     if not raw:
         raise InvalidPayload("The request body is empty; a JSON object is required")
     try:
@@ -47,11 +91,35 @@ async def json_body() -> Any:
         raise InvalidPayload(f"The request body is not valid JSON: {exc}") from None
 
 
-async def json_object() -> dict[str, Any]:
-    body = await json_body()
+def as_object(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object")
     return body
+
+
+async def json_body() -> Any:
+    """The current Quart request's body as JSON (see parse_json)."""
+    content_type = request.headers.get("Content-Type")
+    # The limit_body hook has read (and cached) the body already.
+    return parse_json(content_type, cast(bytes, await request.get_data(as_text=False)))
+
+
+async def json_object() -> dict[str, Any]:
+    return as_object(await json_body())
+
+
+def register_hot_routes(app: QuartTrio, ctx: ApiContext, routes: dict[str, Handler]) -> None:
+    """Register each ``POST path -> handler`` as a Quart route (fastpath.py serves the
+    same table without Quart)."""
+    for path, handler in routes.items():
+
+        def make_view(handler: Handler) -> Callable[[], Awaitable[Response]]:
+            async def view() -> Response:
+                return reply_response(await handler(ctx, await json_body()))
+
+            return view
+
+        app.add_url_rule(path, handler.__name__, make_view(handler), methods=["POST"])
 
 
 def require_str(body: dict[str, Any], name: str) -> str:

@@ -12,6 +12,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from ojs_trio.config import Settings
 from ojs_trio.engine.engine import Engine
 from ojs_trio.http.app import create_app
+from ojs_trio.http.fastpath import FastPath
 
 
 def hypercorn_config(settings: Settings) -> Config:
@@ -35,16 +36,21 @@ async def serve(
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+    fast_path: bool = True,
 ) -> None:
     """Serve the OJS API for ``engine`` until ``shutdown_trigger`` returns.
 
     ``await nursery.start(serve, engine, settings)`` gives back the bound
     addresses (useful with port 0).  On shutdown Hypercorn stops accepting and
     lets in-flight requests finish within ``settings.graceful_timeout``.
+
+    The hot routes are served by the raw-ASGI fast path in front of Quart
+    (fastpath.py); ``fast_path=False`` serves everything through Quart (tests
+    compare the two).
     """
     app = create_app(engine, settings)
     await hypercorn_serve(
-        app,
+        FastPath(app) if fast_path else app,
         hypercorn_config(settings),
         shutdown_trigger=shutdown_trigger,
         task_status=task_status,
