@@ -420,7 +420,9 @@ def render(results: dict[str, Any]) -> str:
         "percentiles of all samples in the run (n); with fewer than 1,000 samples p99.9 "
         'is the maximum. "gen. lag" is how late the load generator itself started '
         "its most delayed call (the latency still counts from the schedule); a large "
-        "value means the client process was starved, so read that row with care. "
+        "value means the client process was starved, so read that row with care. The "
+        "open-loop generator wakes at most once per millisecond and starts every call "
+        "due by then, so a latency may include up to 1 ms of generator granularity. "
         "Quick-mode runs are short and noisy: compare trends, not digits.",
         "",
     ]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gc
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from bench.modes import MODES, Sizes
 from bench.scenarios import ALL, SCENARIOS, peers
 from bench.scenarios.common import Context
 from bench.targets import drop_database, open_target, postgres_version, recreate_database
+from ojs_trio.runtime import freeze_startup_heap
 
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/ojs_bench"
 STORAGES = ("memory", "postgres", "sqs")
@@ -158,7 +158,10 @@ async def run_all(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
                     ctx = Context(target, sizes, progress, records)
                     for name in session_scenarios:
                         progress.show(ctx.label(name))
-                        gc.collect()  # no collection of the last scenario's garbage mid-run
+                        # No collection of the last scenario's garbage mid-run, and the
+                        # heap so far frozen as ojs-trio serve freezes its start-up heap
+                        # (docs/embedding.md advises embedders the same).
+                        freeze_startup_heap()
                         t0 = time.monotonic()
                         try:
                             await SCENARIOS[name](ctx)

@@ -24,6 +24,7 @@ import trio
 from ojs_trio.config import Settings
 from ojs_trio.engine.engine import EngineConfig, open_engine
 from ojs_trio.http.serve import serve
+from ojs_trio.runtime import freeze_startup_heap
 from ojs_trio.storage import open_storage
 
 
@@ -60,6 +61,7 @@ async def main(storage_url: str, pool_size: int) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_signals)
             addresses = await nursery.start(serve, engine, settings, shutdown_trigger)
+            freeze_startup_heap()  # as ojs-trio serve does once it listens
             sys.stdout.write(json.dumps({"url": addresses[0]}) + "\n")
             sys.stdout.flush()
         # serve() returned after the graceful drain; the signal watcher has exited.

@@ -10,6 +10,7 @@ import trio
 from ojs_trio.config import Settings
 from ojs_trio.engine.engine import EngineConfig, open_engine
 from ojs_trio.http.serve import serve
+from ojs_trio.runtime import freeze_startup_heap
 from ojs_trio.storage import open_storage
 
 log = logging.getLogger("ojs_trio.server")
@@ -49,6 +50,7 @@ async def run_server(
             async with trio.open_nursery() as http:
                 addresses = await http.start(serve, engine, settings, shutdown_trigger)
                 log.info("ojs-trio serving on %s (storage %s)", ", ".join(addresses), storage.name)
+                freeze_startup_heap()  # no collector walks over start-up objects
                 task_status.started(addresses)
             # serve() has returned: the graceful drain is over.
             signal_scope.cancel_scope.cancel()
