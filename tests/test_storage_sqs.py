@@ -13,10 +13,10 @@ import pytest
 
 from ojs_trio.engine.errors import PayloadTooLarge
 from ojs_trio.storage import open_storage
-from ojs_trio.storage.port import ClaimRequest, Storage
+from ojs_trio.storage.port import ClaimRequest
 from ojs_trio.storage.sqs.adapter import MAX_JOB_BYTES, SqsStorage
 from ojs_trio.storage.sqs.client import AwsSettings
-from ojs_trio.testing import CONTRACT_CHECKS, T0, ContractCheck, make_job
+from ojs_trio.testing import CONTRACT_CHECKS, T0, ContractCheck, make_job, storage_factory
 
 moto_endpoint = aws_fixtures.moto_endpoint
 aws_endpoint = aws_fixtures.aws_endpoint
@@ -25,17 +25,7 @@ aws_settings = aws_fixtures.aws_settings
 
 @pytest.mark.parametrize("check", CONTRACT_CHECKS, ids=[c.__name__ for c in CONTRACT_CHECKS])
 async def test_sqs_contract(check: ContractCheck, aws_settings: AwsSettings) -> None:
-    @asynccontextmanager
-    async def factory() -> AsyncIterator[Storage]:
-        storage = SqsStorage(aws_settings, rng=random.Random(0))
-        await storage.open()
-        try:
-            await storage.reset()
-            yield storage
-        finally:
-            await storage.aclose()
-
-    await check(factory)
+    await check(storage_factory(lambda: SqsStorage(aws_settings, rng=random.Random(0))))
 
 
 # -- what is particular to SQS -----------------------------------------------------------

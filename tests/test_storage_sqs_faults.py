@@ -12,8 +12,8 @@ throttling, fail as a 503 ``backend_unavailable``.
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from typing import Any
 
@@ -23,11 +23,11 @@ import trio
 from botocore.exceptions import ClientError
 
 from ojs_trio.engine.states import JobState
-from ojs_trio.storage.port import ClaimRequest
+from ojs_trio.storage.port import ClaimRequest, Storage
 from ojs_trio.storage.sqs import client as sqs_client
 from ojs_trio.storage.sqs.adapter import SqsStorage, _Message
 from ojs_trio.storage.sqs.client import AwsSettings, Throttled
-from ojs_trio.testing import T0, make_job
+from ojs_trio.testing import T0, make_job, storage_factory
 
 moto_endpoint = aws_fixtures.moto_endpoint
 aws_endpoint = aws_fixtures.aws_endpoint
@@ -54,14 +54,9 @@ class DuplicatingStorage(SqsStorage):
         return out
 
 
-@asynccontextmanager
-async def open_storage(storage: SqsStorage) -> AsyncIterator[SqsStorage]:
-    await storage.open()
-    try:
-        await storage.reset()
-        yield storage
-    finally:
-        await storage.aclose()
+def opened(storage: SqsStorage) -> AbstractAsyncContextManager[Storage]:
+    """Open ``storage`` and empty it, as the contract suite does."""
+    return storage_factory(lambda: storage)()
 
 
 async def test_duplicate_deliveries_never_make_two_holders(aws_settings: AwsSettings) -> None:
@@ -69,7 +64,8 @@ async def test_duplicate_deliveries_never_make_two_holders(aws_settings: AwsSett
     held: dict[str, str] = {}  # job id -> worker currently holding it
     handed: dict[str, list[str]] = {}  # job id -> every worker it was handed to
     with trio.fail_after(DEADLINE):
-        async with open_storage(DuplicatingStorage(aws_settings)) as storage:
+        storage = DuplicatingStorage(aws_settings)
+        async with opened(storage):
             await storage.enqueue(jobs[:60], T0)
             await storage.enqueue(jobs[60:], T0)
 
@@ -109,7 +105,8 @@ async def test_duplicate_delivery_of_a_held_job_keeps_its_lease(
     """A second copy of the current message, received while the job is held, is not
     delivered and does not disturb the holder: ack still works."""
     with trio.fail_after(DEADLINE):
-        async with open_storage(DuplicatingStorage(aws_settings)) as storage:
+        storage = DuplicatingStorage(aws_settings)
+        async with opened(storage):
             job = make_job(queue="held")
             await storage.enqueue([job], T0)
             (got,) = await storage.claim([ClaimRequest(("held",), 1, "w1")], T0)
@@ -169,7 +166,8 @@ async def test_throttled_calls_are_retried_with_backoff(
     aws_settings: AwsSettings, sleeps: list[float]
 ) -> None:
     with trio.fail_after(DEADLINE):
-        async with open_storage(SqsStorage(aws_settings, rng=random.Random(0))) as storage:
+        storage = SqsStorage(aws_settings, rng=random.Random(0))
+        async with opened(storage):
             ddb, sqs = storage.clients.dynamodb, storage.clients.sqs
             jobs = [make_job(queue="slow") for _ in range(3)]
             refused = [
@@ -204,7 +202,8 @@ async def test_persistent_throttling_fails_as_backend_unavailable(
     aws_settings: AwsSettings, sleeps: list[float]
 ) -> None:
     with trio.fail_after(DEADLINE):
-        async with open_storage(SqsStorage(aws_settings, rng=random.Random(0))) as storage:
+        storage = SqsStorage(aws_settings, rng=random.Random(0))
+        async with opened(storage):
             job = make_job(queue="stuck")
             await storage.enqueue([job], T0)
             refused = _throttle(

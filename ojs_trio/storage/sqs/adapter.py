@@ -346,18 +346,20 @@ class SqsStorage:
             expires_ttl=float(ttl["N"]) if ttl is not None else None,
         )
 
-    def _put(self, row: _Row) -> dict[str, Any]:
-        """A conditional Put of ``row`` as the next version (transaction item body)."""
-        put: dict[str, Any] = {
-            "TableName": self._table,
-            "Item": self._encode(row, row.version + 1),
-        }
-        if row.version == 0:
+    def _versioned_put(self, item: dict[str, Any], version: int) -> dict[str, Any]:
+        """A Put of ``item`` as version ``version + 1``, conditional on the stored
+        version still being ``version`` (0: on the item not existing yet)."""
+        put: dict[str, Any] = {"TableName": self._table, "Item": {**item, "v": _n(version + 1)}}
+        if version == 0:
             put["ConditionExpression"] = "attribute_not_exists(pk)"
         else:
             put["ConditionExpression"] = "v = :v"
-            put["ExpressionAttributeValues"] = {":v": _n(row.version)}
+            put["ExpressionAttributeValues"] = {":v": _n(version)}
         return put
+
+    def _put(self, row: _Row) -> dict[str, Any]:
+        """A conditional Put of ``row`` as the next version (transaction item body)."""
+        return self._versioned_put(self._encode(row, row.version + 1), row.version)
 
     async def _load(self, job_id: str) -> _Row:
         row = await self._load_or_none(job_id)
@@ -768,22 +770,12 @@ class SqsStorage:
 
     def _unique_put(self, key: _UniqueKey, now: float) -> dict[str, Any]:
         """Write the key's job ids (newest last), conditional on the version read."""
-        ids = key.ids[-UNIQUE_IDS_KEPT:]
-        put: dict[str, Any] = {
-            "TableName": self._table,
-            "Item": {
-                **self._key(f"UNIQUE#{key.key}", "UNIQUE"),
-                "ids": _s(json.dumps(ids)),
-                "v": _n(key.version + 1),
-                "at": _n(now),
-            },
+        item = {
+            **self._key(f"UNIQUE#{key.key}", "UNIQUE"),
+            "ids": _s(json.dumps(key.ids[-UNIQUE_IDS_KEPT:])),
+            "at": _n(now),
         }
-        if key.version == 0:
-            put["ConditionExpression"] = "attribute_not_exists(pk)"
-        else:
-            put["ConditionExpression"] = "v = :v"
-            put["ExpressionAttributeValues"] = {":v": _n(key.version)}
-        return {"Put": put}
+        return {"Put": self._versioned_put(item, key.version)}
 
     async def _find_duplicate(
         self, job: Job, key: _UniqueKey, batch: dict[str, _Row], now: float
@@ -1507,20 +1499,9 @@ class SqsStorage:
     # -- workflows ------------------------------------------------------------------------------
 
     def _workflow_put(self, workflow: Workflow, version: int) -> dict[str, Any]:
-        put: dict[str, Any] = {
-            "TableName": self._table,
-            "Item": {
-                **self._key(f"WF#{workflow.id}", "WF"),
-                "v": _n(version + 1),
-                "body": _s(json.dumps(workflow.to_record(), separators=(",", ":"))),
-            },
-        }
-        if version == 0:
-            put["ConditionExpression"] = "attribute_not_exists(pk)"
-        else:
-            put["ConditionExpression"] = "v = :v"
-            put["ExpressionAttributeValues"] = {":v": _n(version)}
-        return put
+        body = json.dumps(workflow.to_record(), separators=(",", ":"))
+        item = {**self._key(f"WF#{workflow.id}", "WF"), "body": _s(body)}
+        return self._versioned_put(item, version)
 
     async def _load_workflow(self, workflow_id: str) -> tuple[Workflow, int] | None:
         out = await self._ddb(
@@ -1610,20 +1591,8 @@ class SqsStorage:
     # -- cron ---------------------------------------------------------------------------------
 
     def _cron_put(self, record: CronRecord, version: int) -> dict[str, Any]:
-        put: dict[str, Any] = {
-            "TableName": self._table,
-            "Item": {
-                **self._key("CRONS", record.name),
-                "v": _n(version + 1),
-                "body": _s(json.dumps(record.to_record(), separators=(",", ":"))),
-            },
-        }
-        if version == 0:
-            put["ConditionExpression"] = "attribute_not_exists(pk)"
-        else:
-            put["ConditionExpression"] = "v = :v"
-            put["ExpressionAttributeValues"] = {":v": _n(version)}
-        return put
+        body = json.dumps(record.to_record(), separators=(",", ":"))
+        return self._versioned_put({**self._key("CRONS", record.name), "body": _s(body)}, version)
 
     @staticmethod
     def _decode_cron(item: dict[str, Any]) -> tuple[CronRecord, int]:
