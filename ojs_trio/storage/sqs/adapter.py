@@ -367,11 +367,16 @@ class SqsStorage:
             raise NotFound(f"Job {job_id} not found", details={"job_id": job_id})
         return row
 
-    async def _load_or_none(self, job_id: str) -> _Row | None:
+    async def _get_item(self, pk: str, sk: str) -> dict[str, Any] | None:
+        """One item by key, strongly consistent (None if absent)."""
         out = await self._ddb(
-            "get_item", TableName=self._table, Key=self._job_key(job_id), ConsistentRead=True
+            "get_item", TableName=self._table, Key=self._key(pk, sk), ConsistentRead=True
         )
-        item = out.get("Item")
+        item: dict[str, Any] | None = out.get("Item")
+        return item or None
+
+    async def _load_or_none(self, job_id: str) -> _Row | None:
+        item = await self._get_item(f"JOB#{job_id}", "JOB")
         return self._decode(item) if item else None
 
     async def _load_many(self, job_ids: Iterable[str]) -> dict[str, _Row]:
@@ -756,13 +761,7 @@ class SqsStorage:
             raise
 
     async def _unique_key(self, key: str) -> _UniqueKey:
-        out = await self._ddb(
-            "get_item",
-            TableName=self._table,
-            Key=self._key(f"UNIQUE#{key}", "UNIQUE"),
-            ConsistentRead=True,
-        )
-        item = out.get("Item")
+        item = await self._get_item(f"UNIQUE#{key}", "UNIQUE")
         if not item:
             return _UniqueKey(key, 0, [], [])
         stored = json.loads(item["ids"]["S"])
@@ -1386,24 +1385,33 @@ class SqsStorage:
         times = [t for pk, index in pks if (t := await self._head(pk, index)) is not None]
         return min(times) if times else None
 
+    @staticmethod
+    def _due_heads(queues: list[str]) -> list[tuple[str, str]]:
+        """Index partitions whose first entry is when promote_due has work."""
+        return [
+            (f"Q#{q}#{s}", QUEUE_STATE_INDEX) for q in queues for s in ("scheduled", "retryable")
+        ]
+
+    @staticmethod
+    def _reap_heads(queues: list[str]) -> list[tuple[str, str]]:
+        """Index partitions whose first entry is when reap has work."""
+        return [(f"Q#{q}#active", QUEUE_STATE_INDEX) for q in queues] + [
+            (f"EXP#{q}", EXPIRY_INDEX) for q in queues
+        ]
+
     async def next_due_at(self) -> float | None:
-        queues = await self._queue_names()
-        return await self._earliest(
-            [(f"Q#{q}#{s}", QUEUE_STATE_INDEX) for q in queues for s in ("scheduled", "retryable")]
-        )
+        return await self._earliest(self._due_heads(await self._queue_names()))
 
     async def next_reap_at(self) -> float | None:
         if self._expired_unreported:
             return float("-inf")
-        queues = await self._queue_names()
-        return await self._earliest(
-            [(f"Q#{q}#active", QUEUE_STATE_INDEX) for q in queues]
-            + [(f"EXP#{q}", EXPIRY_INDEX) for q in queues]
-        )
+        return await self._earliest(self._reap_heads(await self._queue_names()))
 
     async def next_wakeup(self) -> float | None:
-        times = [t for t in (await self.next_due_at(), await self.next_reap_at()) if t is not None]
-        return min(times) if times else None
+        if self._expired_unreported:
+            return float("-inf")
+        queues = await self._queue_names()  # listed once for both
+        return await self._earliest(self._due_heads(queues) + self._reap_heads(queues))
 
     async def prune(
         self, finished_before: float | None, dead_letter_before: float | None, limit: int
@@ -1504,13 +1512,7 @@ class SqsStorage:
         return self._versioned_put(item, version)
 
     async def _load_workflow(self, workflow_id: str) -> tuple[Workflow, int] | None:
-        out = await self._ddb(
-            "get_item",
-            TableName=self._table,
-            Key=self._key(f"WF#{workflow_id}", "WF"),
-            ConsistentRead=True,
-        )
-        item = out.get("Item")
+        item = await self._get_item(f"WF#{workflow_id}", "WF")
         if not item:
             return None
         return Workflow.from_record(json.loads(item["body"]["S"])), int(item["v"]["N"])
@@ -1599,10 +1601,7 @@ class SqsStorage:
         return CronRecord.from_record(json.loads(item["body"]["S"])), int(item["v"]["N"])
 
     async def _load_cron(self, name: str) -> tuple[CronRecord, int] | None:
-        out = await self._ddb(
-            "get_item", TableName=self._table, Key=self._key("CRONS", name), ConsistentRead=True
-        )
-        item = out.get("Item")
+        item = await self._get_item("CRONS", name)
         return self._decode_cron(item) if item else None
 
     async def _cron(self, name: str) -> tuple[CronRecord, int]:
