@@ -11,7 +11,7 @@ from dataclasses import replace
 import aws_fixtures
 import pytest
 
-from ojs_trio.engine.errors import PayloadTooLarge
+from ojs_trio.engine.errors import NotFound, PayloadTooLarge
 from ojs_trio.storage import open_storage
 from ojs_trio.storage.port import ClaimRequest
 from ojs_trio.storage.sqs.adapter import MAX_JOB_BYTES, SqsStorage
@@ -96,3 +96,18 @@ async def test_open_storage_builds_the_adapter_from_an_sqs_url(
         "jobs-by-url",
         "byurl",
     )
+
+
+async def test_reads_ignore_items_past_their_dynamodb_ttl(aws_settings: AwsSettings) -> None:
+    """DynamoDB deletes TTL-expired items late (moto never): reads must skip them."""
+    wall = [1_000_000.0]
+    storage = SqsStorage(aws_settings, rng=random.Random(0), wall=lambda: wall[0])
+    async with storage_factory(lambda: storage)():
+        job = make_job(queue="ttl")
+        await storage.enqueue([job], T0)
+        await storage.cancel(job.id, T0)
+        assert (await storage.queue_info("ttl", T0)).counts["cancelled"] == 1
+        wall[0] += 31 * 86400  # past the finished-job TTL backstop
+        assert (await storage.queue_info("ttl", T0)).counts["cancelled"] == 0
+        with pytest.raises(NotFound):
+            await storage.get(job.id)

@@ -848,7 +848,10 @@ class SqsStorage:
     async def _count(self, pk: str, low: str | None = None) -> int:
         kwargs: dict[str, Any] = {
             "KeyConditionExpression": "gsi1pk = :pk",
-            "ExpressionAttributeValues": {":pk": _s(pk)},
+            # Items past their DynamoDB TTL linger until deleted: not counted.
+            "FilterExpression": "attribute_not_exists(#ttl) OR #ttl >= :wall",
+            "ExpressionAttributeNames": {"#ttl": TTL_ATTRIBUTE},
+            "ExpressionAttributeValues": {":pk": _s(pk), ":wall": _n(int(self._wall()))},
             "Select": "COUNT",
         }
         if low is not None:
