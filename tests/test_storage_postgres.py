@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -9,6 +11,7 @@ import pytest
 
 from ojs_trio.storage.port import Storage
 from ojs_trio.storage.postgres.adapter import PostgresStorage
+from ojs_trio.storage.postgres.sql import q
 from ojs_trio.testing import CONTRACT_CHECKS, ContractCheck
 
 
@@ -34,5 +37,31 @@ async def test_migrations_apply_once_and_are_recorded(fresh_db: str) -> None:
     try:
         health = await storage.ping()
         assert health["status"] == "connected"
+    finally:
+        await storage.aclose()
+
+
+async def test_hot_queries_use_indexes_on_a_table_the_planner_has_not_analyzed(
+    fresh_db: str,
+) -> None:
+    # A fresh, never-analyzed table is the worst case for the planner's estimates:
+    # without the session settings it seq-scans ojs_jobs_live for a 10-row ack
+    # batch and bitmap-scans the claim index.  Every hot query must use an index.
+    storage = PostgresStorage(fresh_db, apply_migrations=False)
+    await storage.open()
+    try:
+        async with storage._pool.connection() as conn:
+            for name in ("claim_available", "lock_jobs", "update_jobs", "update_claimed"):
+                params: tuple[object, ...] = {
+                    "claim_available": ("default", 0.0, [], 10),
+                    "lock_jobs": ([str(uuid.uuid4()) for _ in range(10)],),
+                    "update_jobs": (json.dumps([{"id": str(uuid.uuid4())}]),),
+                    "update_claimed": (json.dumps([{"id": str(uuid.uuid4())}]),),
+                }[name]
+                cur = await conn.execute("EXPLAIN " + q(name), params)
+                plan = "\n".join(row[0] for row in await cur.fetchall())
+                assert "Seq Scan on ojs_jobs_live" not in plan, (name, plan)
+                assert "Bitmap" not in plan, (name, plan)
+                assert "Index Scan" in plan, (name, plan)
     finally:
         await storage.aclose()

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
+from functools import lru_cache
 
 # A wall clock: returns epoch seconds.  Injectable so MockClock tests can drive it.
 WallClock = Callable[[], float]
@@ -16,6 +17,9 @@ def system_clock() -> float:
     return time.time()
 
 
+# A job's timestamps are formatted again on every write and every answer (and a
+# batch shares one `now`), so most calls repeat a recent value.
+@lru_cache(maxsize=16384)
 def format_ts(epoch: float) -> str:
     dt = datetime.fromtimestamp(epoch, tz=UTC)
     if dt.year < 1000:  # isoformat pads the year; keep strftime's spelling there

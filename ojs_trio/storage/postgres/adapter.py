@@ -138,6 +138,10 @@ def _is_serialization_failure(exc: BaseException) -> bool:
     return isinstance(cause, psycopg.errors.SerializationFailure | psycopg.errors.DeadlockDetected)
 
 
+async def _configure_session(conn: TrioConnection) -> None:
+    await conn.execute(q("configure_session"))
+
+
 def _job(row: Sequence[Any]) -> Job:
     return Job.from_record(row[0])
 
@@ -213,7 +217,12 @@ class PostgresStorage:
     async def open(self) -> None:
         stack = AsyncExitStack()
         self._pool = await stack.enter_async_context(
-            open_pool(self.conninfo, min_size=self._min_size, max_size=self._max_size)
+            open_pool(
+                self.conninfo,
+                min_size=self._min_size,
+                max_size=self._max_size,
+                configure=_configure_session,
+            )
         )
         self._stack = stack
         if self._apply_migrations:

@@ -1,6 +1,18 @@
 -- Named queries of the PostgreSQL adapter.  Each block starts with "-- name: x".
 -- Times are epoch seconds (double precision), passed in by the engine.
 
+-- name: configure_session
+-- Run once on every pooled connection.  A job table churns faster than autovacuum's
+-- ANALYZE can follow, so the planner's statistics are always stale: on a fresh or
+-- bloated ojs_jobs_live it estimated thousands of rows for `id = ANY(<10 ids>)` and
+-- seq-scanned the partition for every ack batch, and it answered the claim with a
+-- bitmap scan, which revisits every dead index entry and never marks one dead (an
+-- ordered index scan stops after LIMIT rows and kills what it passes).  Every query
+-- of this adapter is written for an index, so we tell the planner to use one
+-- (docs/performance.md, "Planner settings").
+SET enable_seqscan = off;
+SET enable_bitmapscan = off
+
 -- name: insert_job
 INSERT INTO ojs_jobs (id, finished, queue, state, priority, run_at, lease_until, expires_at,
                       unique_key, workflow_id, dead_letter, worker_id, created_at, finished_at,
