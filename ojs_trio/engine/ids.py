@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import threading
 import time
@@ -12,6 +13,12 @@ UUID7_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-
 _lock = threading.Lock()
 _last_ms = 0
 _seq = 0
+# The random bits only have to keep ids of different processes apart within one
+# millisecond and counter value, so a generator seeded from the OS (reseeded in a
+# forked child, which would otherwise repeat its parent's stream) serves; reading
+# os.urandom for every id was a system call per job and per event.
+_random = random.Random(os.urandom(16))
+os.register_at_fork(after_in_child=lambda: _random.seed(os.urandom(16)))
 
 
 def uuid7() -> str:
@@ -27,9 +34,9 @@ def uuid7() -> str:
             ms = _last_ms
         else:
             _last_ms = ms
-            _seq = int.from_bytes(os.urandom(2), "big") & 0x3FF  # leave room to count up
+            _seq = _random.getrandbits(10)  # leave room to count up
         seq = _seq
-    rand = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+        rand = _random.getrandbits(62)
     value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | seq << 64 | 0b10 << 62 | rand
     h = f"{value:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

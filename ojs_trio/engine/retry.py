@@ -44,8 +44,28 @@ class RetryPolicy:
 
     @classmethod
     def from_wire(cls, raw: dict[str, Any]) -> RetryPolicy:
-        """Rebuild a policy that was produced by :meth:`to_wire` (already valid)."""
-        return parse_retry_policy(raw)
+        """Rebuild a policy that was produced by :meth:`to_wire` (already valid).
+
+        Every job read back from storage carries its policy, and most jobs share a
+        handful of policies, so parsed policies are memoised by their wire form.
+        """
+        try:
+            key = tuple(
+                (name, type(value), tuple(value) if isinstance(value, list) else value)
+                for name, value in raw.items()
+            )
+            policy = _FROM_WIRE.get(key)
+        except TypeError:  # an unhashable unknown field: parse every time
+            return parse_retry_policy(raw)
+        if policy is None:
+            if len(_FROM_WIRE) >= _FROM_WIRE_SIZE:
+                _FROM_WIRE.clear()
+            policy = _FROM_WIRE[key] = parse_retry_policy(raw)
+        return policy
+
+
+_FROM_WIRE: dict[tuple[Any, ...], RetryPolicy] = {}
+_FROM_WIRE_SIZE = 1024
 
 
 DEFAULT_POLICY = RetryPolicy()

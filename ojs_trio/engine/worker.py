@@ -103,14 +103,22 @@ class WorkerPool:
         self._visibility_ms = visibility_ms
         self._poll_wait_ms = poll_wait_ms
         self._busy = 0
+        self._settling: trio.Nursery
+        self._settle_slots = trio.Semaphore(concurrency)
         self.completed = 0
         self.failed = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            for n in range(self.concurrency):
-                nursery.start_soon(self._work, f"{self.worker_id}-{n}")
-            task_status.started()
+        # Settles (ack/nack) run beside the workers: a worker fetches its next job
+        # while the previous outcome is being written, as a batch with others.  At
+        # most `concurrency` settles are outstanding, so a slow database still
+        # slows the workers down; the outer nursery waits for them on the way out.
+        async with trio.open_nursery() as settling:
+            self._settling = settling
+            async with trio.open_nursery() as nursery:
+                for n in range(self.concurrency):
+                    nursery.start_soon(self._work, f"{self.worker_id}-{n}")
+                task_status.started()
 
     async def _work(self, worker_id: str) -> None:
         engine = self._engine
@@ -145,21 +153,27 @@ class WorkerPool:
                     result = await chain(ctx)
         except Exception as exc:
             self.failed += 1
-            await self._settle(
-                engine.nack(job.id, failure_from_exception(exc), worker_id=worker_id)
-            )
+            failure = failure_from_exception(exc)
+            await self._settle(lambda: engine.nack(job.id, failure, worker_id=worker_id))
         else:
             self.completed += 1
-            await self._settle(engine.ack(job.id, result, worker_id=worker_id))
+            await self._settle(lambda: engine.ack(job.id, result, worker_id=worker_id))
         finally:
             self._busy -= 1
 
-    async def _settle(self, call: Awaitable[Job]) -> None:
+    async def _settle(self, call: Callable[[], Awaitable[Job]]) -> None:
+        """Start settling a job in the background, once a settle slot is free."""
+        await self._settle_slots.acquire()
+        self._settling.start_soon(self._run_settle, call)
+
+    async def _run_settle(self, call: Callable[[], Awaitable[Job]]) -> None:
         try:
-            await call
+            await call()
         except OjsError as exc:
             # e.g. the job was cancelled meanwhile: its outcome no longer matters.
             log.info("could not settle job: %s", exc.message)
+        finally:
+            self._settle_slots.release()
 
     def statistics(self) -> WorkerPoolStatistics:
         return WorkerPoolStatistics(self.concurrency, self._busy, self.completed, self.failed)

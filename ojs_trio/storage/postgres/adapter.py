@@ -16,8 +16,10 @@ from __future__ import annotations
 import logging
 import random
 import re
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from typing import Any, TypeVar
 
 import psycopg
@@ -31,6 +33,7 @@ from ojs_trio.engine.job import DEFAULT_VISIBILITY_MS, Job
 from ojs_trio.engine.lifecycle import Failure
 from ojs_trio.engine.queue_limits import queue_limits_from
 from ojs_trio.engine.states import JobState
+from ojs_trio.engine.timeutil import format_ts
 from ojs_trio.engine.workflows import Workflow
 from ojs_trio.storage.port import (
     ClaimRequest,
@@ -56,7 +59,8 @@ CHANNEL = "ojs_jobs"
 MAX_SERIALIZATION_RETRIES = 5
 NOTIFY_LIMIT = 7900
 T = TypeVar("T")
-Settle = tuple[str, Callable[[Job], None], float]  # job id, transition, now
+# job id, transition, now, and for an ack its (worker, result, has_result)
+Settle = tuple[str, Callable[[Job], None], float, tuple[str | None, Any, bool] | None]
 Enqueue = tuple[Sequence[Job], float]  # one enqueue call: its jobs, now
 Beat = tuple[str | None, tuple[str, ...], int | None, float]  # worker, jobs, visibility, now
 TERMINAL = (JobState.COMPLETED, JobState.DISCARDED, JobState.CANCELLED)
@@ -205,9 +209,7 @@ class PostgresStorage:
         self._beats: Coalescer[Beat, list[Job]] = Coalescer(
             lambda beats: self._retry(lambda: self._heartbeat_batch(beats))
         )
-        self._settles: Coalescer[Settle, Job] = Coalescer(
-            lambda items: self._retry(lambda: self._settle_batch(items))
-        )
+        self._settles: Coalescer[Settle, Job] = Coalescer(self._settle_batch)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -509,74 +511,122 @@ class PostgresStorage:
         return None
 
     async def claim(self, requests: Sequence[ClaimRequest], now: float) -> list[list[Job]]:
-        return await self._retry(lambda: self._claim_once(requests, now))
-
-    async def _claim_once(self, requests: Sequence[ClaimRequest], now: float) -> list[list[Job]]:
-        """Serve every request with one locking SELECT per queue and one UPDATE in all.
+        """Serve the requests queue by queue, first come first served.
 
         Requests that list the same queues (all the fetches of one fetcher pool)
         are served together: for each queue in their order, the rows for all of
-        them are locked at once and dealt out first come, first served.
+        them are claimed by one statement (``claim_plain``), which commits on its
+        own; a queue with a rate or concurrency limit takes the transactional path.
+        Each statement is atomic, so a failure never leaves a job claimed but not
+        returned (short of the connection dying after the commit, which the
+        reaper recovers at lease expiry).
         """
-        names = sorted({name for r in requests for name in r.queues})
         out: list[list[Job]] = [[] for _ in requests]
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for index, request in enumerate(requests):
+            groups.setdefault(tuple(request.queues), []).append(index)
+        in_workflows: list[Job] = []
+        for queue_order, members in groups.items():
+            for name in queue_order:
+                slots = [i for i in members for _ in range(requests[i].count - len(out[i]))]
+                if not slots:
+                    break
+                jobs = await self._retry(partial(self._claim_queue, name, slots, requests, now))
+                for job, index in zip(jobs, slots, strict=False):
+                    out[index].append(job)
+                    if job.workflow_id is not None:
+                        in_workflows.append(job)
+        if in_workflows:
+            await self._retry(lambda: self._mark_started(in_workflows, now))
+        return out
+
+    async def _claim_queue(
+        self, name: str, slots: list[int], requests: Sequence[ClaimRequest], now: float
+    ) -> list[Job]:
+        """Claim for ``slots`` (request indexes, one per job wanted) from one queue."""
+        params = {
+            "queue": name,
+            "now": now,
+            "now_text": format_ts(now),
+            "default_ms": DEFAULT_VISIBILITY_MS,
+            "slots": Jsonb(
+                [
+                    {
+                        "n": n,
+                        "worker_id": requests[index].worker_id,
+                        "visibility_ms": requests[index].visibility_ms,
+                    }
+                    for n, index in enumerate(slots, start=1)
+                ]
+            ),
+        }
+        with map_errors():
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(q("claim_plain"), params)
+                rows = await cur.fetchall()
+        if rows and rows[0][0] is None:
+            return await self._claim_limited(name, slots, requests, now)
+        rows.sort(key=lambda row: row[0])
+        return [Job.from_record(row[1]) for row in rows]
+
+    async def _claim_limited(
+        self, name: str, slots: list[int], requests: Sequence[ClaimRequest], now: float
+    ) -> list[Job]:
+        """The claim for a queue with a rate or concurrency limit, budget counted first."""
         claimed: list[Job] = []
         async with self._tx() as conn:
-            cur = await conn.execute(q("queues_for_claim"), (names,))
-            queues = {row[0]: row for row in await cur.fetchall()}
-            budgets: dict[str, int | None] = {}
-            for name, (_, paused, rate, concurrency) in queues.items():
-                budgets[name] = await self._budget(conn, name, paused, rate, concurrency, now)
-            groups: dict[tuple[str, ...], list[int]] = {}
-            for index, request in enumerate(requests):
-                groups.setdefault(tuple(request.queues), []).append(index)
-            for queue_order, members in groups.items():
-                for name in queue_order:
-                    if name not in queues:
-                        continue  # never used: nothing to claim
-                    need = sum(requests[i].count - len(out[i]) for i in members)
-                    budget = budgets[name]
-                    if budget is not None:
-                        need = min(need, budget)
-                    if need <= 0:
-                        continue
-                    taken = [j.id for j in claimed]
-                    cur = await conn.execute(q("claim_available"), (name, now, taken, need))
-                    rows = await cur.fetchall()
-                    if budget is not None:
-                        budgets[name] = budget - len(rows)
-                        if queues[name][2] is not None and rows:
-                            await conn.execute(q("record_starts"), (name, now, len(rows)))
-                    waiting = (i for i in members for _ in range(requests[i].count - len(out[i])))
-                    for row, index in zip(rows, waiting, strict=False):
-                        job = _job(row)
-                        request = requests[index]
-                        lifecycle.claim(job, request.worker_id, request.visibility_ms, now)
-                        out[index].append(job)
-                        claimed.append(job)
-            plain = [j for j in claimed if j.workflow_id is None]
-            if plain:
-                rows = [_row(j) for j in plain]
+            cur = await conn.execute(q("queues_for_claim"), ([name],))
+            row = await cur.fetchone()
+            if row is None:
+                return []
+            _, paused, rate, concurrency = row
+            budget = await self._budget(conn, name, paused, rate, concurrency, now)
+            need = len(slots) if budget is None else min(len(slots), budget)
+            if need <= 0:
+                return []
+            cur = await conn.execute(q("claim_available"), (name, now, need))
+            rows = await cur.fetchall()
+            if rate is not None and rows:
+                await conn.execute(q("record_starts"), (name, now, len(rows)))
+            for record, index in zip(rows, slots, strict=False):
+                job = _job(record)
+                request = requests[index]
+                lifecycle.claim(job, request.worker_id, request.visibility_ms, now)
+                claimed.append(job)
+            if claimed:
+                await conn.execute(q("update_jobs"), (_update_rows(claimed),))
+        return claimed
+
+    async def _mark_started(self, jobs: Sequence[Job], now: float) -> None:
+        """Record claimed workflow members as started in their workflows.
+
+        A separate transaction after the claim: if a member changed meanwhile
+        (its workflow was cancelled), the workflow has seen that change already.
+        """
+        async with self._tx() as conn:
+            # Members first, then workflows, each in id order: the order settles lock in.
+            cur = await conn.execute(q("lock_jobs"), (sorted(j.id for j in jobs),))
+            current = {record["id"]: record for (record,) in await cur.fetchall()}
+            still = [
+                job
+                for job in jobs
+                if (record := current.get(job.id)) is not None
+                and record["state"] == JobState.ACTIVE.value
+                and record["attempt"] == job.attempt
+            ]
+            for workflow_id in sorted({str(job.workflow_id) for job in still}):
+                cur = await conn.execute(q("lock_workflow"), (workflow_id,))
+                found = await cur.fetchone()
+                if found is None:
+                    continue
+                workflow = Workflow.from_record(found[0])
+                for job in still:
+                    if str(job.workflow_id) == workflow_id:
+                        workflows.on_job_started(workflow, job, now)
                 await conn.execute(
-                    q("update_claimed"),
-                    (
-                        Jsonb(
-                            [
-                                {
-                                    "id": r["id"],
-                                    "lease_until": r["lease_until"],
-                                    "worker_id": r["worker_id"],
-                                    "record": r["record"],
-                                }
-                                for r in rows
-                            ]
-                        ),
-                    ),
+                    q("update_workflow"),
+                    (workflow.state, Jsonb(workflow.to_record()), workflow.id),
                 )
-            for job in claimed:
-                if job.workflow_id is not None:
-                    await self._write(conn, job, now)  # also marks the workflow started
-        return out
 
     async def _budget(
         self,
@@ -602,23 +652,67 @@ class PostgresStorage:
             budget = room if budget is None else min(budget, room)
         return budget
 
-    async def _settle(self, job_id: str, apply: Callable[[Job], None], now: float) -> Job:
+    async def _settle(
+        self,
+        job_id: str,
+        apply: Callable[[Job], None],
+        now: float,
+        ack: tuple[str | None, Any, bool] | None = None,
+    ) -> Job:
         """ack/nack/cancel: coalesced with concurrent settles into one transaction."""
         if not _is_uuid(job_id):
             raise NotFound(f"Job {job_id} not found", details={"job_id": job_id})
-        return await self._settles.submit((job_id, apply, now))
+        return await self._settles.submit((job_id, apply, now, ack))
 
     async def _settle_batch(self, items: Sequence[Settle]) -> list[Job | BaseException]:
+        """Plain acks in one statement; everything else (and acks it left) in one transaction."""
+        outcomes: list[Job | BaseException | None] = [None] * len(items)
+        seen = Counter(item[0] for item in items)
+        # An id settled twice in the batch goes down the general path, in order.
+        fast = [k for k, item in enumerate(items) if item[3] is not None and seen[item[0]] == 1]
+        if fast:
+            done = await self._ack_plain([items[k] for k in fast])
+            for k in fast:
+                outcomes[k] = done.get(items[k][0])
+        rest = [k for k, outcome in enumerate(outcomes) if outcome is None]
+        if rest:
+            # Retried alone: the plain acks above have committed already.
+            settled = await self._retry(partial(self._settle_general, [items[k] for k in rest]))
+            for k, outcome in zip(rest, settled, strict=True):
+                outcomes[k] = outcome
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    async def _ack_plain(self, items: Sequence[Settle]) -> dict[str, Job]:
+        rows = []
+        for job_id, _, now, ack in items:
+            assert ack is not None
+            worker_id, result, has_result = ack
+            rows.append(
+                {
+                    "id": job_id,
+                    "worker_id": worker_id,
+                    "now": now,
+                    "now_text": format_ts(now),
+                    "has_result": has_result,
+                    "result": result if has_result else None,
+                }
+            )
+        with map_errors():
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(q("ack_plain"), (Jsonb(rows),))
+                return {job.id: job for job in map(_job, await cur.fetchall())}
+
+    async def _settle_general(self, items: Sequence[Settle]) -> list[Job | BaseException]:
         outcomes: list[Job | BaseException] = []
         spawned: list[Job] = []
         changed: list[Job] = []
         plain: dict[str, Job] = {}  # latest state of each job outside workflows
         async with self._tx() as conn:
-            ids = sorted({job_id for job_id, _, _ in items})
+            ids = sorted({item[0] for item in items})
             # Lock in id order so concurrent batches from other servers cannot deadlock.
             cur = await conn.execute(q("lock_jobs"), (ids,))
             current = {job.id: job for job in map(_job, await cur.fetchall())}
-            for job_id, apply, now in items:
+            for job_id, apply, now, _ in items:
                 job = current.get(job_id)
                 if job is None:
                     outcomes.append(NotFound(f"Job {job_id} not found", details={"job_id": job_id}))
@@ -646,7 +740,10 @@ class PostgresStorage:
         self, job_id: str, worker_id: str | None, result: Any, has_result: bool, now: float
     ) -> Job:
         return await self._settle(
-            job_id, lambda j: lifecycle.ack(j, worker_id, result, has_result, now), now
+            job_id,
+            lambda j: lifecycle.ack(j, worker_id, result, has_result, now),
+            now,
+            (worker_id, result, has_result),
         )
 
     async def nack(

@@ -8,10 +8,14 @@
 -- seq-scanned the partition for every ack batch, and it answered the claim with a
 -- bitmap scan, which revisits every dead index entry and never marks one dead (an
 -- ordered index scan stops after LIMIT rows and kills what it passes).  Every query
--- of this adapter is written for an index, so we tell the planner to use one
--- (docs/performance.md, "Planner settings").
+-- of this adapter is written for an index, so we tell the planner to use one.
+-- The same stale estimates priced a one-row UPDATE on a 1M-row table above
+-- jit_above_cost: JIT compilation then took 137 ms for a 0.25 ms statement.  No
+-- query here runs long enough to win from JIT (docs/performance.md, "Planner
+-- settings").
 SET enable_seqscan = off;
-SET enable_bitmapscan = off
+SET enable_bitmapscan = off;
+SET jit = off
 
 -- name: insert_job
 INSERT INTO ojs_jobs (id, finished, queue, state, priority, run_at, lease_until, expires_at,
@@ -113,13 +117,71 @@ SELECT record FROM ojs_jobs WHERE unique_key = %s ORDER BY created_at FOR UPDATE
 -- name: queues_for_claim
 SELECT name, paused, rate_limit, concurrency FROM ojs_queues WHERE name = ANY(%s)
 
+-- name: claim_plain
+-- One autocommitted statement that claims up to len(slots) jobs of one queue and
+-- writes them back active; the n-th job in delivery order goes to slot n.  The
+-- record changes are exactly engine.lifecycle.claim's (tests/test_pg_sql_transitions.py
+-- compares the two on every kind of job): state, attempt + 1, started_at, the
+-- worker and lease, scheduled_at cleared.  A paused queue yields no rows; a queue
+-- with a rate or concurrency limit yields one all-NULL row and nothing is claimed:
+-- the caller then takes the transactional path (claim_available), which counts
+-- the budget first.
+WITH settings AS (
+    SELECT paused, rate_limit IS NOT NULL OR concurrency IS NOT NULL AS limited
+      FROM ojs_queues WHERE name = %(queue)s
+), slots AS (
+    SELECT * FROM jsonb_to_recordset(%(slots)s::jsonb)
+        AS s(n bigint, worker_id text, visibility_ms bigint)
+), picked AS (
+    SELECT p.id, p.visibility_ms, p.timeout_ms,
+           row_number() OVER (ORDER BY p.priority DESC, p.id) AS n
+      FROM (SELECT id, priority,
+                   (record->>'visibility_timeout_ms')::bigint AS visibility_ms,
+                   (record->'_private'->>'timeout_ms')::bigint AS timeout_ms
+              FROM ojs_jobs
+             WHERE NOT finished AND queue = %(queue)s AND state = 'available'
+               AND (expires_at IS NULL OR expires_at > %(now)s)
+               AND NOT EXISTS (SELECT 1 FROM settings WHERE paused OR limited)
+             ORDER BY priority DESC, id
+             LIMIT (SELECT count(*) FROM slots)
+               FOR UPDATE SKIP LOCKED) AS p
+), leased AS (
+    -- lifecycle.claim: ms = request's visibility or the job's or the default.
+    SELECT p.id, p.n, s.worker_id, p.timeout_ms,
+           %(now)s::float8 + coalesce(nullif(s.visibility_ms, 0), nullif(p.visibility_ms, 0),
+                                      %(default_ms)s)::float8 / 1000.0::float8 AS lease
+      FROM picked AS p JOIN slots AS s USING (n)
+), claimed AS (
+    UPDATE ojs_jobs AS j
+       SET state = 'active', run_at = NULL, worker_id = l.worker_id,
+           -- the lease column also honours the execution deadline (timeout_ms)
+           lease_until = least(l.lease, %(now)s::float8 + l.timeout_ms::float8 / 1000.0::float8),
+           record = (j.record - 'scheduled_at' - 'next_attempt_at' - 'worker_id')
+                    || CASE WHEN l.worker_id IS NULL THEN '{}'::jsonb
+                            ELSE jsonb_build_object('worker_id', l.worker_id) END
+                    || jsonb_build_object(
+                        'state', 'active',
+                        'attempt', (j.record->>'attempt')::integer + 1,
+                        'started_at', %(now_text)s::text,
+                        '_private', (j.record->'_private') || jsonb_build_object(
+                            'started_at', %(now)s::float8,
+                            'worker_id', l.worker_id,
+                            'lease_expires_at', l.lease,
+                            'scheduled_at', NULL))
+      FROM leased AS l
+     WHERE j.id = l.id AND NOT j.finished
+ RETURNING l.n, j.record
+)
+SELECT n, record FROM claimed
+UNION ALL
+SELECT NULL, NULL FROM settings WHERE limited AND NOT paused
+
 -- name: claim_available
+-- The claim of a queue with limits, inside the transaction that counted its budget.
 -- Jobs past their TTL are left to the reaper, which discards and reports them.
--- Rows this transaction already claimed (not yet written back) are excluded by id:
--- SKIP LOCKED does not skip our own locks.
 SELECT record FROM ojs_jobs
  WHERE NOT finished AND queue = %s AND state = 'available'
-   AND (expires_at IS NULL OR expires_at > %s) AND id <> ALL(%s::uuid[])
+   AND (expires_at IS NULL OR expires_at > %s)
  ORDER BY priority DESC, id
  LIMIT %s
  FOR UPDATE SKIP LOCKED
@@ -134,13 +196,35 @@ SELECT count(*) FROM ojs_queue_starts WHERE queue = %s AND started_at > %s
 INSERT INTO ojs_queue_starts (queue, started_at)
 SELECT %s, %s FROM generate_series(1, %s)
 
--- name: update_claimed
+-- name: ack_plain
+-- lifecycle.ack for many jobs in one autocommitted statement, for jobs outside
+-- workflows (tests/test_pg_sql_transitions.py compares it with the engine's rule): state
+-- completed, completed_at, the result if any, the latest error and the lease
+-- cleared; the row moves to ojs_jobs_done.  A job that is not active, belongs to
+-- a workflow or is held by another worker is left alone; the caller sends those
+-- down the general path, which raises the right error.  Ids are distinct.
+WITH acks AS (
+    SELECT * FROM jsonb_to_recordset(%s::jsonb)
+        AS a(id uuid, worker_id text, now double precision, now_text text,
+             has_result boolean, result jsonb)
+)
 UPDATE ojs_jobs AS j
-   SET state = 'active', run_at = NULL, lease_until = u.lease_until,
-       worker_id = u.worker_id, record = u.record
-  FROM jsonb_to_recordset(%s::jsonb) AS u(id uuid, lease_until double precision,
-                                          worker_id text, record jsonb)
- WHERE j.id = u.id AND NOT j.finished
+   SET finished = true, state = 'completed', finished_at = a.now, run_at = NULL,
+       lease_until = NULL, worker_id = NULL, dead_letter = false,
+       record = (j.record - 'error' - 'worker_id' - 'result')
+                || CASE WHEN a.has_result THEN jsonb_build_object('result', a.result)
+                        ELSE '{}'::jsonb END
+                || jsonb_build_object(
+                    'state', 'completed',
+                    'completed_at', a.now_text,
+                    '_private', (j.record->'_private') || jsonb_build_object(
+                        'completed_at', a.now,
+                        'has_result', a.has_result,
+                        'lease_expires_at', NULL))
+  FROM acks AS a
+ WHERE j.id = a.id AND NOT j.finished AND j.state = 'active' AND j.workflow_id IS NULL
+   AND (a.worker_id IS NULL OR j.worker_id IS NULL OR j.worker_id = a.worker_id)
+RETURNING j.record
 
 -- name: update_jobs
 -- update_job for many rows at once (one JSON array of row objects; ids distinct).

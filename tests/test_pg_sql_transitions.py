@@ -1,0 +1,214 @@
+"""The one-statement PostgreSQL claim and ack write exactly what the engine's rules would.
+
+``claim_plain`` and ``ack_plain`` (queries.sql) apply ``lifecycle.claim`` and
+``lifecycle.ack`` in SQL, so that each is one round trip; these checks pin them to
+the engine's rules on every kind of job: defaults, the job's and the request's
+visibility, an execution timeout, retried and delayed jobs, unknown fields, no
+worker id, results of every JSON kind, and the cases the SQL leaves to the
+general path (wrong worker, already settled, twice in one batch).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+
+from ojs_trio.engine import lifecycle
+from ojs_trio.engine.errors import Conflict, InvalidStateTransition
+from ojs_trio.engine.job import Job
+from ojs_trio.engine.lifecycle import Failure
+from ojs_trio.storage.port import ClaimRequest
+from ojs_trio.storage.postgres.adapter import PostgresStorage, _row
+from ojs_trio.testing.storage_contract import T0, make_job
+
+QUEUE = "claims"
+
+
+async def _claim_and_compare(
+    storage: PostgresStorage, job_id: str, now: float, worker: str | None, visibility: int | None
+) -> Job:
+    before = await storage.get(job_id)
+    expected = before.clone()
+    lifecycle.claim(expected, worker, visibility, now)
+    (got,) = await storage.claim([ClaimRequest((QUEUE,), 1, worker, visibility)], now)
+    assert [j.id for j in got] == [job_id]
+    assert got[0].to_record() == expected.to_record()
+    async with storage._pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT state, lease_until, worker_id, run_at, finished, record"
+            " FROM ojs_jobs WHERE id = %s",
+            (job_id,),
+        )
+        state, lease_until, worker_id, run_at, finished, record = await cur.fetchone()
+    row = _row(expected)
+    assert (state, lease_until, worker_id, run_at, finished) == (
+        row["state"],
+        row["lease_until"],
+        row["worker_id"],
+        row["run_at"],
+        row["finished"],
+    )
+    assert record == expected.to_record()
+    return got[0]
+
+
+async def _columns(storage: PostgresStorage, job_id: str) -> tuple[Any, ...]:
+    async with storage._pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT state, lease_until, worker_id, run_at, finished, finished_at, dead_letter,"
+            " record FROM ojs_jobs WHERE id = %s",
+            (job_id,),
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+async def _ack_and_compare(
+    storage: PostgresStorage, job_id: str, worker: str | None, result: Any, has_result: bool
+) -> Job:
+    now = T0 + 9.87654321
+    expected = (await storage.get(job_id)).clone()
+    lifecycle.ack(expected, worker, result, has_result, now)
+    got = await storage.ack(job_id, worker, result, has_result, now)
+    assert got.to_record() == expected.to_record()
+    row = _row(expected)
+    want = tuple(
+        row[k] for k in ("state", "lease_until", "worker_id", "run_at", "finished", "finished_at")
+    )
+    assert (*want, row["dead_letter"], expected.to_record()) == await _columns(storage, job_id)
+    return got
+
+
+CASES: list[tuple[str, dict[str, Any], str | None, int | None]] = [
+    ("defaults", {}, "w1", None),
+    ("no worker id", {}, None, None),
+    ("request visibility", {}, "w1", 2_500),
+    ("job visibility", {"visibility_timeout_ms": 7_000}, "w1", None),
+    ("request beats job visibility", {"visibility_timeout_ms": 7_000}, "w1", 1_234),
+    ("execution timeout shorter than the lease", {"timeout_ms": 1_500}, "w1", 60_000),
+    ("execution timeout longer than the lease", {"timeout_ms": 90_000}, "w1", 1_000),
+    (
+        "expires, meta, tags",
+        {"expires_at": "+PT1H", "meta": {"k": [1, 2.5]}, "tags": ["a"]},
+        "w",
+        0,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("label", "options", "worker", "visibility"), CASES, ids=[c[0] for c in CASES]
+)
+async def test_claim_matches_lifecycle(
+    fresh_db: str, label: str, options: dict[str, Any], worker: str | None, visibility: int | None
+) -> None:
+    storage = PostgresStorage(fresh_db, apply_migrations=False)
+    await storage.open()
+    try:
+        job = make_job(queue=QUEUE, args=[label, 1.25, None], **options)
+        await storage.enqueue([job], T0)
+        await _claim_and_compare(storage, job.id, T0 + 0.123456789, worker, visibility)
+    finally:
+        await storage.aclose()
+
+
+async def test_claim_of_retried_and_delayed_jobs_matches_lifecycle(fresh_db: str) -> None:
+    storage = PostgresStorage(fresh_db, apply_migrations=False)
+    await storage.open()
+    try:
+        retried = make_job(queue=QUEUE, retry={"max_attempts": 5, "initial_interval": "PT1S"})
+        await storage.enqueue([retried], T0)
+        await _claim_and_compare(storage, retried.id, T0 + 1, "w1", None)
+        failure = Failure(code="boom", message="failed once", retryable=True)
+        nacked = await storage.nack(retried.id, "w1", failure, False, T0 + 2)
+        assert nacked.scheduled_at is not None and nacked.errors
+        await storage.promote_due(nacked.scheduled_at + 5, 10)
+        second = await _claim_and_compare(
+            storage, retried.id, nacked.scheduled_at + 5.5, "w2", None
+        )
+        assert second.attempt == 2 and second.scheduled_at is None
+
+        delayed = make_job(queue=QUEUE, delay_ms=30_000)
+        await storage.enqueue([delayed], T0)
+        await storage.promote_due(T0 + 31, 10)
+        await _claim_and_compare(storage, delayed.id, T0 + 32, "w3", 5_000)
+    finally:
+        await storage.aclose()
+
+
+RESULTS: list[tuple[str, Any, bool]] = [
+    ("no result", None, False),
+    ("null result", None, True),
+    ("object result", {"rows": [1, 2.5, "x", None], "ok": True}, True),
+    ("scalar result", 0, True),
+]
+
+
+@pytest.mark.parametrize(("label", "result", "has_result"), RESULTS, ids=[r[0] for r in RESULTS])
+async def test_ack_matches_lifecycle(
+    fresh_db: str, label: str, result: Any, has_result: bool
+) -> None:
+    storage = PostgresStorage(fresh_db, apply_migrations=False)
+    await storage.open()
+    try:
+        job = make_job(queue=QUEUE, args=[label], timeout_ms=5_000, tags=["t"])
+        await storage.enqueue([job], T0)
+        await _claim_and_compare(storage, job.id, T0 + 1, "w1", None)
+        await _ack_and_compare(storage, job.id, "w1", result, has_result)
+    finally:
+        await storage.aclose()
+
+
+async def test_ack_after_a_failed_attempt_and_without_worker_id(fresh_db: str) -> None:
+    storage = PostgresStorage(fresh_db, apply_migrations=False)
+    await storage.open()
+    try:
+        job = make_job(queue=QUEUE, retry={"max_attempts": 3, "initial_interval": "PT1S"})
+        await storage.enqueue([job], T0)
+        await _claim_and_compare(storage, job.id, T0 + 1, "w1", None)
+        failure = Failure(code="boom", message="first try failed", retryable=True)
+        nacked = await storage.nack(job.id, "w1", failure, False, T0 + 2)
+        assert nacked.scheduled_at is not None
+        await storage.promote_due(nacked.scheduled_at + 1, 10)
+        await _claim_and_compare(storage, job.id, nacked.scheduled_at + 1, "w2", None)
+        got = await _ack_and_compare(storage, job.id, None, [1], True)
+        assert got.error is None and got.errors  # the latest error goes, the history stays
+    finally:
+        await storage.aclose()
+
+
+async def test_acks_the_statement_leaves_get_the_general_paths_errors(fresh_db: str) -> None:
+    storage = PostgresStorage(fresh_db, apply_migrations=False)
+    await storage.open()
+    try:
+        jobs = [make_job(queue=QUEUE, args=[k]) for k in range(3)]
+        await storage.enqueue(jobs, T0)
+        (claimed,) = await storage.claim([ClaimRequest((QUEUE,), 3, "w1", None)], T0 + 1)
+        assert len(claimed) == 3
+        with pytest.raises(Conflict) as refused:
+            await storage.ack(jobs[0].id, "someone-else", None, False, T0 + 2)
+        assert not isinstance(refused.value, InvalidStateTransition)  # held by another worker
+        await storage.ack(jobs[0].id, "w1", None, False, T0 + 2)
+        with pytest.raises(InvalidStateTransition):
+            await storage.ack(jobs[0].id, "w1", None, False, T0 + 3)
+
+        # The same job acked twice in one batch: the first wins, the second is refused.
+        outcomes: list[object] = []
+
+        async def ack(job_id: str) -> None:
+            try:
+                outcomes.append(await storage.ack(job_id, "w1", "r", True, T0 + 4))
+            except InvalidStateTransition as exc:
+                outcomes.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for job_id in (jobs[1].id, jobs[1].id, jobs[2].id):
+                nursery.start_soon(ack, job_id)
+        assert sum(isinstance(o, Job) for o in outcomes) == 2
+        assert sum(isinstance(o, InvalidStateTransition) for o in outcomes) == 1
+        assert (await storage.get(jobs[1].id)).result == "r"
+    finally:
+        await storage.aclose()
