@@ -105,9 +105,12 @@ class HttpError(Exception):
 class HttpTarget:
     transport = "http"
 
-    def __init__(self, storage: str, url: str, connections: int = 512) -> None:
+    def __init__(
+        self, storage: str, url: str, connections: int = 512, *, backend_url: str = ""
+    ) -> None:
         self.storage = storage
         self.url = url
+        self.backend_url = backend_url  # the server's storage URL
         limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
         self.client = httpx.AsyncClient(
             base_url=url, limits=limits, timeout=httpx.Timeout(120.0, connect=30.0)
@@ -159,7 +162,7 @@ class HttpTarget:
         return len(response.json()["workers"])
 
     def new_client(self, connections: int) -> HttpTarget:
-        return HttpTarget(self.storage, self.url, connections)
+        return HttpTarget(self.storage, self.url, connections, backend_url=self.backend_url)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -240,7 +243,7 @@ async def open_http(storage: str, url: str) -> AsyncIterator[HttpTarget]:
                     raise RuntimeError("bench.server exited before reporting its address")
                 line += chunk
         server_url = json.loads(line)["url"]
-        target = HttpTarget(storage, server_url)
+        target = HttpTarget(storage, server_url, backend_url=url)
         try:
             yield target
         finally:
