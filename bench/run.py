@@ -103,8 +103,7 @@ def machine(pg_url: str, pg_version: str | None) -> dict[str, Any]:
         "postgres_url": pg_url,
         "load_average_start": [round(x, 2) for x in os.getloadavg()],
         "packages": {
-            p: _version(p)
-            for p in ("ojs-trio", "trio", "hypercorn", "quart-trio", "psycopg", "httpx")
+            p: _version(p) for p in ("ojs-trio", "trio", "hypercorn", "quart-trio", "psycopg")
         },
     }
 

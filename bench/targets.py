@@ -7,7 +7,7 @@ measures both.  :func:`open_target` opens one for a storage URL:
 * ``embedded``: ``open_engine(open_storage(url))`` in this process; the calls are
   ``Engine.submit``/``submit_many``/``fetch``/``ack``.
 * ``http``: ``python -m bench.server`` in a child process (engine + Hypercorn on an
-  ephemeral port) and httpx clients here.
+  ephemeral port) and :class:`bench.http_client.HttpClient` pools here.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Protocol
 
-import httpx
 import trio
 
+from bench.http_client import HttpClient
 from ojs_trio.engine.engine import Engine, EngineConfig, open_engine
 from ojs_trio.engine.worker import JobContext
 from ojs_trio.storage import open_storage
@@ -111,24 +111,12 @@ class HttpTarget:
         self.storage = storage
         self.url = url
         self.backend_url = backend_url  # the server's storage URL
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        self.client = httpx.AsyncClient(
-            base_url=url, limits=limits, timeout=httpx.Timeout(120.0, connect=30.0)
-        )
+        self.client = HttpClient(url, max_connections=connections)
 
     async def _post(self, path: str, body: Any, expect: int = 200) -> dict[str, Any]:
-        # Hypercorn sometimes closes a keep-alive connection just as the next request
-        # goes out (perf-anchors.md §4c); such a request never reached the app, so one
-        # retry on a fresh connection is safe and keeps the loop going.
-        for attempt in range(3):
-            try:
-                response = await self.client.post(path, json=body)
-                break
-            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
-                if attempt == 2:
-                    raise
-        if response.status_code != expect:
-            raise HttpError(f"{path}: {response.status_code} {response.text[:200]}")
+        response = await self.client.post(path, body)
+        if response.status != expect:
+            raise HttpError(f"{path}: {response.status} {response.text[:200]}")
         result: dict[str, Any] = response.json()
         return result
 

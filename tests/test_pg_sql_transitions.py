@@ -10,6 +10,8 @@ general path (wrong worker, already settled, twice in one batch).
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -24,6 +26,16 @@ from ojs_trio.storage.postgres.adapter import PostgresStorage, _row
 from ojs_trio.testing.storage_contract import T0, make_job
 
 QUEUE = "claims"
+
+
+@asynccontextmanager
+async def _open(dsn: str) -> AsyncIterator[PostgresStorage]:
+    storage = PostgresStorage(dsn, apply_migrations=False)
+    await storage.open()
+    try:
+        yield storage
+    finally:
+        await storage.aclose()
 
 
 async def _claim_and_compare(
@@ -52,6 +64,15 @@ async def _claim_and_compare(
     )
     assert record == expected.to_record()
     return got[0]
+
+
+async def _fail_attempt(storage: PostgresStorage, job_id: str) -> float:
+    """Fail the attempt ``w1`` holds and promote the retry; returns when it became available."""
+    failure = Failure(code="boom", message="attempt failed", retryable=True)
+    nacked = await storage.nack(job_id, "w1", failure, False, T0 + 2)
+    assert nacked.scheduled_at is not None and nacked.errors
+    await storage.promote_due(nacked.scheduled_at + 1, 10)
+    return nacked.scheduled_at + 1
 
 
 async def _columns(storage: PostgresStorage, job_id: str) -> tuple[Any, ...]:
@@ -105,38 +126,27 @@ CASES: list[tuple[str, dict[str, Any], str | None, int | None]] = [
 async def test_claim_matches_lifecycle(
     fresh_db: str, label: str, options: dict[str, Any], worker: str | None, visibility: int | None
 ) -> None:
-    storage = PostgresStorage(fresh_db, apply_migrations=False)
-    await storage.open()
-    try:
+    async with _open(fresh_db) as storage:
         job = make_job(queue=QUEUE, args=[label, 1.25, None], **options)
         await storage.enqueue([job], T0)
         await _claim_and_compare(storage, job.id, T0 + 0.123456789, worker, visibility)
-    finally:
-        await storage.aclose()
 
 
-async def test_claim_of_retried_and_delayed_jobs_matches_lifecycle(fresh_db: str) -> None:
-    storage = PostgresStorage(fresh_db, apply_migrations=False)
-    await storage.open()
-    try:
+async def test_retried_and_delayed_jobs_match_lifecycle(fresh_db: str) -> None:
+    async with _open(fresh_db) as storage:
         retried = make_job(queue=QUEUE, retry={"max_attempts": 5, "initial_interval": "PT1S"})
         await storage.enqueue([retried], T0)
         await _claim_and_compare(storage, retried.id, T0 + 1, "w1", None)
-        failure = Failure(code="boom", message="failed once", retryable=True)
-        nacked = await storage.nack(retried.id, "w1", failure, False, T0 + 2)
-        assert nacked.scheduled_at is not None and nacked.errors
-        await storage.promote_due(nacked.scheduled_at + 5, 10)
-        second = await _claim_and_compare(
-            storage, retried.id, nacked.scheduled_at + 5.5, "w2", None
-        )
+        available_at = await _fail_attempt(storage, retried.id)
+        second = await _claim_and_compare(storage, retried.id, available_at + 0.5, "w2", None)
         assert second.attempt == 2 and second.scheduled_at is None
+        done = await _ack_and_compare(storage, retried.id, None, [1], True)  # no worker id
+        assert done.error is None and done.errors  # the latest error goes, the history stays
 
         delayed = make_job(queue=QUEUE, delay_ms=30_000)
         await storage.enqueue([delayed], T0)
         await storage.promote_due(T0 + 31, 10)
         await _claim_and_compare(storage, delayed.id, T0 + 32, "w3", 5_000)
-    finally:
-        await storage.aclose()
 
 
 RESULTS: list[tuple[str, Any, bool]] = [
@@ -151,39 +161,15 @@ RESULTS: list[tuple[str, Any, bool]] = [
 async def test_ack_matches_lifecycle(
     fresh_db: str, label: str, result: Any, has_result: bool
 ) -> None:
-    storage = PostgresStorage(fresh_db, apply_migrations=False)
-    await storage.open()
-    try:
+    async with _open(fresh_db) as storage:
         job = make_job(queue=QUEUE, args=[label], timeout_ms=5_000, tags=["t"])
         await storage.enqueue([job], T0)
         await _claim_and_compare(storage, job.id, T0 + 1, "w1", None)
         await _ack_and_compare(storage, job.id, "w1", result, has_result)
-    finally:
-        await storage.aclose()
-
-
-async def test_ack_after_a_failed_attempt_and_without_worker_id(fresh_db: str) -> None:
-    storage = PostgresStorage(fresh_db, apply_migrations=False)
-    await storage.open()
-    try:
-        job = make_job(queue=QUEUE, retry={"max_attempts": 3, "initial_interval": "PT1S"})
-        await storage.enqueue([job], T0)
-        await _claim_and_compare(storage, job.id, T0 + 1, "w1", None)
-        failure = Failure(code="boom", message="first try failed", retryable=True)
-        nacked = await storage.nack(job.id, "w1", failure, False, T0 + 2)
-        assert nacked.scheduled_at is not None
-        await storage.promote_due(nacked.scheduled_at + 1, 10)
-        await _claim_and_compare(storage, job.id, nacked.scheduled_at + 1, "w2", None)
-        got = await _ack_and_compare(storage, job.id, None, [1], True)
-        assert got.error is None and got.errors  # the latest error goes, the history stays
-    finally:
-        await storage.aclose()
 
 
 async def test_acks_the_statement_leaves_get_the_general_paths_errors(fresh_db: str) -> None:
-    storage = PostgresStorage(fresh_db, apply_migrations=False)
-    await storage.open()
-    try:
+    async with _open(fresh_db) as storage:
         jobs = [make_job(queue=QUEUE, args=[k]) for k in range(3)]
         await storage.enqueue(jobs, T0)
         (claimed,) = await storage.claim([ClaimRequest((QUEUE,), 3, "w1", None)], T0 + 1)
@@ -210,5 +196,3 @@ async def test_acks_the_statement_leaves_get_the_general_paths_errors(fresh_db: 
         assert sum(isinstance(o, Job) for o in outcomes) == 2
         assert sum(isinstance(o, InvalidStateTransition) for o in outcomes) == 1
         assert (await storage.get(jobs[1].id)).result == "r"
-    finally:
-        await storage.aclose()
