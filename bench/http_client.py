@@ -2,7 +2,7 @@
 
 The load generator shares the benchmark machine's two cores with the server and
 PostgreSQL, so every microsecond it spends per request is taken from the system
-under test.  httpx (on AnyIO) spends ~3x the CPU of this client per small JSON
+under test.  httpx (on AnyIO) spent ~5x the CPU of this client per small JSON
 request (bench/README.md, "HTTP client"); this one writes the request head by hand,
 reads the response head with one search for the blank line, and reads the body by
 Content-Length or chunked encoding.  It speaks only what the harness needs: JSON

@@ -5,8 +5,12 @@ jobs are enqueued (batches of 1000), then
 
 * claim latency: ``sizes.cost_samples`` sequential ``fetch(count=1)`` calls, each
   followed by its ack (latency of the fetch only);
-* throughput: 16 workers ``fetch(count=10)`` + ack from the backlog for
-  ``sizes.cost_tp_s`` (no producer: the backlog is the resident set).
+* throughput: 16 workers ``fetch(count=10)`` + ack from the backlog (no producer:
+  the backlog is the resident set) until half the smallest resident size has been
+  acked or ``sizes.cost_tp_s`` has passed.  Every size thus runs the same jobs
+  (5,000 in the full run) against its own backlog: a fixed duration would let the
+  small backlog drain in a fraction of a second while the large one ran for the
+  whole period, and compare a short burst with a long run.
 
 A last case measures the smallest size again after ``sizes.cost_dead`` jobs have been
 run to completion first without emptying storage (completed rows and the dead
@@ -107,13 +111,14 @@ async def measure(ctx: Context, text: str) -> dict[str, Any]:
 
     ctx.progress.show(ctx.label(f"cost: throughput, {text}"))
     acked = 0
+    limit = max(sizes.cost_resident[0] // 2, MAX_JOBS)
     t0 = trio.current_time()
     stop_at = t0 + sizes.cost_tp_s
     last = t0
 
     async def worker(k: int) -> None:
         nonlocal acked, last
-        while trio.current_time() < stop_at:
+        while trio.current_time() < stop_at and acked < limit:
             ids = await target.fetch(QUEUE, MAX_JOBS, worker_id=f"cost-{k}")
             if not ids:
                 return

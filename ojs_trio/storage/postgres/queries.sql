@@ -359,3 +359,20 @@ TRUNCATE ojs_jobs, ojs_queues, ojs_queue_starts, ojs_workflows, ojs_crons
 
 -- name: notify
 SELECT pg_notify('ojs_jobs', %s)
+
+-- name: live_partition_dead_rows
+-- Dead row versions in the live partition, as the cumulative statistics count them.
+SELECT coalesce(n_dead_tup, 0), coalesce(n_live_tup, 0)
+  FROM pg_stat_user_tables
+ WHERE relid = 'ojs_jobs_live'::regclass
+
+-- name: try_vacuum_lock
+SELECT pg_try_advisory_lock(%s)
+
+-- name: vacuum_unlock
+SELECT pg_advisory_unlock(%s)
+
+-- name: vacuum_live_partition
+-- Every claim, heartbeat and ack leaves a dead row version here; claims step over
+-- their index entries until a vacuum removes them.
+VACUUM (ANALYZE) ojs_jobs_live
