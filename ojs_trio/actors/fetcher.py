@@ -11,6 +11,7 @@ engine, never a poll loop) or their deadline passes.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -86,14 +87,19 @@ class FetcherPool:
         self._on_claimed = on_claimed
         self._max_batch = max_batch
         self.send_channel, self._receive = trio.open_memory_channel[FetchRequest](buffer)
-        self._waiting: list[FetchRequest] = []
+        self._waiting: list[FetchRequest] = []  # tried at least once, parked, oldest first
+        self._fresh: list[FetchRequest] = []  # arrived since the last claim round
         self._wake = trio.Event()
+        self._jobs_maybe = False  # wake() since the last round over the parked fetches
+        self._earliest = math.inf  # no parked fetch's deadline comes before this
+        self._in_round: list[FetchRequest] = []  # being claimed for right now
         self._draining = False
         self._claims = 0
         self._delivered = 0
 
     def wake(self) -> None:
         """Jobs may have become available in one of our queues."""
+        self._jobs_maybe = True
         self._wake.set()
 
     def drain(self) -> None:
@@ -111,40 +117,89 @@ class FetcherPool:
         # The channel belongs to the pool object, not to one run: a restarted
         # run() keeps receiving on it, so it is never closed here.
         async for request in self._receive:
-            self._waiting.append(request)
+            self._fresh.append(request)
             self._wake.set()
 
     async def _serve(self) -> None:
+        # New fetches get one claim round as they arrive; the parked ones (tried
+        # and empty) only when jobs may have arrived (wake) or every IDLE_RECHECK.
+        # Re-claiming for every parked fetch on every arrival made the ramp to
+        # 10,000 held long-polls quadratic and kept a core busy once they were held.
+        recheck_at = trio.current_time() + IDLE_RECHECK
         while True:
             self._wake = trio.Event()
-            self._waiting = [r for r in self._waiting if not r.abandoned]
             if self._draining:
-                for request in self._waiting:
+                for request in self._waiting + self._fresh:
                     request.fulfil([])
-                self._waiting.clear()
-            if self._waiting:
-                await self._claim_round()
+                self._waiting, self._fresh = [], []
             now = trio.current_time()
-            deadline = min((r.deadline for r in self._waiting), default=now + IDLE_RECHECK)
-            if not self._waiting:
+            if self._jobs_maybe or now >= recheck_at:
+                self._jobs_maybe = False
+                recheck_at = now + IDLE_RECHECK
+                candidates, self._waiting = self._waiting + self._fresh, []
+                self._earliest = math.inf
+            else:
+                candidates = self._fresh  # arrivals queue behind the parked ones
+            self._fresh = []
+            self._in_round = candidates  # still counted as waiting meanwhile
+            try:
+                left = await self._serve_batches([r for r in candidates if not r.abandoned])
+            except BaseException:
+                # A crash (the supervisor restarts the pool) or cancellation: every
+                # fetch not answered yet stays with the pool for the next run.
+                self._fresh = [r for r in candidates if not r.done.is_set()] + self._fresh
+                raise
+            finally:
+                self._in_round = []
+            self._waiting += left
+            self._earliest = min((r.deadline for r in left), default=self._earliest)
+            self._expire(trio.current_time())
+            if not self._waiting and not self._fresh:
                 await self._wake.wait()
+                recheck_at = trio.current_time() + IDLE_RECHECK
                 continue
-            with trio.move_on_at(min(deadline, now + IDLE_RECHECK)):
+            if self._fresh:
+                continue
+            with trio.move_on_at(min(self._earliest, recheck_at)):
                 await self._wake.wait()
             self._expire(trio.current_time())
 
+    async def _serve_batches(self, candidates: list[FetchRequest]) -> list[FetchRequest]:
+        """Claim rounds of up to max_batch fetches; returns those left waiting.
+
+        Once a round finds storage dry, later batches of fetches that were tried
+        before are not claimed for again; new ones always get their first round.
+        """
+        still: list[FetchRequest] = []
+        dry = False
+        for i in range(0, len(candidates), self._max_batch):
+            batch = candidates[i : i + self._max_batch]
+            if dry and all(r.tried for r in batch):
+                still += batch
+                continue
+            left, got_jobs = await self._claim_round(batch)
+            still += left
+            dry = dry or not got_jobs
+        return still
+
     def _expire(self, now: float) -> None:
+        """Answer the parked fetches whose wait is over (a pass only when one is due)."""
+        if now < self._earliest:
+            return
         still = []
         for request in self._waiting:
+            if request.abandoned:
+                continue
             # A fetch that never had a claim round gets one before it may expire.
             if request.tried and request.deadline <= now:
                 request.fulfil([])
             else:
                 still.append(request)
         self._waiting = still
+        self._earliest = min((r.deadline for r in still), default=math.inf)
 
-    async def _claim_round(self) -> None:
-        batch = self._waiting[: self._max_batch]
+    async def _claim_round(self, batch: list[FetchRequest]) -> tuple[list[FetchRequest], bool]:
+        """One claim for ``batch``; returns the fetches left waiting and whether any got jobs."""
         try:
             results = await self._storage.claim([r.claim_request() for r in batch], self._clock())
         except OjsError as exc:
@@ -155,30 +210,26 @@ class FetcherPool:
             log.warning("claim for %s failed: %s", ",".join(self.queues), exc.message)
             for request in batch:
                 request.fail(exc)
-            self._waiting = self._waiting[len(batch) :]
-            return
+            return [], False
         self._claims += 1
         now = trio.current_time()
-        served: set[int] = set()
+        left: list[FetchRequest] = []
         orphans: list[Job] = []
-        for i, (request, jobs) in enumerate(zip(batch, results, strict=True)):
+        for request, jobs in zip(batch, results, strict=True):
             request.tried = True
             if request.abandoned:
                 # The fetcher gave up while we were claiming: hand the jobs back.
                 orphans.extend(jobs)
-                served.add(i)
             elif jobs or request.deadline <= now or self._draining:
                 self._delivered += len(jobs)
                 self._on_claimed(jobs)
                 request.fulfil(jobs)
-                served.add(i)
-        self._waiting = [r for i, r in enumerate(batch) if i not in served] + self._waiting[
-            len(batch) :
-        ]
+            else:
+                left.append(request)
         if orphans:
             await self._release(orphans)
-        if len(batch) == self._max_batch and any(results):
-            self._wake.set()  # more requests than one batch: go round again at once
+        return left, any(results)
 
     def statistics(self) -> PoolStatistics:
-        return PoolStatistics(self.queues, len(self._waiting), self._claims, self._delivered)
+        waiting = len(self._waiting) + len(self._fresh) + len(self._in_round)
+        return PoolStatistics(self.queues, waiting, self._claims, self._delivered)
