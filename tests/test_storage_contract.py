@@ -66,11 +66,19 @@ def test_every_check_is_registered() -> None:
 
 
 class _AliasingStorage(MemoryStorage):
-    """Hands callers the stored objects themselves instead of copies."""
+    """Keeps the very objects it hands to callers and reads them back (no copies)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._shared: dict[str, Job] = {}
 
     async def enqueue(self, jobs: Sequence[Job], now: float) -> list[EnqueueResult]:
         results = await super().enqueue(jobs, now)
-        return [EnqueueResult(self._jobs[r.job.id]) for r in results]
+        return [EnqueueResult(self._shared.setdefault(r.job.id, r.job)) for r in results]
+
+    async def get(self, job_id: str) -> Job:
+        stored = await super().get(job_id)
+        return self._shared.get(job_id, stored)
 
 
 class _DoubleDealingStorage(MemoryStorage):

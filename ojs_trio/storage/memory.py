@@ -26,8 +26,9 @@ from ojs_trio.engine.errors import DuplicateJob, NotFound
 from ojs_trio.engine.job import DEFAULT_VISIBILITY_MS, Job
 from ojs_trio.engine.lifecycle import Failure
 from ojs_trio.engine.queue_limits import RateWindow, queue_limits_from
-from ojs_trio.engine.states import JobState
+from ojs_trio.engine.states import TERMINAL_STATES, JobState
 from ojs_trio.engine.workflows import Workflow
+from ojs_trio.storage.jobtable import JobTable
 from ojs_trio.storage.port import (
     ClaimRequest,
     DeadLetterPage,
@@ -35,6 +36,8 @@ from ojs_trio.storage.port import (
     QueueInfo,
     StorageListener,
 )
+
+_TERMINAL = frozenset(state.value for state in TERMINAL_STATES)
 
 
 class MemoryStorage:
@@ -53,7 +56,8 @@ class MemoryStorage:
         await trio.lowlevel.checkpoint()  # one process owns the data: nothing to watch
 
     def reset_nowait(self) -> None:
-        self._jobs: dict[str, Job] = {}
+        # Jobs are stored as records (see jobtable): every read is a private copy.
+        self._jobs = JobTable()
         self._stamp: dict[str, int] = {}  # job id -> version of its current index entries
         self._ready: dict[str, list[tuple[int, int, str]]] = {}  # queue -> (-prio, seq, id)
         self._due: list[tuple[float, int, str]] = []  # scheduled/retryable by due time
@@ -141,17 +145,23 @@ class MemoryStorage:
             self._listener.jobs_created([j.clone() for j in spawned])
 
     def _insert(self, job: Job, now: float) -> None:
-        stored = job.clone()
-        stored.unique_key = unique.fingerprint(stored)
-        if stored.unique_key is not None:
-            self._unique.setdefault(stored.unique_key, []).append(stored.id)
-        self._queue(stored.queue, now)
-        self._store(stored, now)
+        key = unique.fingerprint(job)
+        if key != job.unique_key:
+            job = job.clone()  # the caller's job stays as it was given
+            job.unique_key = key
+        if key is not None:
+            self._unique.setdefault(key, []).append(job.id)
+        self._queue(job.queue, now)
+        self._store(job, now)
 
     def _live(self, stamp: int, job_id: str) -> Job | None:
         if self._stamp.get(job_id) != stamp:
             return None
         return self._jobs.get(job_id)
+
+    def _is_live(self, stamp: int, job_id: str) -> bool:
+        # Deleting a job drops its stamp, so this needs no decode.
+        return self._stamp.get(job_id) == stamp
 
     def _queue(self, name: str, now: float) -> QueueInfo:
         info = self._queues.get(name)
@@ -197,20 +207,20 @@ class MemoryStorage:
         for job, existing in plan:
             if existing is not None and unique.on_conflict(job) == "ignore":
                 # A twin earlier in this batch is stored by now: return the stored copy.
-                results.append(EnqueueResult(self._jobs.get(existing.id, existing).clone(), False))
+                stored = self._jobs.get(existing.id)
+                results.append(EnqueueResult(stored or existing.clone(), False))
                 continue
             replaced = None
-            if existing is not None and existing.id in self._jobs:
-                current = self._jobs[existing.id].clone()
-                if not current.state.is_terminal:
-                    job = job.clone()
-                    unique.inherit_schedule(job, current)
-                    lifecycle.cancel(current, now)
-                    self._store(current, now)
-                    replaced = current.clone()
+            current = self._jobs.get(existing.id) if existing is not None else None
+            if current is not None and not current.state.is_terminal:
+                job = job.clone()
+                unique.inherit_schedule(job, current)
+                lifecycle.cancel(current, now)
+                self._store(current, now)
+                replaced = current
             self._apply_queue_limits(job, now)
             self._insert(job, now)
-            results.append(EnqueueResult(self._jobs[job.id].clone(), True, replaced))
+            results.append(EnqueueResult(self._jobs[job.id], True, replaced))
         return results
 
     def _find_duplicate(self, job: Job, key: str, now: float) -> Job | None:
@@ -218,8 +228,9 @@ class MemoryStorage:
         # Drop ids of jobs that are gone or can no longer block anyone.
         ids[:] = [i for i in ids if i in self._jobs]
         for job_id in reversed(ids):
-            if unique.conflicts(job, self._jobs[job_id], now):
-                return self._jobs[job_id]
+            holder = self._jobs[job_id]
+            if unique.conflicts(job, holder, now):
+                return holder
         return None
 
     def _apply_queue_limits(self, job: Job, now: float) -> None:
@@ -265,7 +276,7 @@ class MemoryStorage:
                     if lifecycle.is_expired(job, now):
                         lifecycle.expire_ttl(job, now)
                         self._store(job, now)
-                        self._expired_unreported.append(job.clone())
+                        self._expired_unreported.append(job)
                         continue
                     lifecycle.claim(job, request.worker_id, request.visibility_ms, now)
                     self._store(job, now)
@@ -274,7 +285,7 @@ class MemoryStorage:
                     window = self._starts.get(queue)
                     if window is not None:
                         window.record(now)
-                    got.append(job.clone())
+                    got.append(job)
                 if len(got) >= request.count:
                     break
             out.append(got)
@@ -285,20 +296,18 @@ class MemoryStorage:
     ) -> Job:
         await trio.lowlevel.checkpoint()
         job = self._lookup(job_id)
-        updated = job.clone()
-        lifecycle.ack(updated, worker_id, result, has_result, now)
-        self._store(updated, now)
-        return updated.clone()
+        lifecycle.ack(job, worker_id, result, has_result, now)
+        self._store(job, now)
+        return job
 
     async def nack(
         self, job_id: str, worker_id: str | None, failure: Failure, requeue: bool, now: float
     ) -> Job:
         await trio.lowlevel.checkpoint()
         job = self._lookup(job_id)
-        updated = job.clone()
-        lifecycle.nack(updated, worker_id, failure, requeue, now, self._rng)
-        self._store(updated, now)
-        return updated.clone()
+        lifecycle.nack(job, worker_id, failure, requeue, now, self._rng)
+        self._store(job, now)
+        return job
 
     async def heartbeat(
         self, worker_id: str | None, job_ids: Sequence[str], visibility_ms: int | None, now: float
@@ -313,20 +322,21 @@ class MemoryStorage:
                 continue
             ms = visibility_ms or job.visibility_timeout_ms or DEFAULT_VISIBILITY_MS
             job.lease_expires_at = now + ms / 1000.0
+            self._jobs[job_id] = job
             self._index(job, now)
-            extended.append(job.clone())
+            extended.append(job)
         return extended
 
     async def cancel(self, job_id: str, now: float) -> Job:
         await trio.lowlevel.checkpoint()
-        updated = self._lookup(job_id).clone()
-        lifecycle.cancel(updated, now)
-        self._store(updated, now)
-        return updated.clone()
+        job = self._lookup(job_id)
+        lifecycle.cancel(job, now)
+        self._store(job, now)
+        return job
 
     async def get(self, job_id: str) -> Job:
         await trio.lowlevel.checkpoint()
-        return self._lookup(job_id).clone()
+        return self._lookup(job_id)
 
     async def promote_due(self, now: float, limit: int) -> list[Job]:
         await trio.lowlevel.checkpoint()
@@ -340,7 +350,7 @@ class MemoryStorage:
                 continue  # the reaper discards it through the TTL index
             lifecycle.promote(job, now)
             self._store(job, now)
-            promoted.append(job.clone())
+            promoted.append(job)
         return promoted
 
     async def reap(self, now: float, limit: int) -> list[Job]:
@@ -357,7 +367,7 @@ class MemoryStorage:
             else:
                 lifecycle.expire_lease(job, now)
             self._store(job, now)
-            reaped.append(job.clone())
+            reaped.append(job)
         while self._ttl and self._ttl[0][0] <= now and len(reaped) < limit:
             _, stamp, job_id = heapq.heappop(self._ttl)
             job = self._live(stamp, job_id)
@@ -365,14 +375,14 @@ class MemoryStorage:
                 continue
             lifecycle.expire_ttl(job, now)
             self._store(job, now)
-            reaped.append(job.clone())
+            reaped.append(job)
         return reaped
 
     def _earliest(self, *heaps: list[tuple[float, int, str]]) -> float | None:
         candidates = []
         for heap in heaps:
             # Drop stale heads so a cancelled job does not cause a wasted wakeup.
-            while heap and self._live(heap[0][1], heap[0][2]) is None:
+            while heap and not self._is_live(heap[0][1], heap[0][2]):
                 heapq.heappop(heap)
             if heap:
                 candidates.append(heap[0][0])
@@ -383,15 +393,14 @@ class MemoryStorage:
     ) -> int:
         await trio.lowlevel.checkpoint()
         doomed: list[str] = []
-        for job in self._jobs.values():
+        for job_id, (_, state, finished, dead_letter) in self._jobs.summaries():
             if len(doomed) >= limit:
                 break
-            if not job.state.is_terminal:
+            if state not in _TERMINAL:
                 continue
-            finished = job.completed_at or job.discarded_at or job.cancelled_at or job.created_at
-            cutoff = dead_letter_before if job.dead_letter else finished_before
+            cutoff = dead_letter_before if dead_letter else finished_before
             if cutoff is not None and finished < cutoff:
-                doomed.append(job.id)
+                doomed.append(job_id)
         for job_id in doomed:
             del self._jobs[job_id]
             self._stamp.pop(job_id, None)
@@ -414,8 +423,8 @@ class MemoryStorage:
 
     async def list_dead_letter(self, queue: str | None, limit: int, offset: int) -> DeadLetterPage:
         await trio.lowlevel.checkpoint()
-        ids = [i for i in self._dead if queue is None or self._jobs[i].queue == queue]
-        page = [self._jobs[i].clone() for i in ids[offset : offset + limit]]
+        ids = [i for i in self._dead if queue is None or self._jobs.summary(i)[0] == queue]
+        page = [self._jobs[i] for i in ids[offset : offset + limit]]
         return DeadLetterPage(jobs=page, total=len(ids))
 
     def _dead_letter_job(self, job_id: str) -> Job:
@@ -427,10 +436,10 @@ class MemoryStorage:
 
     async def retry_dead_letter(self, job_id: str, now: float) -> Job:
         await trio.lowlevel.checkpoint()
-        updated = self._dead_letter_job(job_id).clone()
-        lifecycle.retry_dead_letter(updated, now)
-        self._store(updated, now)
-        return updated.clone()
+        job = self._dead_letter_job(job_id)
+        lifecycle.retry_dead_letter(job, now)
+        self._store(job, now)
+        return job
 
     async def delete_dead_letter(self, job_id: str) -> Job:
         await trio.lowlevel.checkpoint()
@@ -438,16 +447,17 @@ class MemoryStorage:
         del self._dead[job_id]
         del self._jobs[job_id]
         self._stamp.pop(job_id, None)
-        return job.clone()
+        return job
 
     async def list_queues(self) -> list[QueueInfo]:
         await trio.lowlevel.checkpoint()
-        counts: dict[str, dict[str, int]] = {name: {} for name in self._queues}
-        for job in self._jobs.values():
-            by_state = counts.setdefault(job.queue, {})
-            by_state[job.state.value] = by_state.get(job.state.value, 0) + 1
         return [
-            QueueInfo(name=i.name, paused=i.paused, created_at=i.created_at, counts=counts[i.name])
+            QueueInfo(
+                name=i.name,
+                paused=i.paused,
+                created_at=i.created_at,
+                counts=self._jobs.counts(i.name),
+            )
             for i in sorted(self._queues.values(), key=lambda q: q.name)
         ]
 
@@ -457,9 +467,7 @@ class MemoryStorage:
         if info is None:
             raise NotFound(f"Queue {queue} not found", details={"queue": queue})
         counts: dict[str, int] = {state.value: 0 for state in JobState}
-        for job in self._jobs.values():
-            if job.queue == queue:
-                counts[job.state.value] += 1
+        counts.update(self._jobs.counts(queue))
         finished = self._finished.get(queue, deque())
         while finished and finished[0][0] < now - 3600:
             finished.popleft()
@@ -523,10 +531,10 @@ class MemoryStorage:
         self._workflows[workflow_id] = workflow
         cancelled = []
         for job_id in to_cancel:
-            job = self._jobs[job_id].clone()
+            job = self._jobs[job_id]
             lifecycle.cancel(job, now)
             self._store(job, now)
-            cancelled.append(job.clone())
+            cancelled.append(job)
         return workflow.clone(), cancelled
 
     # -- cron ----------------------------------------------------------------------
@@ -582,9 +590,8 @@ class MemoryStorage:
                 record.skipped += 1
                 return CronFire(False, reason="overlap", record=copy.deepcopy(record))
             if record.overlap_policy == "cancel_previous":
-                replaced = previous.clone()
-                lifecycle.cancel(replaced, now)
-                self._store(replaced, now)
+                lifecycle.cancel(previous, now)
+                self._store(previous, now)
         self._insert(job, now)
         record.last_run_at = occurrence
         record.last_job_id = job.id
