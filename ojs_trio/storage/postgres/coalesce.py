@@ -27,7 +27,10 @@ BatchRunner = Callable[[Sequence[T]], Awaitable[list["R | BaseException"]]]
 @dataclass(eq=False)
 class _Slot(Generic[T, R]):
     item: T
-    done: trio.Event = field(default_factory=trio.Event)
+    wake: trio.Event = field(default_factory=trio.Event)  # finished, or handed the lead
+    finished: bool = False
+    lead: bool = False
+    abandoned: bool = False  # the caller was cancelled while waiting
     result: R | None = None
     error: BaseException | None = None
 
@@ -57,47 +60,76 @@ class Coalescer(Generic[T, R]):
             self._full.set()
         if not self._leader_active:
             self._leader_active = True
+            # Shielded, gathering window included: followers depend on the
+            # leader, so its own cancellation waits until their batch is done.
+            with trio.CancelScope(shield=True):
+                await self._lead(slot)
+        else:
             try:
-                # Shielded, gathering window included: followers depend on the
-                # leader, so its own cancellation waits until their batch is done.
-                with trio.CancelScope(shield=True):
-                    await self._lead()
+                await slot.wake.wait()
             finally:
-                self._leader_active = False
-        await slot.done.wait()
+                if slot.lead:  # handed the lead: it must be taken even if cancelled
+                    with trio.CancelScope(shield=True):
+                        await self._lead(slot)
+                elif not slot.finished:
+                    slot.abandoned = True  # its work is still applied by a later batch
         if slot.error is not None:
             raise slot.error
         return slot.result  # type: ignore[return-value]
 
-    async def _lead(self) -> None:
-        # Gather followers, then drain in batches until empty.  By default
-        # (window 0) the leader lets every task that is ready to run take its turn
-        # first -- a burst of callers lands in one batch -- and then starts at
-        # once: a lone call pays no timer, and under load the callers that arrive
-        # while a batch runs form the next one (batch size follows the load).
-        if self._window > 0:
-            with trio.move_on_after(self._window):
-                await self._full.wait()
-        else:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-        while self._pending:
-            batch, self._pending = (
-                self._pending[: self._max_batch],
-                self._pending[self._max_batch :],
-            )
+    async def _lead(self, own: _Slot[T, R]) -> None:
+        """Run batches until the leader's own call is done, then hand over.
+
+        The lead then passes to the oldest waiting caller: if a leader kept
+        draining, a steady stream of callers would hold it
+        (and its own caller, long since done) for as long as the stream lasted.
+        By default (window 0) the leader first lets every task that is ready
+        to run take its turn -- a burst of callers lands in one batch -- and
+        then starts at once: a lone call pays no timer, and under load the
+        callers that arrive while a batch runs form the next one.
+        """
+        handed_over = False
+        try:
+            if self._window > 0:
+                with trio.move_on_after(self._window):
+                    await self._full.wait()
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            while self._pending:
+                await self._run_batch()
+                if not own.finished:
+                    continue  # abandoned calls queued ahead of it filled the batch
+                successor = next((s for s in self._pending if not s.abandoned), None)
+                if successor is not None:
+                    successor.lead = True
+                    successor.wake.set()
+                    handed_over = True
+                    return
+                # Only abandoned calls are left: nobody else will run them.
+        finally:
+            if not handed_over:
+                self._leader_active = False
+
+    async def _run_batch(self) -> None:
+        batch, self._pending = (
+            self._pending[: self._max_batch],
+            self._pending[self._max_batch :],
+        )
+        if len(self._pending) < self._max_batch:
             self._full = trio.Event()
-            self._stats.batches += 1
-            self._stats.largest_batch = max(self._stats.largest_batch, len(batch))
-            try:
-                outcomes = await self._run([s.item for s in batch])
-            except Exception as exc:  # the whole batch failed
-                outcomes = [exc] * len(batch)
-            for slot, outcome in zip(batch, outcomes, strict=True):
-                if isinstance(outcome, BaseException):
-                    slot.error = outcome
-                else:
-                    slot.result = outcome
-                slot.done.set()
+        self._stats.batches += 1
+        self._stats.largest_batch = max(self._stats.largest_batch, len(batch))
+        try:
+            outcomes = await self._run([s.item for s in batch])
+        except Exception as exc:  # the whole batch failed
+            outcomes = [exc] * len(batch)
+        for slot, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                slot.error = outcome
+            else:
+                slot.result = outcome
+            slot.finished = True
+            slot.wake.set()
 
     def statistics(self) -> CoalescerStatistics:
         return CoalescerStatistics(**vars(self._stats))
