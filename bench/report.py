@@ -391,7 +391,8 @@ def render(results: dict[str, Any]) -> str:
                 held = 0 if label.startswith("none") else x["workers_held"]
                 rows.append([r["storage"], r["transport"], held, label, x["rate"],
                              *_lat_cols(run["latency"]), run["errors"],
-                             run["generator_lag_max_ms"]])  # fmt: skip
+                             run["generator_lag_max_ms"],
+                         "-" if label.startswith("none") else x.get("settle_ms", "-")])  # fmt: skip
         lines += _table(
             [
                 "storage",
@@ -402,9 +403,16 @@ def render(results: dict[str, Any]) -> str:
                 *LAT_HEADERS,
                 "errors",
                 "gen. lag ms",
+                "settle ms",
             ],
             rows,
         )
+        lines += [
+            "",
+            "`settle ms`: the full collection and heap freeze the harness runs once the "
+            "workers are held (in the harness process; embedded, that is where the holders "
+            "live), as it does before every scenario.",
+        ]
         lines.append("")
 
     lines += _peers_section(results)
