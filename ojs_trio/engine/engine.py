@@ -357,8 +357,8 @@ class Engine:
         for job in jobs:
             try:
                 await self.storage.nack(job.id, job.worker_id, failure, True, self.clock())
-            except OjsError:
-                log.warning("could not release job %s; its lease will expire", job.id)
+            except OjsError as exc:
+                log.warning("could not release job %s; its lease will expire (%r)", job.id, exc)
         self._jobs_became_available(jobs)
 
     async def ack(

@@ -130,12 +130,17 @@ SELECT name, paused, rate_limit, concurrency FROM ojs_queues WHERE name = ANY(%s
 -- worker and lease, scheduled_at cleared.  A paused queue yields no rows; a queue
 -- with a rate or concurrency limit yields one all-NULL row and nothing is claimed:
 -- the caller then takes the transactional path (claim_available), which counts
--- the budget first.
+-- the budget first.  Slots are numbered 1..N, so the n-th job's slot is read by
+-- array subscript: a join of the picked jobs to the slots on n was a nested loop
+-- over both (1.6M comparisons, 380 ms for 1,270 slots).
 WITH settings AS (
     SELECT paused, rate_limit IS NOT NULL OR concurrency IS NOT NULL AS limited
       FROM ojs_queues WHERE name = %(queue)s
 ), slots AS (
-    SELECT * FROM jsonb_to_recordset(%(slots)s::jsonb)
+    SELECT count(*) AS total,
+           array_agg(s.worker_id ORDER BY s.n) AS worker_ids,
+           array_agg(s.visibility_ms ORDER BY s.n) AS visibility_ms
+      FROM jsonb_to_recordset(%(slots)s::jsonb)
         AS s(n bigint, worker_id text, visibility_ms bigint)
 ), picked AS (
     SELECT p.id, p.visibility_ms, p.timeout_ms,
@@ -148,14 +153,15 @@ WITH settings AS (
                AND (expires_at IS NULL OR expires_at > %(now)s)
                AND NOT EXISTS (SELECT 1 FROM settings WHERE paused OR limited)
              ORDER BY priority DESC, id
-             LIMIT (SELECT count(*) FROM slots)
+             LIMIT (SELECT total FROM slots)
                FOR UPDATE SKIP LOCKED) AS p
 ), leased AS (
     -- lifecycle.claim: ms = request's visibility or the job's or the default.
-    SELECT p.id, p.n, s.worker_id, p.timeout_ms,
-           %(now)s::float8 + coalesce(nullif(s.visibility_ms, 0), nullif(p.visibility_ms, 0),
+    SELECT p.id, p.n, s.worker_ids[p.n] AS worker_id, p.timeout_ms,
+           %(now)s::float8 + coalesce(nullif(s.visibility_ms[p.n], 0),
+                                      nullif(p.visibility_ms, 0),
                                       %(default_ms)s)::float8 / 1000.0::float8 AS lease
-      FROM picked AS p JOIN slots AS s USING (n)
+      FROM picked AS p CROSS JOIN slots AS s
 ), claimed AS (
     UPDATE ojs_jobs AS j
        SET state = 'active', run_at = NULL, worker_id = l.worker_id,
