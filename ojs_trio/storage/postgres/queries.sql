@@ -233,7 +233,11 @@ UPDATE ojs_jobs AS j
                         'has_result', a.has_result,
                         'lease_expires_at', NULL))
   FROM acks AS a
- WHERE j.id = a.id AND NOT j.finished AND j.state = 'active' AND j.workflow_id IS NULL
+ -- "(…) IS TRUE" keeps the planner off the partial index of active jobs
+ -- (ojs_jobs_leases): on a never-analyzed table it read every active job
+ -- and matched the acks by filter instead of looking each id up.
+ WHERE j.id = a.id AND NOT j.finished AND (j.state = 'active') IS TRUE
+   AND j.workflow_id IS NULL
    AND (a.worker_id IS NULL OR j.worker_id IS NULL OR j.worker_id = a.worker_id)
 RETURNING j.record
 
