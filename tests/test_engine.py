@@ -21,6 +21,7 @@ import trio.testing
 from ojs_trio.engine.engine import Engine, EngineConfig, open_engine
 from ojs_trio.engine.errors import InvalidRequest, NotFound, OjsError, ShuttingDown
 from ojs_trio.engine.events import EventBus, job_event
+from ojs_trio.engine.ids import is_uuid7
 from ojs_trio.engine.job import Job
 from ojs_trio.engine.lifecycle import Failure
 from ojs_trio.engine.states import JobState
@@ -863,6 +864,41 @@ async def test_event_subscription_drops_on_overflow() -> None:
     closed_early = bus.subscribe()
     closed_early.receive.close()  # the reader went away without unsubscribing
     bus.publish(job_event("job.completed", job, BASE + 11))  # must not raise
+
+
+async def test_job_events_are_built_when_read_and_read_the_same_every_time() -> None:
+    bus = EventBus(capacity=10)
+    job = Job(id="01890000-0000-7000-8000-000000000001", type="t.job", args=[], queue="q")
+    job.attempt = 2
+    bus.publish_job("job.failed", job, BASE, {"error": {"code": "boom"}})
+    job.state = JobState.COMPLETED  # the event keeps the state it was published with
+    bus.publish_job("job.completed", job, BASE + 1, {"duration_ms": 5})
+    bus.publish_job("job.completed", job, BASE + 1, {"result": object()})  # not marshallable
+    first, second = bus.query(), bus.query()
+    assert first == second and first is not second  # stable ids, private copies
+    failed, completed, odd = first
+    assert failed == job_event("job.failed", job, BASE) | {
+        "id": failed["id"],
+        "state": "available",
+        "data": failed["data"],
+    }
+    assert failed["data"] == {
+        "job_id": job.id,
+        "job_type": "t.job",
+        "queue": "q",
+        "state": "available",
+        "attempt": 2,
+        "error": {"code": "boom"},
+    }
+    assert completed["state"] == "completed" and completed["data"]["duration_ms"] == 5
+    assert completed["time"] == format_ts(BASE + 1) and "result" in odd["data"]
+    ids = [e["id"] for e in first]
+    assert len(set(ids)) == 3 and all(is_uuid7(i) for i in ids)
+    assert bus.query(types=["job.completed"], queues=["q"], job_id=job.id) == [completed, odd]
+
+    sub = bus.subscribe()  # a subscriber gets the same event a query returns
+    bus.publish_job("job.started", job, BASE + 2, {})
+    assert sub.receive.receive_nowait() == bus.query(types=["job.started"])[0]
 
 
 async def test_slow_subscriber_never_blocks_the_engine() -> None:

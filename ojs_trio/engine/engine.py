@@ -26,7 +26,7 @@ from ojs_trio.actors.reaper import Reaper
 from ojs_trio.actors.supervisor import Supervisor
 from ojs_trio.engine.cron import CronFire, CronRecord, parse_cron_request
 from ojs_trio.engine.errors import InvalidRequest, OjsError, ShuttingDown
-from ojs_trio.engine.events import EventBus, cron_event, job_event, workflow_event
+from ojs_trio.engine.events import EventBus, cron_event, workflow_event
 from ojs_trio.engine.job import Job
 from ojs_trio.engine.lifecycle import Failure
 from ojs_trio.engine.middleware import EnqueueMiddleware, ExecutionMiddleware, build_enqueue_chain
@@ -168,7 +168,7 @@ class Engine:
                 pool.wake()
 
     def _publish(self, kind: str, job: Job, **data: Any) -> None:
-        self.events.publish(job_event(kind, job, self.clock(), **data))
+        self.events.publish_job(kind, job, self.clock(), data)
 
     def _jobs_became_available(self, jobs: list[Job]) -> None:
         self.notify_available(j.queue for j in jobs if j.state is JobState.AVAILABLE)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import marshal
+import os
+import random
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ from typing import Any
 import trio
 
 from ojs_trio.engine.cron import CronFire
-from ojs_trio.engine.ids import uuid7
+from ojs_trio.engine.ids import format_uuid7, uuid7
 from ojs_trio.engine.job import Job
 from ojs_trio.engine.timeutil import format_ts
 from ojs_trio.engine.workflows import Workflow
@@ -36,26 +38,42 @@ JOB_EVENTS = (
 
 
 def job_event(kind: str, job: Job, now: float, **data: Any) -> dict[str, Any]:
+    return _job_event(
+        kind, uuid7(), job.id, job.type, job.queue, job.state.value, job.attempt, now, data
+    )
+
+
+def _job_event(
+    kind: str,
+    event_id: str,
+    job_id: str,
+    job_type: str,
+    queue: str,
+    state: str,
+    attempt: int,
+    now: float,
+    data: dict[str, Any],
+) -> dict[str, Any]:
     payload: dict[str, Any] = {
-        "job_id": job.id,
-        "job_type": job.type,
-        "queue": job.queue,
-        "state": job.state.value,
-        "attempt": job.attempt,
+        "job_id": job_id,
+        "job_type": job_type,
+        "queue": queue,
+        "state": state,
+        "attempt": attempt,
     }
     payload.update(data)
     stamp = format_ts(now)
     return {
         "specversion": "1.0",
-        "id": uuid7(),
+        "id": event_id,
         "type": kind,
         "source": "ojs-trio",
-        "subject": job.id,
+        "subject": job_id,
         "time": stamp,
         "timestamp": stamp,
-        "job_id": job.id,
-        "queue": job.queue,
-        "state": job.state.value,
+        "job_id": job_id,
+        "queue": queue,
+        "state": state,
         "data": payload,
     }
 
@@ -128,10 +146,13 @@ class EventStatistics:
     dropped: int
 
 
-# A retained event: (seq, type, queue, job_id, event).  The event is kept
-# marshalled, so the tuple holds only atomic values and the cyclic GC stops
-# scanning it: 10,000 retained dicts added ~15 ms to every full collection.
-_Retained = tuple[int, str, Any, Any, "bytes | dict[str, Any]"]
+# A retained event: (seq, type, queue, job_id, packed).  Nothing in it is a live
+# dict, so the tuple holds only atomic values and the cyclic GC stops scanning it
+# (10,000 retained dicts added ~15 ms to every full collection).  ``packed`` is the
+# marshalled event, or for a job event the fields it is built from (a tuple):
+# job events are two or three per job, and building each one (timestamp text,
+# event id, two dicts) cost ~10 % of the embedded drain while most are never read.
+_Retained = tuple[int, str, Any, Any, bytes | tuple[Any, ...] | dict[str, Any]]
 
 
 def _retain(seq: int, event: dict[str, Any]) -> _Retained:
@@ -140,13 +161,6 @@ def _retain(seq: int, event: dict[str, Any]) -> _Retained:
     except ValueError:  # a value marshal cannot encode: keep the dict itself
         packed = event
     return (seq, event["type"], event.get("queue"), event.get("job_id"), packed)
-
-
-def _unpack(packed: bytes | dict[str, Any]) -> dict[str, Any]:
-    if isinstance(packed, bytes):
-        event: dict[str, Any] = marshal.loads(packed)
-        return event
-    return packed
 
 
 @dataclass
@@ -161,10 +175,16 @@ class EventBus:
 
     def __post_init__(self) -> None:
         self._log = deque(maxlen=self.capacity)
+        # Job event ids are made from the event's time and sequence number when
+        # the event is first read; this nonce keeps two buses' ids apart.
+        self._nonce = random.Random(os.urandom(16)).getrandbits(62)
 
     def publish(self, event: dict[str, Any]) -> None:
         self._published += 1
         self._log.append(_retain(next(self._seq), event))
+        self._deliver(event)
+
+    def _deliver(self, event: dict[str, Any]) -> None:
         for sub in self._subs:
             if not sub.wants(event):
                 continue
@@ -175,6 +195,42 @@ class EventBus:
                 self._dropped += 1
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
+
+    def publish_job(self, kind: str, job: Job, now: float, data: dict[str, Any]) -> None:
+        """Publish a job event; its dict is built only if a subscriber or a query reads it."""
+        self._published += 1
+        seq = next(self._seq)
+        try:
+            packed_data = marshal.dumps(data) if data else None
+        except ValueError:  # not marshallable: build and retain the event now
+            state = job.state.value
+            event_id = self._event_id(seq, now)
+            event = _job_event(
+                kind, event_id, job.id, job.type, job.queue, state, job.attempt, now, data
+            )
+            self._log.append((seq, kind, job.queue, job.id, event))
+        else:
+            packed = (job.type, job.state.value, job.attempt, now, packed_data)
+            self._log.append((seq, kind, job.queue, job.id, packed))
+        if self._subs:
+            self._deliver(self._unpack(self._log[-1]))
+
+    def _event_id(self, seq: int, now: float) -> str:
+        # A UUIDv7 from the event's time; sequence number plus the bus's nonce
+        # keep ids apart within a millisecond and between buses.
+        return format_uuid7(int(now * 1000), seq, self._nonce + seq)
+
+    def _unpack(self, entry: _Retained) -> dict[str, Any]:
+        seq, kind, queue, job_id, packed = entry
+        if isinstance(packed, bytes):
+            event: dict[str, Any] = marshal.loads(packed)
+            return event
+        if isinstance(packed, tuple):
+            job_type, state, attempt, now, data = packed
+            extra: dict[str, Any] = marshal.loads(data) if data else {}
+            event_id = self._event_id(seq, now)
+            return _job_event(kind, event_id, job_id, job_type, queue, state, attempt, now, extra)
+        return packed
 
     def publish_many(self, events: Iterable[dict[str, Any]]) -> None:
         for event in events:
@@ -191,14 +247,15 @@ class EventBus:
         type_set = frozenset(types) if types else None
         queue_set = frozenset(queues) if queues else None
         matched: list[dict[str, Any]] = []
-        for _, kind, queue, event_job_id, packed in reversed(self._log):
+        for entry in reversed(self._log):
+            _, kind, queue, event_job_id, _ = entry
             if type_set is not None and kind not in type_set:
                 continue
             if queue_set is not None and queue not in queue_set:
                 continue
             if job_id is not None and event_job_id != job_id:
                 continue
-            matched.append(_unpack(packed))
+            matched.append(self._unpack(entry))
             if len(matched) >= limit:
                 break
         matched.reverse()

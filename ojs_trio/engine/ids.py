@@ -37,7 +37,18 @@ def uuid7() -> str:
             _seq = _random.getrandbits(10)  # leave room to count up
         seq = _seq
         rand = _random.getrandbits(62)
-    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | seq << 64 | 0b10 << 62 | rand
+    return format_uuid7(ms, seq, rand)
+
+
+def format_uuid7(ms: int, counter: int, rand: int) -> str:
+    """The UUIDv7 text for a millisecond timestamp, a 12-bit counter and 62 random bits."""
+    value = (
+        (ms & ((1 << 48) - 1)) << 80
+        | 0x7 << 76
+        | (counter & 0xFFF) << 64
+        | 0b10 << 62
+        | (rand & ((1 << 62) - 1))
+    )
     h = f"{value:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
