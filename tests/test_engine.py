@@ -686,6 +686,23 @@ async def test_job_without_handler_is_discarded() -> None:
         assert gone.error is not None and gone.error["code"] == "DISCARD"
 
 
+async def test_a_result_json_cannot_carry_fails_the_job_not_the_worker() -> None:
+    async with running_engine() as engine:
+
+        async def odd(ctx: JobContext) -> Any:
+            return {"when": object()} if ctx.job.args == ["bad"] else {"ok": [1, 2.5]}
+
+        engine.register("t.odd", odd)
+        async with running_workers(engine):
+            bad = (await engine.enqueue("t.odd", ["bad"], retry=no_jitter(max_attempts=1))).job
+            good = (await engine.enqueue("t.odd", ["good"])).job
+            failed = await wait_for_state(engine, bad.id, JobState.DISCARDED)
+            done = await wait_for_state(engine, good.id, JobState.COMPLETED)
+        assert failed.error is not None and failed.error["code"] == "handler_error"
+        assert "result.when" in failed.error["message"]
+        assert done.result == {"ok": [1, 2.5]}
+
+
 async def test_handler_exception_retries_then_succeeds(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -24,6 +24,7 @@ from ojs_trio.engine.errors import OjsError
 from ojs_trio.engine.job import Job
 from ojs_trio.engine.lifecycle import Failure
 from ojs_trio.engine.middleware import build_execution_chain
+from ojs_trio.engine.validation import check_json_native
 
 if TYPE_CHECKING:
     from ojs_trio.engine.engine import Engine
@@ -151,6 +152,9 @@ class WorkerPool:
             with engine.heartbeater.track(job, worker_id, self._visibility_ms):
                 with trio.fail_after(timeout):
                     result = await chain(ctx)
+            # Storage keeps results as JSON (PostgreSQL, SQS) or marshalled records
+            # (memory): anything else would fail the ack, so it fails the job here.
+            check_json_native(result, "result")
         except Exception as exc:
             self.failed += 1
             failure = failure_from_exception(exc)

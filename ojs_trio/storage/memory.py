@@ -135,6 +135,9 @@ class MemoryStorage:
         workflow = self._workflows.get(job.workflow_id)
         if workflow is None:
             return
+        # The workflow keeps the job's result: give it its own copy, not the
+        # object the verb is about to hand to its caller.
+        job = self._jobs[job.id]
         if job.state is JobState.ACTIVE:
             workflows.on_job_started(workflow, job, now)
             return
