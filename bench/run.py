@@ -147,6 +147,7 @@ async def run_all(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
     total = len(storages) * len(args.transport) * len(session_scenarios) + int(run_peers)
     progress = Progress(total, enabled=not args.no_progress)
     started = time.monotonic()
+    started_at = dt.datetime.now(dt.UTC)
 
     for storage, url in storages:
         for transport in args.transport:
@@ -199,7 +200,7 @@ async def run_all(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
     meta["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     return {
         "mode": sizes.name,
-        "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "started_at": started_at.isoformat(timespec="seconds"),
         "duration_s": round(time.monotonic() - started, 1),
         "command": " ".join(["python -m bench", *sys.argv[1:]]),
         "storages": [s for s, _ in storages],
