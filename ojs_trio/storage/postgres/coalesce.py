@@ -43,8 +43,16 @@ class CoalescerStatistics:
 
 
 class Coalescer(Generic[T, R]):
-    def __init__(self, run: BatchRunner[T, R], *, window: float = 0.0, max_batch: int = 256):
+    def __init__(
+        self,
+        run: BatchRunner[T, R],
+        *,
+        window: float = 0.0,
+        max_batch: int = 256,
+        handover_after: float = 0.005,
+    ):
         self._run = run
+        self._handover_after = handover_after
         self._window = window
         self._max_batch = max_batch
         self._pending: list[_Slot[T, R]] = []
@@ -63,26 +71,30 @@ class Coalescer(Generic[T, R]):
             # Shielded, gathering window included: followers depend on the
             # leader, so its own cancellation waits until their batch is done.
             with trio.CancelScope(shield=True):
-                await self._lead(slot)
+                await self._lead(slot, gather=True)
         else:
             try:
                 await slot.wake.wait()
             finally:
                 if slot.lead:  # handed the lead: it must be taken even if cancelled
                     with trio.CancelScope(shield=True):
-                        await self._lead(slot)
+                        # Its batch gathered while the previous one ran: start now.
+                        await self._lead(slot, gather=False)
                 elif not slot.finished:
                     slot.abandoned = True  # its work is still applied by a later batch
         if slot.error is not None:
             raise slot.error
         return slot.result  # type: ignore[return-value]
 
-    async def _lead(self, own: _Slot[T, R]) -> None:
+    async def _lead(self, own: _Slot[T, R], *, gather: bool) -> None:
         """Run batches until the leader's own call is done, then hand over.
 
-        The lead then passes to the oldest waiting caller: if a leader kept
-        draining, a steady stream of callers would hold it
-        (and its own caller, long since done) for as long as the stream lasted.
+        A leader whose call is done keeps running the batches that formed
+        meanwhile for up to ``handover_after`` seconds, then passes the lead to
+        the oldest waiting caller.  Handing over at once leaves the connection
+        idle for a scheduling round or two between batches (milliseconds in a
+        busy HTTP server); never handing over held one caller, long since
+        committed, for as long as a steady stream of callers lasted (5 s).
         By default (window 0) the leader first lets every task that is ready
         to run take its turn -- a burst of callers lands in one batch -- and
         then starts at once: a lone call pays no timer, and under load the
@@ -90,15 +102,22 @@ class Coalescer(Generic[T, R]):
         """
         handed_over = False
         try:
-            if self._window > 0:
+            if not gather:
+                pass
+            elif self._window > 0:
                 with trio.move_on_after(self._window):
                     await self._full.wait()
             else:
                 await trio.lowlevel.cancel_shielded_checkpoint()
+            done_at: float | None = None
             while self._pending:
                 await self._run_batch()
                 if not own.finished:
                     continue  # abandoned calls queued ahead of it filled the batch
+                now = trio.current_time()
+                done_at = now if done_at is None else done_at
+                if now - done_at < self._handover_after:
+                    continue
                 successor = next((s for s in self._pending if not s.abandoned), None)
                 if successor is not None:
                     successor.lead = True
