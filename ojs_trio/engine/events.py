@@ -147,8 +147,9 @@ class EventStatistics:
 
 
 # A retained event: (seq, type, queue, job_id, packed).  Nothing in it is a live
-# dict, so the tuple holds only atomic values and the cyclic GC stops scanning it
-# (10,000 retained dicts added ~15 ms to every full collection).  ``packed`` is the
+# dict (short of a value marshal cannot encode), so the tuple holds atomic values
+# and the cyclic GC stops scanning it (10,000 retained dicts added ~15 ms to every
+# full collection).  ``packed`` is the
 # marshalled event, or for a job event the fields it is built from (a tuple):
 # job events are two or three per job, and building each one (timestamp text,
 # event id, two dicts) cost ~10 % of the embedded drain while most are never read.
@@ -200,18 +201,13 @@ class EventBus:
         """Publish a job event; its dict is built only if a subscriber or a query reads it."""
         self._published += 1
         seq = next(self._seq)
+        packed_data: bytes | dict[str, Any] | None
         try:
             packed_data = marshal.dumps(data) if data else None
-        except ValueError:  # not marshallable: build and retain the event now
-            state = job.state.value
-            event_id = self._event_id(seq, now)
-            event = _job_event(
-                kind, event_id, job.id, job.type, job.queue, state, job.attempt, now, data
-            )
-            self._log.append((seq, kind, job.queue, job.id, event))
-        else:
-            packed = (job.type, job.state.value, job.attempt, now, packed_data)
-            self._log.append((seq, kind, job.queue, job.id, packed))
+        except ValueError:  # a value marshal cannot encode: keep the dict itself
+            packed_data = data
+        packed = (job.type, job.state.value, job.attempt, now, packed_data)
+        self._log.append((seq, kind, job.queue, job.id, packed))
         if self._subs:
             self._deliver(self._unpack(self._log[-1]))
 
@@ -227,7 +223,7 @@ class EventBus:
             return event
         if isinstance(packed, tuple):
             job_type, state, attempt, now, data = packed
-            extra: dict[str, Any] = marshal.loads(data) if data else {}
+            extra: dict[str, Any] = marshal.loads(data) if isinstance(data, bytes) else data or {}
             event_id = self._event_id(seq, now)
             return _job_event(kind, event_id, job_id, job_type, queue, state, attempt, now, extra)
         return packed

@@ -102,12 +102,10 @@ class Coalescer(Generic[T, R]):
         """
         handed_over = False
         try:
-            if not gather:
-                pass
-            elif self._window > 0:
+            if gather and self._window > 0:
                 with trio.move_on_after(self._window):
                     await self._full.wait()
-            else:
+            elif gather:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             done_at: float | None = None
             while self._pending:
