@@ -74,7 +74,7 @@ async def time_attempts(ctx: JobContext, call_next: ExecuteNext) -> Any:
         elapsed_ms = (trio.current_time() - started) * 1000
         print(
             f"  ran {ctx.job.type:<14} attempt {ctx.job.attempt} "
-            f"on {ctx.worker_id} in {elapsed_ms:.1f} ms: {outcome}"
+            f"on {ctx.slot} in {elapsed_ms:.1f} ms: {outcome}"
         )
 
 

@@ -303,7 +303,7 @@ class Engine:
         if pool is None:
             if self._pool_nursery is None:
                 raise ShuttingDown("The engine is not running")
-            pool = FetcherPool(queues, self.storage, self.clock, self._release, self._jobs_claimed)
+            pool = FetcherPool(queues, self.storage, self.clock, self.release, self._jobs_claimed)
             self._pools[queues] = pool
             for queue in queues:
                 self._pools_by_queue.setdefault(queue, set()).add(pool)
@@ -345,13 +345,13 @@ class Engine:
             request.abandoned = True
             if request.done.is_set() and request.jobs:
                 with trio.CancelScope(shield=True):
-                    await self._release(request.jobs)
+                    await self.release(request.jobs)
             raise
         if request.error is not None:
             raise request.error
         return request.jobs
 
-    async def _release(self, jobs: list[Job]) -> None:
+    async def release(self, jobs: list[Job]) -> None:
         """Give claimed-but-undelivered jobs back (their fetcher went away)."""
         failure = Failure(code="released", message="fetch abandoned before delivery")
         for job in jobs:

@@ -56,7 +56,8 @@ class DeadLetter(HandlerSignal):
 class JobContext:
     job: Job
     engine: Engine
-    worker_id: str
+    worker_id: str  # the pool's worker id, which holds the job's lease
+    slot: str = ""  # which of the pool's tasks runs the job ("embedded-3")
     state: dict[str, Any] = field(default_factory=dict)  # for middleware to share data
 
     @property
@@ -106,51 +107,82 @@ class WorkerPool:
         self._busy = 0
         self._settling: trio.Nursery
         self._settle_slots = trio.Semaphore(concurrency)
+        self._free = concurrency  # workers without a job
+        self._freed = trio.lowlevel.ParkingLot()
         self.completed = 0
         self.failed = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        # Settles (ack/nack) run beside the workers: a worker fetches its next job
-        # while the previous outcome is being written, as a batch with others.  At
-        # most `concurrency` settles are outstanding, so a slow database still
+        # One fetcher asks for as many jobs as there are free workers and hands them
+        # over an unbuffered channel: one fetch request per batch instead of one per
+        # job.  Settles (ack/nack) run beside the workers: a worker takes its next
+        # job while the previous outcome is being written, as a batch with others.
+        # At most `concurrency` settles are outstanding, so a slow database still
         # slows the workers down; the outer nursery waits for them on the way out.
+        send, receive = trio.open_memory_channel[Job](0)
         async with trio.open_nursery() as settling:
             self._settling = settling
             async with trio.open_nursery() as nursery:
-                for n in range(self.concurrency):
-                    nursery.start_soon(self._work, f"{self.worker_id}-{n}")
+                async with receive:
+                    for n in range(self.concurrency):
+                        nursery.start_soon(self._work, receive.clone(), f"{self.worker_id}-{n}")
+                nursery.start_soon(self._fetch, send)
                 task_status.started()
 
-    async def _work(self, worker_id: str) -> None:
+    async def _fetch(self, send: trio.MemorySendChannel[Job]) -> None:
+        """Long-poll for jobs for every free worker; closing ``send`` stops the workers."""
         engine = self._engine
-        while not engine.draining:
-            jobs = await engine.fetch(
-                self.queues,
-                1,
-                worker_id=worker_id,
-                visibility_ms=self._visibility_ms,
-                wait_ms=self._poll_wait_ms,
-            )
-            for job in jobs:
-                await self._execute(job, worker_id)
+        async with send:
+            while not engine.draining:
+                while self._free == 0:
+                    await self._freed.park()
+                jobs = await engine.fetch(
+                    self.queues,
+                    self._free,
+                    worker_id=self.worker_id,
+                    visibility_ms=self._visibility_ms,
+                    wait_ms=self._poll_wait_ms,
+                )
+                self._free -= len(jobs)
+                for k, job in enumerate(jobs):
+                    try:
+                        # A free worker is waiting or about to: this does not block long.
+                        await send.send(job)
+                    except BaseException:
+                        with trio.CancelScope(shield=True):
+                            await engine.release(jobs[k:])
+                        raise
 
-    async def _execute(self, job: Job, worker_id: str) -> None:
+    async def _work(self, jobs: trio.MemoryReceiveChannel[Job], slot: str) -> None:
+        async with jobs:
+            async for job in jobs:
+                try:
+                    await self._execute(job, slot)
+                finally:
+                    self._free += 1
+                    self._freed.unpark_all()
+
+    async def _execute(self, job: Job, slot: str) -> None:
         engine = self._engine
         handler = self._handlers.get(job.type)
+        # The pool is one OJS worker: its id holds the lease; ``slot`` names the task.
+        worker_id = self.worker_id
         self._busy += 1
         try:
             if handler is None:
                 raise Discard(f"no handler registered for job type {job.type!r}")
-            ctx = JobContext(job, engine, worker_id)
+            ctx = JobContext(job, engine, worker_id, slot)
 
             async def terminal(ctx: JobContext) -> Any:
                 assert handler is not None
                 return await handler(ctx)
 
             chain = build_execution_chain(engine.execution_middleware, terminal)
-            timeout = job.timeout_ms / 1000.0 if job.timeout_ms else float("inf")
             with engine.heartbeater.track(job, worker_id, self._visibility_ms):
-                with trio.fail_after(timeout):
+                if job.timeout_ms:
+                    with trio.fail_after(job.timeout_ms / 1000.0):
+                        result = await chain(ctx)
+                else:
                     result = await chain(ctx)
             # Storage keeps results as JSON (PostgreSQL, SQS) or marshalled records
             # (memory): anything else would fail the ack, so it fails the job here.
