@@ -703,6 +703,18 @@ async def test_a_result_json_cannot_carry_fails_the_job_not_the_worker() -> None
         assert done.result == {"ok": [1, 2.5]}
 
 
+async def test_an_ack_with_a_result_json_cannot_carry_is_refused() -> None:
+    async with running_engine() as engine:
+        job = (await engine.enqueue("t.x")).job
+        [held] = await engine.fetch(["default"], worker_id="w")
+        assert held.id == job.id
+        with pytest.raises(InvalidRequest) as info:
+            await engine.ack(job.id, {"n": 2**70}, worker_id="w")
+        assert info.value.details["field"] == "result.n"
+        assert (await engine.get(job.id)).state is JobState.ACTIVE
+        await engine.ack(job.id, {"n": 2**64 - 1}, worker_id="w")
+
+
 async def test_handler_exception_retries_then_succeeds(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -213,6 +213,25 @@ def test_non_json_values_in_args_are_rejected(args: list[Any]) -> None:
     rejects(body(args=args))
 
 
+@pytest.mark.parametrize("value", [2**64, -(2**63) - 1, 10**30], ids=str)
+def test_integers_beyond_64_bits_are_rejected(value: int) -> None:
+    # ojs-json-format.md 4.2: large integers travel as strings; a storage codec
+    # (orjson) would read a bigger one back as a float.
+    err = rejects(body(args=[{"n": [value]}]))
+    assert err.details["field"] == "args[0].n[0]"
+    assert "64 bits" in err.message
+
+
+def test_integers_within_64_bits_are_kept_exactly() -> None:
+    args = [2**64 - 1, -(2**63), 2**53 + 1]
+    assert parse_job(body(args=args), NOW).args == args
+
+
+def test_a_failure_report_with_a_huge_integer_in_its_details_is_rejected() -> None:
+    with pytest.raises(InvalidRequest):
+        Failure.from_wire({"code": "x", "message": "m", "details": {"n": 2**70}})
+
+
 @pytest.mark.parametrize(
     "raw",
     [

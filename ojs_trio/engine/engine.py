@@ -32,7 +32,12 @@ from ojs_trio.engine.lifecycle import Failure
 from ojs_trio.engine.middleware import EnqueueMiddleware, ExecutionMiddleware, build_enqueue_chain
 from ojs_trio.engine.states import JobState
 from ojs_trio.engine.timeutil import WallClock, system_clock
-from ojs_trio.engine.validation import parse_job, validate_queue, validate_type
+from ojs_trio.engine.validation import (
+    check_json_native,
+    parse_job,
+    validate_queue,
+    validate_type,
+)
 from ojs_trio.engine.worker import Handler, WorkerPool
 from ojs_trio.engine.workflows import Workflow, parse_workflow
 from ojs_trio.storage.port import DeadLetterPage, EnqueueResult, QueueInfo, Storage
@@ -369,6 +374,8 @@ class Engine:
         has_result: bool = True,
         worker_id: str | None = None,
     ) -> Job:
+        if has_result:
+            check_json_native(result, "result")
         job = await self.storage.ack(job_id, worker_id, result, has_result, self.clock())
         self._counters["acked"] += 1
         duration_ms = None

@@ -16,6 +16,7 @@ from ojs_trio.engine.job import DEFAULT_VISIBILITY_MS, MAX_ERROR_HISTORY, Job
 from ojs_trio.engine.retry import backoff_delay, matches_non_retryable
 from ojs_trio.engine.states import JobState, check_transition
 from ojs_trio.engine.timeutil import format_ts
+from ojs_trio.engine.validation import check_json_native
 
 HANDLER_CODES = frozenset({"RETRY", "DISCARD", "DEAD_LETTER", "FAIL"})
 # ojs-core expires_at: a job not yet started is discarded once its TTL passes.
@@ -59,10 +60,12 @@ class Failure:
             raise InvalidRequest(
                 "error.retryable must be a boolean", details={"field": "error.retryable"}
             )
-        if details is not None and not isinstance(details, dict):
-            raise InvalidRequest(
-                "error.details must be an object", details={"field": "error.details"}
-            )
+        if details is not None:
+            if not isinstance(details, dict):
+                raise InvalidRequest(
+                    "error.details must be an object", details={"field": "error.details"}
+                )
+            check_json_native(details, "error.details")
         return cls(code, message or "job failed", etype, retryable, details)
 
 

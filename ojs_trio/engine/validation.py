@@ -103,8 +103,15 @@ def _json_type(value: Any) -> str:
     return type(value).__name__
 
 
+# ojs-json-format.md 4.2 wants integers past 2^53 - 1 sent as strings; we take
+# anything a 64-bit integer holds, the range every storage codec reads back exactly.
+INT_MIN = -(2**63)
+INT_MAX = 2**64 - 1
+
+
 def check_json_native(value: Any, path: str) -> None:
-    """Reject values JSON cannot carry faithfully (NaN/Infinity, non-string keys)."""
+    """Reject values JSON cannot carry faithfully (NaN/Infinity, non-string keys,
+    integers beyond 64 bits)."""
     stack: list[tuple[Any, str]] = [(value, path)]
     while stack:
         item, where = stack.pop()
@@ -117,6 +124,11 @@ def check_json_native(value: Any, path: str) -> None:
                 if not isinstance(k, str):
                     raise _fail(f"{where} has a non-string key", where)
                 stack.append((v, f"{where}.{k}"))
+        elif isinstance(item, int) and not INT_MIN <= item <= INT_MAX:
+            raise _fail(
+                f"{where} holds an integer beyond 64 bits; send large integers as strings",
+                where,
+            )
         elif not (item is None or isinstance(item, str | bool | int | float)):
             raise _fail(f"{where} holds a value that is not JSON-native", where)
 

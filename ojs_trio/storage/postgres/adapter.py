@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import psycopg
 import trio
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Jsonb, set_json_dumps, set_json_loads
 
 from ojs_trio.engine import lifecycle, unique, workflows
 from ojs_trio.engine.cron import CronFire, CronRecord
@@ -42,6 +42,7 @@ from ojs_trio.storage.port import (
     QueueInfo,
     StorageListener,
 )
+from ojs_trio.storage.postgres import jsoncodec
 from ojs_trio.storage.postgres.coalesce import Coalescer
 from ojs_trio.storage.postgres.driver import (
     Notification,
@@ -146,6 +147,8 @@ def _is_serialization_failure(exc: BaseException) -> bool:
 
 
 async def _configure_session(conn: TrioConnection) -> None:
+    set_json_dumps(jsoncodec.dumps, conn)
+    set_json_loads(jsoncodec.loads, conn)
     await conn.execute(q("configure_session"))
 
 
