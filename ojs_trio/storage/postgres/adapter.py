@@ -33,7 +33,6 @@ from ojs_trio.engine.job import DEFAULT_VISIBILITY_MS, Job
 from ojs_trio.engine.lifecycle import Failure
 from ojs_trio.engine.queue_limits import queue_limits_from
 from ojs_trio.engine.states import JobState
-from ojs_trio.engine.timeutil import format_ts
 from ojs_trio.engine.workflows import Workflow
 from ojs_trio.storage.port import (
     ClaimRequest,
@@ -608,7 +607,6 @@ class PostgresStorage:
         params = {
             "queue": name,
             "now": now,
-            "now_text": format_ts(now),
             "default_ms": DEFAULT_VISIBILITY_MS,
             "slots": Jsonb(
                 [
@@ -753,14 +751,14 @@ class PostgresStorage:
                     "id": job_id,
                     "worker_id": worker_id,
                     "now": now,
-                    "now_text": format_ts(now),
                     "has_result": has_result,
                     "result": result if has_result else None,
                 }
             )
         with map_errors():
             async with self._pool.connection() as conn:
-                cur = await conn.execute(q("ack_plain"), (Jsonb(rows),))
+                params = {"acks": Jsonb(rows), "ids": [row["id"] for row in rows]}
+                cur = await conn.execute(q("ack_plain"), params)
                 return {job.id: job for job in map(_job, await cur.fetchall())}
 
     async def _settle_general(self, items: Sequence[Settle]) -> list[Job | BaseException]:

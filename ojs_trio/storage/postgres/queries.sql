@@ -167,18 +167,15 @@ WITH settings AS (
        SET state = 'active', run_at = NULL, worker_id = l.worker_id,
            -- the lease column also honours the execution deadline (timeout_ms)
            lease_until = least(l.lease, %(now)s::float8 + l.timeout_ms::float8 / 1000.0::float8),
-           record = (j.record - 'scheduled_at' - 'next_attempt_at' - 'worker_id')
-                    || CASE WHEN l.worker_id IS NULL THEN '{}'::jsonb
-                            ELSE jsonb_build_object('worker_id', l.worker_id) END
-                    || jsonb_build_object(
+           -- Job.to_record keeps no None under "_private": strip the NULLs set here.
+           record = j.record || jsonb_build_object(
                         'state', 'active',
                         'attempt', (j.record->>'attempt')::integer + 1,
-                        'started_at', %(now_text)s::text,
-                        '_private', (j.record->'_private') || jsonb_build_object(
-                            'started_at', %(now)s::float8,
-                            'worker_id', l.worker_id,
-                            'lease_expires_at', l.lease,
-                            'scheduled_at', NULL))
+                        '_private', jsonb_strip_nulls(
+                            ((j.record->'_private') - 'scheduled_at') || jsonb_build_object(
+                                'started_at', %(now)s::float8,
+                                'worker_id', l.worker_id,
+                                'lease_expires_at', l.lease)))
       FROM leased AS l
      WHERE j.id = l.id AND NOT j.finished
  RETURNING l.n, j.record
@@ -215,28 +212,27 @@ SELECT %s, %s FROM generate_series(1, %s)
 -- a workflow or is held by another worker is left alone; the caller sends those
 -- down the general path, which raises the right error.  Ids are distinct.
 WITH acks AS (
-    SELECT * FROM jsonb_to_recordset(%s::jsonb)
-        AS a(id uuid, worker_id text, now double precision, now_text text,
-             has_result boolean, result jsonb)
+    SELECT * FROM jsonb_to_recordset(%(acks)s::jsonb)
+        AS a(id uuid, worker_id text, now double precision, has_result boolean, result jsonb)
 )
 UPDATE ojs_jobs AS j
    SET finished = true, state = 'completed', finished_at = a.now, run_at = NULL,
        lease_until = NULL, worker_id = NULL, dead_letter = false,
-       record = (j.record - 'error' - 'worker_id' - 'result')
+       record = (j.record - 'error' - 'result')
                 || CASE WHEN a.has_result THEN jsonb_build_object('result', a.result)
                         ELSE '{}'::jsonb END
                 || jsonb_build_object(
                     'state', 'completed',
-                    'completed_at', a.now_text,
-                    '_private', (j.record->'_private') || jsonb_build_object(
+                    '_private', ((j.record->'_private') - 'lease_expires_at') || jsonb_build_object(
                         'completed_at', a.now,
-                        'has_result', a.has_result,
-                        'lease_expires_at', NULL))
+                        'has_result', a.has_result))
   FROM acks AS a
- -- "(…) IS TRUE" keeps the planner off the partial index of active jobs
- -- (ojs_jobs_leases): on a never-analyzed table it read every active job
- -- and matched the acks by filter instead of looking each id up.
- WHERE j.id = a.id AND NOT j.finished AND (j.state = 'active') IS TRUE
+ -- The ids twice: "= ANY" makes every plan look the jobs up by key.  On a
+ -- never-analyzed table the planner otherwise read every active job (through
+ -- the partial index ojs_jobs_leases, or the whole live partition) and matched
+ -- the acks by filter.  "(…) IS TRUE" keeps it off the partial index.
+ WHERE j.id = a.id AND j.id = ANY(%(ids)s::uuid[])
+   AND NOT j.finished AND (j.state = 'active') IS TRUE
    AND j.workflow_id IS NULL
    AND (a.worker_id IS NULL OR j.worker_id IS NULL OR j.worker_id = a.worker_id)
 RETURNING j.record
