@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ojs_trio.worker")
 
 Handler = Callable[["JobContext"], Awaitable[Any]]
+Settle = Callable[[], Awaitable[Job]]  # an ack or nack, ready to send
 
 
 class HandlerSignal(Exception):
@@ -105,8 +106,7 @@ class WorkerPool:
         self._visibility_ms = visibility_ms
         self._poll_wait_ms = poll_wait_ms
         self._busy = 0
-        self._settling: trio.Nursery
-        self._settle_slots = trio.Semaphore(concurrency)
+        self._outcomes: trio.MemorySendChannel[Settle]
         self._free = concurrency  # workers without a job
         self._freed = trio.lowlevel.ParkingLot()
         self.completed = 0
@@ -117,17 +117,25 @@ class WorkerPool:
         # over an unbuffered channel: one fetch request per batch instead of one per
         # job.  Settles (ack/nack) run beside the workers: a worker takes its next
         # job while the previous outcome is being written, as a batch with others.
-        # At most `concurrency` settles are outstanding, so a slow database still
-        # slows the workers down; the outer nursery waits for them on the way out.
+        # `concurrency` settler tasks write them (long-lived tasks: cheaper than one
+        # task per outcome), so at most that many are outstanding and a slow
+        # database still slows the workers down; the outer nursery lets the
+        # settlers finish on the way out.
         send, receive = trio.open_memory_channel[Job](0)
+        outcomes, settles = trio.open_memory_channel[Settle](0)
         async with trio.open_nursery() as settling:
-            self._settling = settling
-            async with trio.open_nursery() as nursery:
-                async with receive:
-                    for n in range(self.concurrency):
-                        nursery.start_soon(self._work, receive.clone(), f"{self.worker_id}-{n}")
-                nursery.start_soon(self._fetch, send)
-                task_status.started()
+            async with settles:
+                for _ in range(self.concurrency):
+                    settling.start_soon(self._settler, settles.clone())
+            async with outcomes:
+                self._outcomes = outcomes
+                async with trio.open_nursery() as nursery:
+                    async with receive:
+                        for n in range(self.concurrency):
+                            slot = f"{self.worker_id}-{n}"
+                            nursery.start_soon(self._work, receive.clone(), slot)
+                    nursery.start_soon(self._fetch, send)
+                    task_status.started()
 
     async def _fetch(self, send: trio.MemorySendChannel[Job]) -> None:
         """Long-poll for jobs for every free worker; closing ``send`` stops the workers."""
@@ -197,19 +205,18 @@ class WorkerPool:
         finally:
             self._busy -= 1
 
-    async def _settle(self, call: Callable[[], Awaitable[Job]]) -> None:
-        """Start settling a job in the background, once a settle slot is free."""
-        await self._settle_slots.acquire()
-        self._settling.start_soon(self._run_settle, call)
+    async def _settle(self, call: Settle) -> None:
+        """Hand a job's outcome to a settler, once one is free."""
+        await self._outcomes.send(call)
 
-    async def _run_settle(self, call: Callable[[], Awaitable[Job]]) -> None:
-        try:
-            await call()
-        except OjsError as exc:
-            # e.g. the job was cancelled meanwhile: its outcome no longer matters.
-            log.info("could not settle job: %s", exc.message)
-        finally:
-            self._settle_slots.release()
+    async def _settler(self, settles: trio.MemoryReceiveChannel[Settle]) -> None:
+        async with settles:
+            async for call in settles:
+                try:
+                    await call()
+                except OjsError as exc:
+                    # e.g. the job was cancelled meanwhile: its outcome no longer matters.
+                    log.info("could not settle job: %s", exc.message)
 
     def statistics(self) -> WorkerPoolStatistics:
         return WorkerPoolStatistics(self.concurrency, self._busy, self.completed, self.failed)

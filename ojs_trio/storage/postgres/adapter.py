@@ -757,7 +757,10 @@ class PostgresStorage:
             )
         with map_errors():
             async with self._pool.connection() as conn:
-                params = {"acks": Jsonb(rows), "ids": [row["id"] for row in rows]}
+                # An array literal: the ids were checked to be UUIDs, and a list
+                # parameter is dumped element by element.
+                ids = "{" + ",".join([item[0] for item in items]) + "}"
+                params = {"acks": Jsonb(rows), "ids": ids}
                 cur = await conn.execute(q("ack_plain"), params)
                 return {job.id: job for job in map(_job, await cur.fetchall())}
 
