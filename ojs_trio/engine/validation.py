@@ -83,6 +83,10 @@ KNOWN_OPTIONS = frozenset(
 )
 
 
+_TIME_OPTIONS = frozenset({"scheduled_at", "delay_until", "delay_ms", "expires_at"})
+_TIME_FIELDS = frozenset({"scheduled_at", "expires_at"})  # envelope attributes
+
+
 def _fail(message: str, field: str, **details: Any) -> InvalidRequest:
     return InvalidRequest(message, details={"field": field, **details})
 
@@ -109,9 +113,44 @@ INT_MIN = -(2**63)
 INT_MAX = 2**64 - 1
 
 
+def _plainly_json(value: Any) -> bool:
+    """Whether ``value`` is JSON data made of the exact built-in types only.
+
+    The quick check every enqueue runs (no paths kept); anything else, including
+    subclasses, goes to the slower walk that names the offending field.
+    """
+    stack = [value]
+    pop, push, extend = stack.pop, stack.append, stack.extend
+    while stack:
+        item = pop()
+        kind = type(item)
+        if kind is str or kind is bool or item is None:
+            continue
+        if kind is int:
+            if INT_MIN <= item <= INT_MAX:
+                continue
+            return False
+        if kind is float:
+            if item - item == 0.0:  # NaN and +-inf give NaN
+                continue
+            return False
+        if kind is list:
+            extend(item)
+        elif kind is dict:
+            for key, child in item.items():
+                if type(key) is not str:
+                    return False
+                push(child)
+        else:
+            return False
+    return True
+
+
 def check_json_native(value: Any, path: str) -> None:
     """Reject values JSON cannot carry faithfully (NaN/Infinity, non-string keys,
     integers beyond 64 bits)."""
+    if _plainly_json(value):
+        return
     stack: list[tuple[Any, str]] = [(value, path)]
     while stack:
         item, where = stack.pop()
@@ -307,16 +346,20 @@ def parse_job(body: Any, now: float, *, field_prefix: str = "") -> Job:
     retry = parse_retry_policy(options.get("retry"))
 
     texts: dict[str, tuple[str, float]] = {}
-    scheduled_at = _time_option(options, "scheduled_at", now, texts, "scheduled_at")
-    if scheduled_at is None:
-        scheduled_at = _time_option(options, "delay_until", now, texts, "scheduled_at")
-    if scheduled_at is None:  # the envelope attribute (ojs-core.md 5.2)
-        scheduled_at = _time_option(body, "scheduled_at", now, texts, "scheduled_at")
-    if scheduled_at is None and options.get("delay_ms") is not None:
-        scheduled_at = now + _positive_ms(options["delay_ms"], "delay_ms", allow_zero=True) / 1e3
-    expires_at = _time_option(options, "expires_at", now, texts, "expires_at")
-    if expires_at is None:
-        expires_at = _time_option(body, "expires_at", now, texts, "expires_at")
+    scheduled_at = expires_at = None
+    # Most jobs name no time at all: skip the five lookups then.
+    if not (_TIME_OPTIONS.isdisjoint(options) and _TIME_FIELDS.isdisjoint(body)):
+        scheduled_at = _time_option(options, "scheduled_at", now, texts, "scheduled_at")
+        if scheduled_at is None:
+            scheduled_at = _time_option(options, "delay_until", now, texts, "scheduled_at")
+        if scheduled_at is None:  # the envelope attribute (ojs-core.md 5.2)
+            scheduled_at = _time_option(body, "scheduled_at", now, texts, "scheduled_at")
+        if scheduled_at is None and options.get("delay_ms") is not None:
+            delay_ms = _positive_ms(options["delay_ms"], "delay_ms", allow_zero=True)
+            scheduled_at = now + delay_ms / 1e3
+        expires_at = _time_option(options, "expires_at", now, texts, "expires_at")
+        if expires_at is None:
+            expires_at = _time_option(body, "expires_at", now, texts, "expires_at")
     unique = validate_unique(options["unique"]) if options.get("unique") is not None else None
 
     state = JobState.AVAILABLE
@@ -325,10 +368,14 @@ def parse_job(body: Any, now: float, *, field_prefix: str = "") -> Job:
     else:
         scheduled_at = None  # a past schedule is an immediate enqueue
 
-    extra = {k: v for k, v in body.items() if k not in KNOWN_TOP and k not in SYSTEM_FIELDS}
-    check_json_native(extra, "job")
-    options_extra = {k: v for k, v in options.items() if k not in KNOWN_OPTIONS}
-    queue_limits_from(options_extra)  # validate queue limits here, before any storage
+    extra: dict[str, Any] = {}
+    if not body.keys() <= KNOWN_TOP:
+        extra = {k: v for k, v in body.items() if k not in KNOWN_TOP and k not in SYSTEM_FIELDS}
+        check_json_native(extra, "job")
+    options_extra: dict[str, Any] = {}
+    if not options.keys() <= KNOWN_OPTIONS:
+        options_extra = {k: v for k, v in options.items() if k not in KNOWN_OPTIONS}
+        queue_limits_from(options_extra)  # validate queue limits here, before any storage
     return Job(
         client_times=texts,
         directive=_requested_directive(meta, options_extra),

@@ -156,10 +156,12 @@ def _job(row: Sequence[Any]) -> Job:
 
 
 def _plain_calls(calls: Sequence[Enqueue]) -> list[list[Job]] | None:
-    """Copies of the calls' jobs if none needs the general path, else None.
+    """The calls' jobs if none needs the general path, else None.
 
     The general path is needed for unique policies, queue limits, and ids that
-    repeat within the batch (their DuplicateJob must name the right call).
+    repeat within the batch (their DuplicateJob must name the right call).  The
+    jobs are not copied: what is stored is their serialized form, so the caller
+    keeps its objects (as the results).
     """
     staged: list[list[Job]] = []
     seen: set[str] = set()
@@ -173,9 +175,10 @@ def _plain_calls(calls: Sequence[Enqueue]) -> list[list[Job]] | None:
             ):
                 return None
             seen.add(job.id)
-            copy = job.clone()
-            copy.unique_key = None
-            copies.append(copy)
+            if job.unique_key is not None:  # meaningless without a unique policy
+                job = job.clone()
+                job.unique_key = None
+            copies.append(job)
         staged.append(copies)
     return staged
 
