@@ -19,7 +19,13 @@ import trio
 import trio.testing
 
 from ojs_trio.engine.engine import Engine, EngineConfig, open_engine
-from ojs_trio.engine.errors import InvalidRequest, NotFound, OjsError, ShuttingDown
+from ojs_trio.engine.errors import (
+    BackendUnavailable,
+    InvalidRequest,
+    NotFound,
+    OjsError,
+    ShuttingDown,
+)
 from ojs_trio.engine.events import EventBus, job_event
 from ojs_trio.engine.ids import is_uuid7
 from ojs_trio.engine.job import Job
@@ -701,6 +707,44 @@ async def test_a_result_json_cannot_carry_fails_the_job_not_the_worker() -> None
         assert failed.error is not None and failed.error["code"] == "handler_error"
         assert "result.when" in failed.error["message"]
         assert done.result == {"ok": [1, 2.5]}
+
+
+class _FlakyClaims(MemoryStorage):
+    """Claims fail while ``down`` is set, as PostgreSQL's do during a restart."""
+
+    down = True
+    failures = 0
+
+    async def claim(self, requests: Any, now: float) -> list[list[Job]]:
+        if self.down:
+            self.failures += 1
+            raise BackendUnavailable("the database is restarting")
+        return await super().claim(requests, now)
+
+
+async def test_worker_pool_waits_out_a_backend_outage(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    storage = _FlakyClaims(rng=random.Random(0))
+    async with open_engine(storage, EngineConfig(clock=wall)) as engine:
+        done = trio.Event()
+
+        async def handler(ctx: JobContext) -> str:
+            done.set()
+            return "ok"
+
+        engine.register("t.flaky", handler)
+        job = (await engine.enqueue("t.flaky")).job
+        async with running_workers(engine, concurrency=2):
+            while storage.failures < 4:  # noqa: ASYNC110 (a counter)
+                await trio.sleep(0.05)
+            storage.down = False
+            with trio.fail_after(10):  # backoff capped at 5 s
+                await done.wait()
+            completed = await wait_for_state(engine, job.id, JobState.COMPLETED)
+        assert completed.result == "ok"
+        # Backing off, not spinning: 0.1 + 0.2 + 0.4 s before the fourth attempt.
+        assert storage.failures <= 6
 
 
 async def test_an_ack_with_a_result_json_cannot_carry_is_refused() -> None:

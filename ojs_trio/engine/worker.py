@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ojs_trio.engine.errors import OjsError
+from ojs_trio.engine.errors import BackendError, OjsError, ShuttingDown
 from ojs_trio.engine.job import Job
 from ojs_trio.engine.lifecycle import Failure
 from ojs_trio.engine.middleware import build_execution_chain
@@ -33,6 +33,9 @@ log = logging.getLogger("ojs_trio.worker")
 
 Handler = Callable[["JobContext"], Awaitable[Any]]
 Settle = Callable[[], Awaitable[Job]]  # an ack or nack, ready to send
+
+FETCH_RETRY_FIRST = 0.1  # seconds before fetching again after a backend error
+FETCH_RETRY_MAX = 5.0
 
 
 class HandlerSignal(Exception):
@@ -140,17 +143,33 @@ class WorkerPool:
     async def _fetch(self, send: trio.MemorySendChannel[Job]) -> None:
         """Long-poll for jobs for every free worker; closing ``send`` stops the workers."""
         engine = self._engine
+        delay = FETCH_RETRY_FIRST
         async with send:
             while not engine.draining:
                 while self._free == 0:
                     await self._freed.park()
-                jobs = await engine.fetch(
-                    self.queues,
-                    self._free,
-                    worker_id=self.worker_id,
-                    visibility_ms=self._visibility_ms,
-                    wait_ms=self._poll_wait_ms,
-                )
+                try:
+                    jobs = await engine.fetch(
+                        self.queues,
+                        self._free,
+                        worker_id=self.worker_id,
+                        visibility_ms=self._visibility_ms,
+                        wait_ms=self._poll_wait_ms,
+                    )
+                except ShuttingDown:
+                    return
+                except BackendError as exc:
+                    # The database restarting or out of reach: the pool waits it out.
+                    log.warning(
+                        "fetch from %s failed (%s); retrying in %.1f s",
+                        ",".join(self.queues),
+                        exc.message,
+                        delay,
+                    )
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, FETCH_RETRY_MAX)
+                    continue
+                delay = FETCH_RETRY_FIRST
                 self._free -= len(jobs)
                 for k, job in enumerate(jobs):
                     try:
