@@ -166,7 +166,7 @@ def _plain_calls(calls: Sequence[Enqueue]) -> list[list[Job]] | None:
     staged: list[list[Job]] = []
     seen: set[str] = set()
     for jobs, _ in calls:
-        copies = []
+        kept = []
         for job in jobs:
             if job.unique is not None or job.id in seen:
                 return None
@@ -178,8 +178,8 @@ def _plain_calls(calls: Sequence[Enqueue]) -> list[list[Job]] | None:
             if job.unique_key is not None:  # meaningless without a unique policy
                 job = job.clone()
                 job.unique_key = None
-            copies.append(job)
-        staged.append(copies)
+            kept.append(job)
+        staged.append(kept)
     return staged
 
 
@@ -746,8 +746,10 @@ class PostgresStorage:
 
     async def _ack_plain(self, items: Sequence[Settle]) -> dict[str, Job]:
         rows = []
+        ids = []
         for job_id, _, now, ack in items:
             assert ack is not None
+            ids.append(job_id)
             worker_id, result, has_result = ack
             rows.append(
                 {
@@ -762,8 +764,7 @@ class PostgresStorage:
             async with self._pool.connection() as conn:
                 # An array literal: the ids were checked to be UUIDs, and a list
                 # parameter is dumped element by element.
-                ids = "{" + ",".join([item[0] for item in items]) + "}"
-                params = {"acks": Jsonb(rows), "ids": ids}
+                params = {"acks": Jsonb(rows), "ids": "{" + ",".join(ids) + "}"}
                 cur = await conn.execute(q("ack_plain"), params)
                 return {job.id: job for job in map(_job, await cur.fetchall())}
 
