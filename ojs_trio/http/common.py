@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
@@ -11,6 +10,7 @@ from typing import Any, NamedTuple, cast
 from quart import Response, request
 from quart_trio import QuartTrio
 
+from ojs_trio import jsoncodec
 from ojs_trio.config import Settings
 from ojs_trio.engine.engine import Engine
 from ojs_trio.engine.errors import (
@@ -45,8 +45,8 @@ class Reply(NamedTuple):
 Handler = Callable[[ApiContext, Any], Awaitable[Reply]]
 
 
-def encode_json(payload: dict[str, Any]) -> str:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+def encode_json(payload: dict[str, Any]) -> bytes:
+    return jsoncodec.dumps(payload)
 
 
 def ojs_response(
@@ -86,7 +86,7 @@ def parse_json(content_type: str | None, raw: bytes) -> Any:
     if not raw:
         raise InvalidPayload("The request body is empty; a JSON object is required")
     try:
-        return json.loads(raw)
+        return jsoncodec.loads_request(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidPayload(f"The request body is not valid JSON: {exc}") from None
 

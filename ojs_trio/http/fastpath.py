@@ -21,8 +21,9 @@ with the same answers, byte for byte (tests/test_http_fastpath.py compares them)
 6. ``Location``/``WWW-Authenticate``/``Retry-After`` from the reply, then
    ``content-type``, ``content-length``, ``ojs-version`` and ``x-request-id``.
 
-As in Quart-Trio, a client that disconnects while its request is being handled
-(a long-poll fetch, say) cancels the handler.
+As in Quart-Trio, a client that disconnects while a fetch is waiting for jobs
+cancels the fetch.  The other hot routes finish in milliseconds and are not
+watched: a watcher task per request cost about 5 % of the server's CPU per job.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ from ojs_trio.http.common import (
 log = logging.getLogger("ojs_trio.http")
 
 HOT_ROUTES: dict[str, Handler] = {**jobs.HOT_ROUTES, **workers.HOT_ROUTES}
+# Routes that can wait (a long-poll fetch): a client that disconnects cancels them.
+# The others finish in milliseconds and are not watched; an ack the server has
+# read in full is applied even if its client is gone by then.
+WAITING_ROUTES = frozenset({"/ojs/v1/workers/fetch"})
 
 DISCARD_TIMEOUT = 1.0  # seconds spent draining the rest of a body answered early
 
@@ -144,22 +149,36 @@ class FastPath:
                 return
             more_body = message.get("more_body", False)
 
+        if scope["path"] not in WAITING_ROUTES:
+            reply = await self._reply(handler, scope, content_type, raw, request_id)
+            await _send_reply(send, reply, request_id)
+            return
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
-            try:
-                reply = await handler(self.ctx, parse_json(content_type, raw))
-            except OjsError as exc:
-                if isinstance(exc, BackendError):
-                    log.warning(
-                        "backend error on %s %s: %s", scope["method"], scope["path"], exc.message
-                    )
-                reply = error_reply(exc, request_id)
-            except Exception:
-                log.exception("unhandled error on %s %s", scope["method"], scope["path"])
-                crash = BackendError("Internal server error; see the server log")
-                reply = error_reply(crash, request_id)
+            reply = await self._reply(handler, scope, content_type, raw, request_id)
             await _send_reply(send, reply, request_id)
             nursery.cancel_scope.cancel()
+
+    async def _reply(
+        self,
+        handler: Handler,
+        scope: HTTPScope,
+        content_type: str | None,
+        raw: bytes,
+        request_id: str,
+    ) -> Reply:
+        try:
+            return await handler(self.ctx, parse_json(content_type, raw))
+        except OjsError as exc:
+            if isinstance(exc, BackendError):
+                log.warning(
+                    "backend error on %s %s: %s", scope["method"], scope["path"], exc.message
+                )
+            return error_reply(exc, request_id)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            crash = BackendError("Internal server error; see the server log")
+            return error_reply(crash, request_id)
 
 
 async def _discard_body(receive: ASGIReceiveCallable, budget: int) -> None:
@@ -191,7 +210,7 @@ async def _cancel_on_disconnect(
 
 
 async def _send_reply(send: ASGISendCallable, reply: Reply, request_id: str) -> None:
-    body = encode_json(reply.payload).encode()
+    body = encode_json(reply.payload)
     # Header names lower-cased and values UTF-8-encoded, as Quart sends them.
     headers = [(k.lower().encode(), v.encode()) for k, v in (reply.headers or {}).items()]
     headers += [

@@ -26,6 +26,7 @@ import psycopg
 import trio
 from psycopg.types.json import Jsonb, set_json_dumps, set_json_loads
 
+from ojs_trio import jsoncodec
 from ojs_trio.engine import lifecycle, unique, workflows
 from ojs_trio.engine.cron import CronFire, CronRecord
 from ojs_trio.engine.errors import BackendError, DuplicateJob, NotFound, OjsError
@@ -41,7 +42,6 @@ from ojs_trio.storage.port import (
     QueueInfo,
     StorageListener,
 )
-from ojs_trio.storage.postgres import jsoncodec
 from ojs_trio.storage.postgres.coalesce import Coalescer
 from ojs_trio.storage.postgres.driver import (
     Notification,
