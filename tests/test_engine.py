@@ -492,6 +492,62 @@ async def test_embedded_heartbeater_keeps_long_job_leased(
         assert engine.statistics().reaped == 0
 
 
+async def test_prefetched_jobs_stay_leased_and_run_in_order(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A pool with prefetch holds up to ``concurrency + prefetch`` jobs; the waiting
+    ones keep their leases (the heartbeater tracks them) and run once a worker is free.
+    """
+    async with running_engine(heartbeat_interval=1.0) as engine:
+        release = trio.Event()
+        ran: list[int] = []
+
+        async def slow(ctx: JobContext) -> None:
+            ran.append(ctx.args[0])
+            await release.wait()
+
+        engine.register("t.slow", slow)
+        ids = [(await engine.enqueue("t.slow", [n])).job.id for n in range(5)]
+        async with running_workers(engine, visibility_ms=3_000, prefetch=2):
+            while len(ran) < 1:  # noqa: ASYNC110 (a list filled by the handler)
+                await trio.sleep(0.01)
+            await trio.sleep(10.0)  # more than three leases long
+            jobs = [await engine.get(i) for i in ids]
+            assert [j.state for j in jobs] == [JobState.ACTIVE] * 3 + [JobState.AVAILABLE] * 2
+            assert all(j.worker_id == "embedded" and j.attempt == 1 for j in jobs[:3])
+            assert all((j.lease_expires_at or 0) > wall() for j in jobs[:3])
+            assert engine.statistics().reaped == 0
+            assert ran == [0]
+
+            release.set()
+            for job_id in ids:
+                await wait_for_state(engine, job_id, JobState.COMPLETED)
+        assert ran == [0, 1, 2, 3, 4]
+        assert engine.statistics().reaped == 0
+
+
+async def test_a_cancelled_pool_releases_its_prefetched_jobs(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running_engine() as engine:
+        started = trio.Event()
+
+        async def stuck(ctx: JobContext) -> None:
+            started.set()
+            await trio.sleep_forever()
+
+        engine.register("t.stuck", stuck)
+        ids = [(await engine.enqueue("t.stuck", [n])).job.id for n in range(4)]
+        async with running_workers(engine, prefetch=3):
+            await started.wait()
+            await trio.sleep(1.0)
+        states = [(await engine.get(i)).state for i in ids]
+        # The running job stays active until its lease runs out (its worker was
+        # cancelled mid-job); the three that waited for a worker are available at once.
+        assert states == [JobState.ACTIVE] + [JobState.AVAILABLE] * 3
+        assert not engine.heartbeater.statistics().tracked
+
+
 async def test_without_heartbeats_the_lease_runs_out(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -3,7 +3,9 @@
 Each system gets a freshly created database and does the same thing with the same
 job count (``sizes.peer_jobs``): enqueue all jobs in batches of 100, then drain them
 with no-op handlers (``sizes.peer_concurrency`` concurrent handlers; pgqueuer uses
-its own defaults, see bench/peers/pgqueuer_run.py).  Enqueue time and drain time are
+its own defaults, see bench/peers/pgqueuer_run.py).  ojs-trio's pool prefetches as
+many jobs as it has slots (``prefetch``, docs/embedding.md); the report lists each
+system's settings.  Enqueue time and drain time are
 measured separately; "full cycle" is jobs / (enqueue time + drain time).
 
 ojs-trio runs here (Trio); every peer runs in its own ``python -m bench.peers.<x>``
@@ -17,6 +19,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from functools import partial
 from typing import Any
 
 import trio
@@ -55,7 +58,9 @@ async def run_ours(url: str, jobs: int, concurrency: int) -> dict[str, Any]:
         t1 = trio.current_time()
         drain_s: float | None = None
         async with trio.open_nursery() as nursery:
-            await nursery.start(engine.run_workers, [QUEUE], concurrency)
+            await nursery.start(
+                partial(engine.run_workers, [QUEUE], concurrency, prefetch=concurrency)
+            )
             with trio.move_on_after(max(60.0, jobs / 50)):
                 while engine.statistics().acked - base < jobs:  # noqa: ASYNC110 (a counter)
                     await trio.sleep(0.002)
@@ -71,7 +76,11 @@ async def run_ours(url: str, jobs: int, concurrency: int) -> dict[str, Any]:
         "drain_s": None if drain_s is None else round(drain_s, 4),
         "drain_jobs_per_s": round(jobs / drain_s, 1) if drain_s else None,
         "full_cycle_jobs_per_s": round(jobs / (enqueue_s + drain_s), 1) if drain_s else None,
-        "settings": {"workers": concurrency, "enqueue_batch": ENQUEUE_BATCH},
+        "settings": {
+            "workers": concurrency,
+            "prefetch": concurrency,
+            "enqueue_batch": ENQUEUE_BATCH,
+        },
         "ok": drain_s is not None,
     }
 

@@ -31,6 +31,12 @@ class HeartbeatCall:
     done: trio.Event = field(default_factory=trio.Event)
 
 
+@dataclass
+class HeartbeaterStatistics:
+    tracked: int  # jobs held in-process whose leases are being kept alive
+    beats: int  # rounds of extensions so far
+
+
 class VisibilityHeartbeater:
     def __init__(
         self, storage: Storage, clock: WallClock, *, interval: float = 5.0, buffer: int = 256
@@ -43,14 +49,34 @@ class VisibilityHeartbeater:
         self._tracked: dict[str, tuple[str | None, int | None]] = {}
         self.beats = 0
 
+    def statistics(self) -> HeartbeaterStatistics:
+        return HeartbeaterStatistics(tracked=len(self._tracked), beats=self.beats)
+
     @contextmanager
     def track(self, job: Job, worker_id: str | None, visibility_ms: int | None) -> Iterator[None]:
         """Keep ``job``'s lease alive for as long as the ``with`` block runs."""
-        self._tracked[job.id] = (worker_id, visibility_ms)
+        entry = self.track_nowait(job, worker_id, visibility_ms)
         try:
             yield
         finally:
-            self._tracked.pop(job.id, None)
+            self.untrack_nowait(job.id, entry)
+
+    def track_nowait(
+        self, job: Job, worker_id: str | None, visibility_ms: int | None
+    ) -> tuple[str | None, int | None]:
+        """Start keeping ``job``'s lease alive; returns the entry to untrack with.
+
+        The latest tracker of a job owns it: a job handed from the pool's fetcher
+        (which held it while it waited for a worker) to a worker stays tracked
+        whichever of the two lets go first.
+        """
+        entry = (worker_id, visibility_ms)
+        self._tracked[job.id] = entry
+        return entry
+
+    def untrack_nowait(self, job_id: str, entry: tuple[str | None, int | None]) -> None:
+        if self._tracked.get(job_id) is entry:
+            del self._tracked[job_id]
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:

@@ -100,7 +100,10 @@ class WorkerPool:
         worker_id: str = "embedded",
         visibility_ms: int | None = None,
         poll_wait_ms: int = 30_000,
+        prefetch: int = 0,
     ) -> None:
+        if prefetch < 0:
+            raise ValueError("prefetch must be 0 or more")
         self._engine = engine
         self._handlers = handlers
         self.queues = list(queues)
@@ -108,9 +111,11 @@ class WorkerPool:
         self.worker_id = worker_id
         self._visibility_ms = visibility_ms
         self._poll_wait_ms = poll_wait_ms
+        self.prefetch = prefetch
         self._busy = 0
         self._outcomes: trio.MemorySendChannel[Settle]
-        self._free = concurrency  # workers without a job
+        # Workers without a job, less the jobs fetched for none (at most -prefetch).
+        self._free = concurrency
         self._freed = trio.lowlevel.ParkingLot()
         self.completed = 0
         self.failed = 0
@@ -146,12 +151,12 @@ class WorkerPool:
         delay = FETCH_RETRY_FIRST
         async with send:
             while not engine.draining:
-                while self._free == 0:
+                while self._free + self.prefetch <= 0:
                     await self._freed.park()
                 try:
                     jobs = await engine.fetch(
                         self.queues,
-                        self._free,
+                        self._free + self.prefetch,
                         worker_id=self.worker_id,
                         visibility_ms=self._visibility_ms,
                         wait_ms=self._poll_wait_ms,
@@ -171,14 +176,29 @@ class WorkerPool:
                     continue
                 delay = FETCH_RETRY_FIRST
                 self._free -= len(jobs)
-                for k, job in enumerate(jobs):
-                    try:
-                        # A free worker is waiting or about to: this does not block long.
-                        await send.send(job)
-                    except BaseException:
-                        with trio.CancelScope(shield=True):
-                            await engine.release(jobs[k:])
-                        raise
+                await self._hand_over(jobs, send)
+
+    async def _hand_over(self, jobs: list[Job], send: trio.MemorySendChannel[Job]) -> None:
+        """Give each job to the next free worker; release the rest if cancelled.
+
+        Without prefetch a free worker is waiting or about to be, so this does not
+        block long.  Prefetched jobs wait here for a worker to finish, their
+        leases kept alive meanwhile: the worker's own tracking takes over when it
+        receives the job.
+        """
+        heartbeater = self._engine.heartbeater
+        held = [heartbeater.track_nowait(job, self.worker_id, self._visibility_ms) for job in jobs]
+        k = 0
+        try:
+            for k, job in enumerate(jobs):
+                await send.send(job)
+                heartbeater.untrack_nowait(job.id, held[k])
+        except BaseException:
+            for job, entry in zip(jobs[k:], held[k:], strict=True):
+                heartbeater.untrack_nowait(job.id, entry)
+            with trio.CancelScope(shield=True):
+                await self._engine.release(jobs[k:])
+            raise
 
     async def _work(self, jobs: trio.MemoryReceiveChannel[Job], slot: str) -> None:
         async with jobs:
