@@ -5,8 +5,9 @@
   the system under test therefore shows up in every operation that should have been
   sent during it (no coordinated omission), even when the generator itself falls
   behind.
-* :func:`closed_loop` runs ``concurrency`` tasks back to back for a fixed time: the
-  maximum sustainable rate, used to pick the offered rates of the open-loop runs.
+* :func:`closed_loop` runs ``concurrency`` tasks back to back for a fixed time;
+  :func:`measure_max` takes the lower of that rate and what an open-loop run offered
+  it achieves: the maximum the open-loop runs' offered rates are fractions of.
 * :func:`summarize` turns samples into exact percentiles (nearest rank on a sorted
   list: no binning, so p99.9 is the real 99.9th sample when there are enough samples).
 * :class:`Progress` is a small progress bar on stderr.
@@ -160,6 +161,23 @@ async def open_loop(
         lag_max_s=lag_max,
         error_sample=error_sample,
     )
+
+
+async def measure_max(
+    op: Op, concurrency: int, duration_s: float, reset: Callable[[], Awaitable[object]]
+) -> tuple[LoadResult, LoadResult]:
+    """The maximum rate as the open-loop runs can load the system under test.
+
+    First ``concurrency`` closed-loop callers; then, after ``reset()``, an open-loop
+    run offered the rate they achieved.  Closed-loop callers share the engine's
+    batches, and an open-loop generator in the same process spends a task per
+    call, so the open loop can sustain less; the lower of the two achieved rates
+    is the maximum the latency runs' fractions are taken of.  Returns both runs.
+    """
+    closed = await closed_loop(op, concurrency, duration_s)
+    await reset()
+    opened = await open_loop(op, max(closed.achieved_rate, 1.0), duration_s)
+    return closed, opened
 
 
 async def closed_loop(op: Op, concurrency: int, duration_s: float) -> LoadResult:
