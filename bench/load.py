@@ -6,8 +6,8 @@
   sent during it (no coordinated omission), even when the generator itself falls
   behind.
 * :func:`closed_loop` runs ``concurrency`` tasks back to back for a fixed time;
-  :func:`measure_max` takes the lower of that rate and what an open-loop run offered
-  it achieves: the maximum the open-loop runs' offered rates are fractions of.
+  :func:`measure_max` then steps open-loop runs down from that rate until one
+  keeps up: the maximum the open-loop runs' offered rates are fractions of.
 * :func:`summarize` turns samples into exact percentiles (nearest rank on a sorted
   list: no binning, so p99.9 is the real 99.9th sample when there are enough samples).
 * :class:`Progress` is a small progress bar on stderr.
@@ -163,21 +163,47 @@ async def open_loop(
     )
 
 
+SUSTAINED = 0.95  # an open-loop run sustains its rate if it achieves this share of it
+LADDER_STEP = 0.85  # each rung offers this share of the one before
+LADDER_RUNGS = 8
+
+
 async def measure_max(
-    op: Op, concurrency: int, duration_s: float, reset: Callable[[], Awaitable[object]]
-) -> tuple[LoadResult, LoadResult]:
+    op: Op,
+    concurrency: int,
+    duration_s: float,
+    prepare: Callable[[float], Awaitable[object]],
+) -> tuple[LoadResult, list[LoadResult]]:
     """The maximum rate as the open-loop runs can load the system under test.
 
-    First ``concurrency`` closed-loop callers; then, after ``reset()``, an open-loop
-    run offered the rate they achieved.  Closed-loop callers share the engine's
-    batches, and an open-loop generator in the same process spends a task per
-    call, so the open loop can sustain less; the lower of the two achieved rates
-    is the maximum the latency runs' fractions are taken of.  Returns both runs.
+    First ``concurrency`` closed-loop callers.  Closed-loop callers share the
+    engine's batches, and an open-loop generator in the same process spends a task
+    per call, so the open loop may sustain less.  Then a ladder of open-loop runs,
+    each after ``prepare(rate)``: offered the closed-loop rate, then
+    ``LADDER_STEP`` of the previous rate, until one achieves ``SUSTAINED`` of
+    what it was offered.  An overloaded run's own achieved rate understates the
+    maximum (a backlog of thousands of calls thrashes), hence the ladder.  The
+    maximum is the achieved rate of the first run that sustained its rate, or of
+    the best run if none did.  Returns the closed-loop run and the ladder.
     """
     closed = await closed_loop(op, concurrency, duration_s)
-    await reset()
-    opened = await open_loop(op, max(closed.achieved_rate, 1.0), duration_s)
-    return closed, opened
+    ladder: list[LoadResult] = []
+    rate = max(closed.achieved_rate, 1.0)
+    for _ in range(LADDER_RUNGS):
+        await prepare(rate)
+        run = await open_loop(op, rate, duration_s)
+        ladder.append(run)
+        if run.achieved_rate >= SUSTAINED * rate:
+            break
+        rate *= LADDER_STEP
+    return closed, ladder
+
+
+def max_rate(closed: LoadResult, ladder: list[LoadResult]) -> float:
+    """The maximum :func:`measure_max` found (see there)."""
+    if ladder and ladder[-1].achieved_rate >= SUSTAINED * (ladder[-1].offered_rate or 0.0):
+        return min(closed.achieved_rate, ladder[-1].achieved_rate)
+    return min(closed.achieved_rate, max((r.achieved_rate for r in ladder), default=0.0))
 
 
 async def closed_loop(op: Op, concurrency: int, duration_s: float) -> LoadResult:

@@ -1,9 +1,9 @@
 """Dequeue latency, and enqueue-to-start latency into an idle waiting worker.
 
 * fetch → job in hand: ``fetch(count=1, wait_ms=0)`` against a pre-filled queue, so
-  no long-poll waiting is included.  The maximum fetch rate is the lower of what
-  closed-loop callers achieve and what an open-loop run offered that rate achieves
-  (as :func:`bench.load.measure_max`, with the queue refilled in between); then
+  no long-poll waiting is included.  The maximum fetch rate comes from
+  closed-loop callers, then open-loop runs stepping down from it until one keeps
+  up (:func:`bench.load.measure_max`, the queue refilled before each); then
   open-loop fetches run at ``sizes.dq_fractions`` of it (latency from the
   scheduled send time).  Fetched jobs are not acked (storage is reset after).
 * enqueue → start: one worker long-polls (``wait_ms`` 30 s) and acks what it gets;
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import trio
 
-from bench.load import closed_loop, open_loop, summarize
+from bench.load import max_rate, measure_max, open_loop, summarize
 from bench.scenarios.common import QUEUE, Context, fill
 
 E2S_QUEUE = "bench-e2s"
@@ -47,18 +47,32 @@ async def run(ctx: Context) -> None:
         await target.reset()
         await fill(target, QUEUE, int(rate * seconds * 1.2) + 50, tick=tick)
 
+    open_loop_phase = False
+
+    async def fetch_max(i: int) -> bool:
+        # Closed loop: on the prefill, a caller stops when it runs dry.  Open loop:
+        # each rung has its own refill, and running dry is an error.
+        if not open_loop_phase:
+            return await fetch_any(i)
+        await fetch_one(i)
+        return True
+
+    async def prepare(rate: float) -> None:
+        nonlocal open_loop_phase
+        open_loop_phase = True
+        await refill(rate, sizes.max_s)
+
     ctx.progress.show(ctx.label("dequeue: max fetch rate"))
-    closed = await closed_loop(fetch_any, sizes.concurrency, sizes.max_s)
-    await refill(closed.achieved_rate, sizes.max_s)
-    opened = await open_loop(fetch_one, max(closed.achieved_rate, 1.0), sizes.max_s)
+    closed, ladder = await measure_max(fetch_max, sizes.concurrency, sizes.max_s, prepare)
     case = {"concurrency": sizes.concurrency, "prefill": sizes.dq_prefill}
     ctx.record("dequeue", {**case, "phase": "max"}, closed.to_json())
-    ctx.record("dequeue", {**case, "phase": "max_open"}, opened.to_json())
-    max_rate = min(closed.achieved_rate, opened.achieved_rate)
-    ctx.measured["fetch_max_rate"] = max_rate
+    for run in ladder:
+        ctx.record("dequeue", {**case, "phase": "max_open"}, run.to_json())
+    best = max_rate(closed, ladder)
+    ctx.measured["fetch_max_rate"] = best
 
     for fraction in sizes.dq_fractions:
-        rate = max(max_rate * fraction, 1.0)
+        rate = max(best * fraction, 1.0)
         await refill(rate, sizes.rate_s)
         ctx.progress.show(ctx.label(f"dequeue: {rate:,.0f} fetches/s open loop"))
         result = await open_loop(fetch_one, rate, sizes.rate_s)

@@ -3,8 +3,8 @@
 For each kind (one job per call; ``sizes.batch`` jobs per call):
 
 1. the maximum rate: ``sizes.concurrency`` closed-loop callers for ``sizes.max_s``,
-   then an open-loop run offered that rate; the maximum is the lower of the two
-   achieved rates (:func:`bench.load.measure_max`);
+   then open-loop runs stepping down from that rate until one keeps up
+   (:func:`bench.load.measure_max`);
 2. open-loop runs at ``sizes.fractions`` of that maximum, each for ``sizes.rate_s``,
    with latency measured from each call's scheduled send time.
 
@@ -13,7 +13,7 @@ Storage is emptied before every run so resident rows do not build up across runs
 
 from __future__ import annotations
 
-from bench.load import measure_max, open_loop
+from bench.load import max_rate, measure_max, open_loop
 from bench.scenarios.common import QUEUE, Context
 
 
@@ -26,14 +26,19 @@ async def run(ctx: Context) -> None:
 
         await target.reset()
         ctx.progress.show(ctx.label(f"enqueue {kind}: max rate"))
-        closed, opened = await measure_max(op, sizes.concurrency, sizes.max_s, target.reset)
+
+        async def prepare(rate: float) -> None:
+            await target.reset()
+
+        closed, ladder = await measure_max(op, sizes.concurrency, sizes.max_s, prepare)
         case = {"kind": kind, "batch": n, "concurrency": sizes.concurrency}
         ctx.record("enqueue", {**case, "phase": "max"}, closed.to_json(n))
-        ctx.record("enqueue", {**case, "phase": "max_open"}, opened.to_json(n))
-        max_rate = min(closed.achieved_rate, opened.achieved_rate)
-        ctx.measured[f"enqueue_{kind}_max_rate"] = max_rate
+        for run in ladder:
+            ctx.record("enqueue", {**case, "phase": "max_open"}, run.to_json(n))
+        best = max_rate(closed, ladder)
+        ctx.measured[f"enqueue_{kind}_max_rate"] = best
         for fraction in sizes.fractions:
-            rate = max(max_rate * fraction, 1.0)
+            rate = max(best * fraction, 1.0)
             await target.reset()
             ctx.progress.show(ctx.label(f"enqueue {kind}: {rate:,.0f}/s open loop"))
             result = await open_loop(op, rate, sizes.rate_s)
