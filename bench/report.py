@@ -30,6 +30,15 @@ def _records(results: dict[str, Any], scenario: str) -> list[Record]:
     return [r for r in results["records"] if r["scenario"] == scenario]
 
 
+def _server_processes(results: dict[str, Any]) -> str:
+    counts = results.get("server_processes") or {}
+    several = {s: n for s, n in counts.items() if n > 1}
+    if not several:
+        return "its own process"
+    shared = ", ".join(f"{n} for {s}" for s, n in several.items())
+    return f"processes of its own ({shared}: `ojs-trio serve --processes N`; else one)"
+
+
 def _phase(case: dict[str, Any]) -> str:
     """How a latency record loaded the system: its row label."""
     if case["phase"] == "max":
@@ -162,7 +171,9 @@ def _http_pg_checks(results: dict[str, Any]) -> list[Check]:
             Check(
                 "HTTP on PostgreSQL full cycle, batch enqueue + max_jobs fetch",
                 f"{_fmt(rate)} jobs/s ({best['case']['workers']} workers, "
-                f"max_jobs {best['case']['max_jobs']})",
+                f"max_jobs {best['case']['max_jobs']}, "
+                f"{(results.get('server_processes') or {}).get('postgres', 1)} "
+                "server processes)",
                 target,
                 _status(rate >= GO_PG_ROUND_TRIP),
             )
@@ -280,7 +291,8 @@ def render(results: dict[str, Any]) -> str:
         "Packages: "
         + ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v is not None)
         + ". Load generator and server share the machine; HTTP runs put the server in "
-        "its own process.",
+        + _server_processes(results)
+        + ".",
         "",
     ]
     if results["notes"] or results["errors"]:

@@ -6,7 +6,9 @@
 
 Options: ``--storage memory,postgres`` (``sqs`` is tried and skipped until the
 adapter exists), ``--transport embedded,http``, ``--scenarios enqueue,dequeue,
-throughput,cost,longpoll,peers``, ``--out bench/results``, ``--pg-url``.
+throughput,cost,longpoll,peers``, ``--out bench/results``, ``--pg-url``,
+``--server-processes N`` (HTTP server processes on shared storage; default one
+per CPU, as ``ojs-trio serve --processes N``).
 Results go to ``<out>/bench-<timestamp>-<mode>.{json,md}`` plus ``latest.json`` and
 ``latest.md`` (and PNG plots when matplotlib is installed).  A smoke run without
 ``--out`` writes to a temporary directory, checks the files, and removes it.
@@ -58,6 +60,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=os.environ.get("OJS_BENCH_DATABASE_URL", DEFAULT_PG_URL),
         help="database to drop and create for each PostgreSQL session "
         "(its name gets a _peer suffix for the peer runs)",
+    )
+    parser.add_argument(
+        "--server-processes",
+        type=int,
+        default=None,
+        help="HTTP server processes for shared storage (ojs-trio serve --processes; "
+        "default: one per CPU); memory always runs one",
     )
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
@@ -144,6 +153,8 @@ async def run_all(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
     run_peers = "peers" in args.scenarios and any(s == "postgres" for s, _ in storages)
     if "peers" in args.scenarios and not run_peers:
         notes.append("peers skipped: they need PostgreSQL")
+    shared = args.server_processes or os.cpu_count() or 1
+    server_processes = {s: 1 if s == "memory" else shared for s, _ in storages}
     total = len(storages) * len(args.transport) * len(session_scenarios) + int(run_peers)
     progress = Progress(total, enabled=not args.no_progress)
     started = time.monotonic()
@@ -154,7 +165,9 @@ async def run_all(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
             if storage == "postgres":
                 await trio.to_thread.run_sync(recreate_database, url)
             try:
-                async with open_target(transport, storage, url) as target:
+                async with open_target(
+                    transport, storage, url, server_processes[storage]
+                ) as target:
                     ctx = Context(target, sizes, progress, records)
                     for name in session_scenarios:
                         progress.show(ctx.label(name))
@@ -205,6 +218,7 @@ async def run_all(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
         "command": " ".join(["python -m bench", *sys.argv[1:]]),
         "storages": [s for s, _ in storages],
         "transports": args.transport,
+        "server_processes": server_processes if "http" in args.transport else {},
         "scenarios": args.scenarios,
         "sizes": vars(sizes),
         "machine": meta,

@@ -215,9 +215,9 @@ async def open_embedded(storage: str, url: str) -> AsyncIterator[EmbeddedTarget]
 
 
 @asynccontextmanager
-async def open_http(storage: str, url: str) -> AsyncIterator[HttpTarget]:
+async def open_http(storage: str, url: str, processes: int = 1) -> AsyncIterator[HttpTarget]:
     proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "bench.server", "--storage", url],
+        [sys.executable, "-m", "bench.server", "--storage", url, "--processes", str(processes)],
         stdout=subprocess.PIPE,
         cwd=REPO_ROOT,
     )
@@ -247,9 +247,11 @@ async def open_http(storage: str, url: str) -> AsyncIterator[HttpTarget]:
                     await proc.wait()
 
 
-def open_target(transport: str, storage: str, url: str) -> AbstractAsyncContextManager[Target]:
+def open_target(
+    transport: str, storage: str, url: str, server_processes: int = 1
+) -> AbstractAsyncContextManager[Target]:
     if transport == "embedded":
         return open_embedded(storage, url)
     if transport == "http":
-        return open_http(storage, url)
+        return open_http(storage, url, server_processes)
     raise ValueError(f"unknown transport {transport!r}")

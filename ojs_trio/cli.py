@@ -24,8 +24,15 @@ def _serve(args: argparse.Namespace) -> int:
         settings.port = args.port
     if args.storage is not None:
         settings.storage_url = args.storage
+    if args.processes is not None:
+        settings.processes = args.processes
     configure_logging(settings.log_level, settings.log_format)
-    trio.run(run_server, settings)
+    if settings.processes > 1:
+        from ojs_trio.processes import run_processes
+
+        trio.run(run_processes, settings)
+    else:
+        trio.run(run_server, settings)
     return 0
 
 
@@ -123,6 +130,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--port", type=int, help="port (env OJS_PORT, default 8080)")
     serve.add_argument(
         "--storage", help="memory:// or postgresql://… (env OJS_STORAGE/DATABASE_URL; memory://)"
+    )
+    serve.add_argument(
+        "--processes",
+        type=int,
+        help="server processes sharing the port; needs PostgreSQL or SQS storage "
+        "(env OJS_PROCESSES, default 1)",
     )
     serve.set_defaults(func=_serve)
     migrate = sub.add_parser("migrate", help="apply PostgreSQL schema migrations")

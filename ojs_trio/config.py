@@ -33,6 +33,7 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     max_batch_jobs: int = 10_000
     pool_size: int = 10  # PostgreSQL connections per server process
+    processes: int = 1  # server processes sharing the listening socket (processes.py)
     retention_seconds: float | None = 7 * 86400.0  # finished jobs; "0"/"never" keeps forever
     dead_letter_retention_seconds: float | None = None
     graceful_timeout: float = 10.0
@@ -52,6 +53,7 @@ class Settings:
             max_body_bytes=int(env.get("OJS_MAX_BODY_BYTES", cls.max_body_bytes)),
             max_batch_jobs=int(env.get("OJS_MAX_BATCH_JOBS", cls.max_batch_jobs)),
             pool_size=int(env.get("OJS_POOL_SIZE", cls.pool_size)),
+            processes=int(env.get("OJS_PROCESSES", cls.processes)),
             retention_seconds=_seconds(env.get("OJS_RETENTION_SECONDS"), cls.retention_seconds),
             dead_letter_retention_seconds=_seconds(
                 env.get("OJS_DEAD_LETTER_RETENTION_SECONDS"), cls.dead_letter_retention_seconds

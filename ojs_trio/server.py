@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from functools import partial
 
 import trio
 
@@ -21,9 +22,13 @@ async def run_server(
     *,
     shutdown: trio.Event | None = None,
     handle_signals: bool = True,
+    listen_fd: int | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run until SIGINT/SIGTERM (or ``shutdown`` is set), then drain and return.
+
+    ``listen_fd``: accept on this already listening socket instead of binding
+    ``settings.host:port`` (the children of ``ojs-trio serve --processes``).
 
     Shutdown order: waiting long-poll fetches are answered at once, Hypercorn
     stops accepting and finishes in-flight requests (bounded by the graceful
@@ -48,7 +53,9 @@ async def run_server(
             if handle_signals:
                 signal_scope.start_soon(_watch_signals, stop)
             async with trio.open_nursery() as http:
-                addresses = await http.start(serve, engine, settings, shutdown_trigger)
+                addresses = await http.start(
+                    partial(serve, engine, settings, shutdown_trigger, listen_fd=listen_fd)
+                )
                 log.info("ojs-trio serving on %s (storage %s)", ", ".join(addresses), storage.name)
                 freeze_startup_heap()  # no collector walks over start-up objects
                 task_status.started(addresses)

@@ -49,6 +49,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import psycopg
 import pytest
@@ -352,6 +353,12 @@ def fresh_db(pg_dsn: str, pg_template: str) -> Iterator[str]:
     """DSN of a new database cloned from ``pg_template``, dropped after the test."""
     with fresh_database(pg_dsn, pg_template) as dsn:
         yield dsn
+
+
+def storage_url(dsn: str) -> str:
+    """A ``postgresql://`` URL (what ``--storage`` takes) for a libpq DSN or URL."""
+    params = {k: v for k, v in conninfo_to_dict(dsn).items() if v not in (None, "")}
+    return "postgresql://?" + urlencode(params)
 
 
 def database_of(dsn: str) -> str:

@@ -37,14 +37,12 @@ from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import httpx
 import psycopg
 import pytest
 import trio
-from pg_fixtures import ThrowawayCluster, start_throwaway_cluster
-from psycopg.conninfo import conninfo_to_dict
+from pg_fixtures import ThrowawayCluster, start_throwaway_cluster, storage_url
 
 from ojs_trio.engine.ids import uuid7
 
@@ -61,12 +59,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def storage_url(dsn: str) -> str:
-    """A ``postgresql://`` URL (what ``--storage`` takes) for a libpq DSN or URL."""
-    params = {k: v for k, v in conninfo_to_dict(dsn).items() if v not in (None, "")}
-    return "postgresql://?" + urlencode(params)
 
 
 def _db_rows(dsn: str, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:

@@ -15,12 +15,12 @@ from ojs_trio.http.app import create_app
 from ojs_trio.http.fastpath import FastPath
 
 
-def hypercorn_config(settings: Settings) -> Config:
+def hypercorn_config(settings: Settings, listen_fd: int | None = None) -> Config:
     config = Config()
     host = settings.host
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
-    config.bind = [f"{host}:{settings.port}"]
+    config.bind = [f"{host}:{settings.port}" if listen_fd is None else f"fd://{listen_fd}"]
     config.graceful_timeout = settings.graceful_timeout
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")  # through our formatter
@@ -37,6 +37,7 @@ async def serve(
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
     fast_path: bool = True,
+    listen_fd: int | None = None,
 ) -> None:
     """Serve the OJS API for ``engine`` until ``shutdown_trigger`` returns.
 
@@ -46,12 +47,13 @@ async def serve(
 
     The hot routes are served by the raw-ASGI fast path in front of Quart
     (fastpath.py); ``fast_path=False`` serves everything through Quart (tests
-    compare the two).
+    compare the two).  ``listen_fd`` serves an inherited listening socket
+    instead of binding ``settings.host:port``.
     """
     app = create_app(engine, settings)
     await hypercorn_serve(
         FastPath(app) if fast_path else app,
-        hypercorn_config(settings),
+        hypercorn_config(settings, listen_fd),
         shutdown_trigger=shutdown_trigger,
         task_status=task_status,
     )
