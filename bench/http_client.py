@@ -12,6 +12,7 @@ bodies, keep-alive, one request at a time per connection, a bounded pool.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -55,10 +56,11 @@ class _Connection:
             raise ConnectionLost("connection closed", got_response_bytes=got_response_bytes)
         self.buffer += data
 
-    async def request(self, head: bytes, body: bytes) -> Response:
+    async def request(self, head: bytes, body: bytes, sent: Callable[[], None]) -> Response:
         await self.stream.send_all(head + body if len(body) < 16384 else head)
         if len(body) >= 16384:
             await self.stream.send_all(body)
+        sent()
         buffer = self.buffer
         while (end := buffer.find(b"\r\n\r\n")) < 0:
             if len(buffer) > MAX_HEAD:
@@ -125,6 +127,7 @@ class HttpClient:
         self._host_header = parts.netloc.encode()
         self._idle: list[_Connection] = []
         self._slots = trio.Semaphore(max_connections)
+        self.awaiting = 0  # requests sent in full and not yet answered
 
     async def request(self, method: str, path: str, body: Any = None) -> Response:
         payload = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
@@ -140,8 +143,15 @@ class HttpClient:
             for attempt in range(3):
                 reused = bool(self._idle)
                 conn = self._idle.pop() if reused else await self._connect()
+                sent = False
+
+                def on_sent() -> None:
+                    nonlocal sent
+                    sent = True
+                    self.awaiting += 1
+
                 try:
-                    response = await conn.request(head, payload)
+                    response = await conn.request(head, payload, on_sent)
                 except (ConnectionLost, trio.BrokenResourceError, OSError) as exc:
                     await conn.aclose()
                     # A kept-alive connection the server closed as the request went
@@ -151,6 +161,9 @@ class HttpClient:
                     if not reused or got_bytes or attempt == 2:
                         raise
                     continue
+                finally:
+                    if sent:
+                        self.awaiting -= 1
                 if conn.reusable:
                     self._idle.append(conn)
                 else:

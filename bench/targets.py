@@ -106,12 +106,20 @@ class HttpTarget:
     transport = "http"
 
     def __init__(
-        self, storage: str, url: str, connections: int = 512, *, backend_url: str = ""
+        self,
+        storage: str,
+        url: str,
+        connections: int = 512,
+        *,
+        backend_url: str = "",
+        server_processes: int = 1,
     ) -> None:
         self.storage = storage
         self.url = url
         self.backend_url = backend_url  # the server's storage URL
+        self.server_processes = server_processes
         self.client = HttpClient(url, max_connections=connections)
+        self._clients = [self.client]  # this one and those of new_client()
 
     async def _post(self, path: str, body: Any, expect: int = 200) -> dict[str, Any]:
         response = await self.client.post(path, body)
@@ -146,11 +154,23 @@ class HttpTarget:
         await self._post("/ojs/v1/admin/reset", {})
 
     async def waiting_workers(self) -> int:
+        if self.server_processes > 1:
+            # Each process knows only its own workers: count fetches sent in full
+            # and not answered yet, from this side.
+            return sum(client.awaiting for client in self._clients)
         response = await self.client.get("/ojs/v1/admin/workers")
         return len(response.json()["workers"])
 
     def new_client(self, connections: int) -> HttpTarget:
-        return HttpTarget(self.storage, self.url, connections, backend_url=self.backend_url)
+        other = HttpTarget(
+            self.storage,
+            self.url,
+            connections,
+            backend_url=self.backend_url,
+            server_processes=self.server_processes,
+        )
+        self._clients.append(other.client)
+        return other
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -231,7 +251,7 @@ async def open_http(storage: str, url: str, processes: int = 1) -> AsyncIterator
                     raise RuntimeError("bench.server exited before reporting its address")
                 line += chunk
         server_url = json.loads(line)["url"]
-        target = HttpTarget(storage, server_url, backend_url=url)
+        target = HttpTarget(storage, server_url, backend_url=url, server_processes=processes)
         try:
             yield target
         finally:

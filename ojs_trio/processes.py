@@ -24,7 +24,6 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -33,6 +32,7 @@ from functools import partial
 import trio
 
 from ojs_trio.config import Settings
+from ojs_trio.server import run_server, watch_signals
 
 log = logging.getLogger("ojs_trio.processes")
 
@@ -86,12 +86,26 @@ async def run_processes(
     stop = shutdown if shutdown is not None else trio.Event()
     sock = listen_socket(settings.host, settings.port)
     lifeline_read, lifeline_write = os.pipe()
+    cut = False
+
+    def cut_lifeline() -> None:
+        nonlocal cut
+        if not cut:
+            cut = True
+            os.close(lifeline_write)  # every child begins its graceful shutdown
+
+    async def cut_on_stop() -> None:
+        await stop.wait()  # also while children are still starting
+        log.info("shutting down: stopping %d processes", settings.processes)
+        cut_lifeline()
+
     try:
         env = dict(os.environ)
         env[SETTINGS_ENV] = json.dumps(dataclasses.asdict(settings))
         async with trio.open_nursery() as nursery:
             if handle_signals:
-                nursery.start_soon(_watch_signals, stop)
+                nursery.start_soon(watch_signals, stop)
+            nursery.start_soon(cut_on_stop)
             async with trio.open_nursery() as children:
                 for number in range(settings.processes):
                     await children.start(
@@ -104,14 +118,10 @@ async def run_processes(
                     settings.processes,
                 )
                 task_status.started(addresses)
-                await stop.wait()
-                log.info("shutting down: stopping %d processes", settings.processes)
-                os.close(lifeline_write)  # every child begins its graceful shutdown
-                lifeline_write = -1
+            # Every child has exited after the lifeline was cut.
             nursery.cancel_scope.cancel()
     finally:
-        if lifeline_write >= 0:
-            os.close(lifeline_write)
+        cut_lifeline()
         os.close(lifeline_read)
         sock.close()
     log.info("ojs-trio stopped")
@@ -142,6 +152,9 @@ async def _supervise(
             task_status.started()
 
     while True:
+        if stop.is_set():  # stopped while starting: nothing left to start
+            on_ready()
+            return
         began = trio.current_time()
         code = await _run_child(settings, env, listen_fd, lifeline_fd, stop, on_ready)
         if not serving:
@@ -206,14 +219,6 @@ async def _run_child(
                 await process.wait()
 
 
-async def _watch_signals(stop: trio.Event) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("received %s", signal.Signals(signum).name)
-            stop.set()
-            return
-
-
 # -- in the child --------------------------------------------------------------------
 
 
@@ -226,8 +231,6 @@ async def _watch_lifeline(fd: int, stop: trio.Event) -> None:
 
 
 async def _child(settings: Settings, listen_fd: int, lifeline_fd: int, ready_fd: int) -> None:
-    from ojs_trio.server import run_server
-
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_lifeline, lifeline_fd, stop)

@@ -51,7 +51,7 @@ async def run_server(
 
         async with trio.open_nursery() as signal_scope:
             if handle_signals:
-                signal_scope.start_soon(_watch_signals, stop)
+                signal_scope.start_soon(watch_signals, stop)
             async with trio.open_nursery() as http:
                 addresses = await http.start(
                     partial(serve, engine, settings, shutdown_trigger, listen_fd=listen_fd)
@@ -64,7 +64,8 @@ async def run_server(
     log.info("ojs-trio stopped")
 
 
-async def _watch_signals(stop: trio.Event) -> None:
+async def watch_signals(stop: trio.Event) -> None:
+    """Set ``stop`` on the first SIGINT or SIGTERM."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             log.info("received %s", signal.Signals(signum).name)

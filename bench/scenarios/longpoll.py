@@ -3,10 +3,11 @@
 ``sizes.longpoll_workers`` workers each keep a ``fetch(wait_ms=60000)`` parked on an
 idle queue (over HTTP: one connection each, spread over clients of 100 connections;
 the open-files limit is raised first).  They are started in waves of 100, each wave
-confirmed by the server before the next.  Open-loop single enqueues on another queue
-are then measured at half the session's measured single-enqueue maximum (or
-``DEFAULT_RATE`` when the enqueue scenario did not run), before the workers connect
-(baseline) and while they are held.
+confirmed by the server before the next (a server of several processes knows only
+its own workers: there the harness counts fetches sent in full and not answered).
+Open-loop single enqueues on another queue are then measured at half the session's
+measured single-enqueue maximum (or ``DEFAULT_RATE`` when the enqueue scenario did
+not run), before the workers connect (baseline) and while they are held.
 
 Once the workers are held, the harness settles the heap as it does before every
 scenario (``freeze_startup_heap``, as docs/embedding.md advises an application once
