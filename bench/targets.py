@@ -56,6 +56,14 @@ class Target(Protocol):
         """Workers the server has seen since the last reset (a long-poll progress probe)."""
         ...
 
+    async def wait_caught_up(self) -> None:
+        """Return once the server has worked through what it was sent.
+
+        Only needed where ``waiting_workers`` counts from the client side: a server
+        of several processes may still be parking fetches the client has sent.
+        """
+        ...
+
     def new_client(self, connections: int) -> Target:
         """A target sharing the same server but with its own connection pool (HTTP)."""
         ...
@@ -90,6 +98,9 @@ class EmbeddedTarget:
 
     async def waiting_workers(self) -> int:
         return self.engine.statistics().waiting_fetches
+
+    async def wait_caught_up(self) -> None:
+        return None
 
     def new_client(self, connections: int) -> EmbeddedTarget:
         return self
@@ -160,6 +171,19 @@ class HttpTarget:
             return sum(client.awaiting for client in self._clients)
         response = await self.client.get("/ojs/v1/admin/workers")
         return len(response.json()["workers"])
+
+    async def wait_caught_up(self, quick_ms: float = 5.0, in_a_row: int = 5) -> None:
+        if self.server_processes == 1:
+            return  # waiting_workers asked the server itself
+        # A busy server answers slowly: wait (up to 30 s) for a run of quick health answers.
+        quick = 0
+        with trio.move_on_after(30):
+            while quick < in_a_row:
+                started = trio.current_time()
+                await self.client.get("/ojs/v1/health")
+                fast = (trio.current_time() - started) * 1000 < quick_ms
+                quick = quick + 1 if fast else 0
+                await trio.sleep(0.01)
 
     def new_client(self, connections: int) -> HttpTarget:
         other = HttpTarget(

@@ -4,7 +4,8 @@
 idle queue (over HTTP: one connection each, spread over clients of 100 connections;
 the open-files limit is raised first).  They are started in waves of 100, each wave
 confirmed by the server before the next (a server of several processes knows only
-its own workers: there the harness counts fetches sent in full and not answered).
+its own workers: there the harness counts fetches sent in full and not answered,
+then waits for quick health answers, i.e. for the processes to have parked them).
 Open-loop single enqueues on another queue are then measured at half the session's
 measured single-enqueue maximum (or ``DEFAULT_RATE`` when the enqueue scenario did
 not run), before the workers connect (baseline) and while they are held.
@@ -74,6 +75,7 @@ async def run(ctx: Context) -> None:
                     while (held := await target.waiting_workers()) < start + n:  # noqa: ASYNC110
                         await trio.sleep(0.02)
                 ctx.progress.show(ctx.label(f"longpoll: {held:,}/{wanted:,} workers held"))
+            await target.wait_caught_up()
             ramp_s = trio.current_time() - t0
             held = await target.waiting_workers()
             t_settle = time.perf_counter()
