@@ -173,6 +173,8 @@ async def measure_max(
     concurrency: int,
     duration_s: float,
     prepare: Callable[[float], Awaitable[object]],
+    *,
+    open_op: Op | None = None,
 ) -> tuple[LoadResult, list[LoadResult]]:
     """The maximum rate as the open-loop runs can load the system under test.
 
@@ -184,14 +186,15 @@ async def measure_max(
     what it was offered.  An overloaded run's own achieved rate understates the
     maximum (a backlog of thousands of calls thrashes), hence the ladder.  The
     maximum is the achieved rate of the first run that sustained its rate, or of
-    the best run if none did.  Returns the closed-loop run and the ladder.
+    the best run if none did.  ``open_op`` (default ``op``) is what the open-loop
+    runs call.  Returns the closed-loop run and the ladder.
     """
     closed = await closed_loop(op, concurrency, duration_s)
     ladder: list[LoadResult] = []
     rate = max(closed.achieved_rate, 1.0)
     for _ in range(LADDER_RUNGS):
         await prepare(rate)
-        run = await open_loop(op, rate, duration_s)
+        run = await open_loop(open_op or op, rate, duration_s)
         ladder.append(run)
         if run.achieved_rate >= SUSTAINED * rate:
             break

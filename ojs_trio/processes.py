@@ -26,7 +26,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import partial
 
 import trio
@@ -241,7 +241,7 @@ async def _child(settings: Settings, listen_fd: int, lifeline_fd: int, ready_fd:
         nursery.cancel_scope.cancel()
 
 
-def child_main(argv: Sequence[str] | None = None) -> int:
+def child_main() -> int:
     from ojs_trio.logs import configure_logging
 
     if SETTINGS_ENV not in os.environ or CHILD_FDS_ENV not in os.environ:

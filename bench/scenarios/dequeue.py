@@ -47,23 +47,15 @@ async def run(ctx: Context) -> None:
         await target.reset()
         await fill(target, QUEUE, int(rate * seconds * 1.2) + 50, tick=tick)
 
-    open_loop_phase = False
-
-    async def fetch_max(i: int) -> bool:
-        # Closed loop: on the prefill, a caller stops when it runs dry.  Open loop:
-        # each rung has its own refill, and running dry is an error.
-        if not open_loop_phase:
-            return await fetch_any(i)
-        await fetch_one(i)
-        return True
-
     async def prepare(rate: float) -> None:
-        nonlocal open_loop_phase
-        open_loop_phase = True
-        await refill(rate, sizes.max_s)
+        await refill(rate, sizes.max_s)  # each open-loop rung gets its own queue
 
     ctx.progress.show(ctx.label("dequeue: max fetch rate"))
-    closed, ladder = await measure_max(fetch_max, sizes.concurrency, sizes.max_s, prepare)
+    # Closed loop: on the prefill, a caller stops when it runs dry.  Open loop:
+    # running dry is an error.
+    closed, ladder = await measure_max(
+        fetch_any, sizes.concurrency, sizes.max_s, prepare, open_op=fetch_one
+    )
     case = {"concurrency": sizes.concurrency, "prefill": sizes.dq_prefill}
     ctx.record("dequeue", {**case, "phase": "max"}, closed.to_json())
     for run in ladder:
