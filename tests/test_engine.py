@@ -9,7 +9,7 @@ the mock clock and a test sleeps through seconds of engine time instantly.
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -22,6 +22,7 @@ from ojs_trio.engine.engine import Engine, EngineConfig, open_engine
 from ojs_trio.engine.errors import (
     BackendUnavailable,
     InvalidRequest,
+    InvalidStateTransition,
     NotFound,
     OjsError,
     ShuttingDown,
@@ -35,6 +36,7 @@ from ojs_trio.engine.timeutil import format_ts
 from ojs_trio.engine.validation import parse_job
 from ojs_trio.engine.worker import DeadLetter, Discard, JobContext
 from ojs_trio.storage.memory import MemoryStorage
+from ojs_trio.storage.port import AckRequest
 
 BASE = 1_700_000_000.0  # the wall-clock time at mock time 0
 
@@ -813,6 +815,81 @@ async def test_an_ack_with_a_result_json_cannot_carry_is_refused() -> None:
         assert info.value.details["field"] == "result.n"
         assert (await engine.get(job.id)).state is JobState.ACTIVE
         await engine.ack(job.id, {"n": 2**64 - 1}, worker_id="w")
+
+
+async def test_ack_many_settles_each_job_and_reports_each_refusal() -> None:
+    async with running_engine() as engine:
+        first, second, idle = [(await engine.enqueue("t.x")).job for _ in range(3)]
+        await engine.fetch(["default"], 2, worker_id="w")
+        bad = {"n": 2**70}
+        out = await engine.ack_many(
+            [(first.id, "one"), (second.id, bad), (idle.id, None), (first.id, "again")],
+            worker_id="w",
+        )
+        assert isinstance(out[0], Job) and out[0].result == "one"
+        assert isinstance(out[1], InvalidRequest) and out[1].details["field"] == "result.n"
+        assert isinstance(out[2], InvalidStateTransition)  # never fetched
+        assert isinstance(out[3], InvalidStateTransition)  # completed by the first ack
+        assert (await engine.get(second.id)).state is JobState.ACTIVE
+        assert engine.statistics().acked == 1
+        completed = engine.events.query(types=["job.completed"])
+        assert [e["data"]["job_id"] for e in completed] == [first.id]
+
+
+class _GatedAcks(MemoryStorage):
+    """Records each ack_many call; the first waits for ``gate`` and may fail."""
+
+    def __init__(self, *, fail_first: bool = False) -> None:
+        super().__init__(rng=random.Random(0))
+        self.gate = trio.Event()
+        self.batches: list[list[str]] = []
+        self.fail_first = fail_first
+
+    async def ack_many(self, acks: Sequence[AckRequest], now: float) -> list[Job | OjsError]:
+        self.batches.append([ack.job_id for ack in acks])
+        if len(self.batches) == 1:
+            await self.gate.wait()
+            if self.fail_first:
+                raise BackendUnavailable("the database is restarting")
+        return await super().ack_many(acks, now)
+
+
+async def test_a_pool_writes_the_outcomes_that_queued_meanwhile_in_one_call(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    storage = _GatedAcks()
+    async with open_engine(storage, EngineConfig(clock=wall)) as engine:
+        engine.register("t.quick", _returns_ok)
+        async with running_workers(engine, concurrency=4):
+            first = (await engine.enqueue("t.quick")).job
+            while not storage.batches:  # noqa: ASYNC110 (the first write is parked)
+                await trio.sleep(0.01)
+            rest = [(await engine.enqueue("t.quick")).job for _ in range(4)]
+            await trio.testing.wait_all_tasks_blocked()
+            storage.gate.set()
+            for job in [first, *rest]:
+                await wait_for_state(engine, job.id, JobState.COMPLETED)
+        assert storage.batches == [[first.id], [job.id for job in rest]]
+
+
+async def test_a_failed_ack_write_leaves_the_jobs_to_their_leases(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    storage = _GatedAcks(fail_first=True)
+    async with open_engine(storage, EngineConfig(clock=wall)) as engine:
+        engine.register("t.quick", _returns_ok)
+        async with running_workers(engine, concurrency=2, visibility_ms=5_000):
+            job = (await engine.enqueue("t.quick")).job
+            storage.gate.set()
+            # The lost ack is not retried by the pool: the lease runs out, the
+            # reaper makes the job available again, and its second attempt is acked.
+            done = await wait_for_state(engine, job.id, JobState.COMPLETED, within=60)
+        assert done.attempt == 2
+        assert storage.batches == [[job.id], [job.id]]
+
+
+async def _returns_ok(ctx: JobContext) -> str:
+    return "ok"
 
 
 async def test_handler_exception_retries_then_succeeds(

@@ -40,7 +40,7 @@ from ojs_trio.engine.validation import (
 )
 from ojs_trio.engine.worker import Handler, WorkerPool
 from ojs_trio.engine.workflows import Workflow, parse_workflow
-from ojs_trio.storage.port import DeadLetterPage, EnqueueResult, QueueInfo, Storage
+from ojs_trio.storage.port import AckRequest, DeadLetterPage, EnqueueResult, QueueInfo, Storage
 
 log = logging.getLogger("ojs_trio.engine")
 
@@ -377,13 +377,48 @@ class Engine:
         if has_result:
             check_json_native(result, "result")
         job = await self.storage.ack(job_id, worker_id, result, has_result, self.clock())
+        self._completed(job)
+        await self._after_settle(job)
+        return job
+
+    async def ack_many(
+        self, acks: Sequence[tuple[str, Any]], *, worker_id: str | None = None
+    ) -> list[Job | OjsError]:
+        """Complete several jobs held by ``worker_id``: ``acks`` are (job id, result).
+
+        One storage call for all of them.  One outcome per ack, in order: the
+        completed job, or the error :meth:`ack` would have raised for that job.
+        """
+        outcomes: list[Job | OjsError | None] = [None] * len(acks)
+        requests: list[AckRequest] = []
+        where: list[int] = []
+        for k, (job_id, result) in enumerate(acks):
+            try:
+                check_json_native(result, "result")
+            except OjsError as exc:
+                outcomes[k] = exc
+                continue
+            requests.append(AckRequest(job_id, worker_id, result, True))
+            where.append(k)
+        if requests:
+            stored = await self.storage.ack_many(requests, self.clock())
+            for k, settled in zip(where, stored, strict=True):
+                outcomes[k] = settled
+        done: list[Job | OjsError] = []
+        for outcome in outcomes:
+            assert outcome is not None
+            done.append(outcome)
+            if isinstance(outcome, Job):
+                self._completed(outcome)
+                await self._after_settle(outcome)
+        return done
+
+    def _completed(self, job: Job) -> None:
         self._counters["acked"] += 1
         duration_ms = None
         if job.started_at is not None and job.completed_at is not None:
             duration_ms = round((job.completed_at - job.started_at) * 1000)
         self._publish("job.completed", job, duration_ms=duration_ms)
-        await self._after_settle(job)
-        return job
 
     async def nack(
         self,

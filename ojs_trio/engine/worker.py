@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ojs_trio.worker")
 
 Handler = Callable[["JobContext"], Awaitable[Any]]
-Settle = Callable[[], Awaitable[Job]]  # an ack or nack, ready to send
+Outcome = tuple[str, Any, Failure | None]  # job id, result, failure (None: an ack)
 
 FETCH_RETRY_FIRST = 0.1  # seconds before fetching again after a backend error
 FETCH_RETRY_MAX = 5.0
@@ -113,7 +113,10 @@ class WorkerPool:
         self._poll_wait_ms = poll_wait_ms
         self.prefetch = prefetch
         self._busy = 0
-        self._outcomes: trio.MemorySendChannel[Settle]
+        self._outcomes: list[Outcome] = []  # written by the settler, oldest first
+        self._outcome_queued = trio.lowlevel.ParkingLot()  # the settler waits here
+        self._outcome_taken = trio.lowlevel.ParkingLot()  # workers wait here when full
+        self._closing = False
         # Workers without a job, less the jobs fetched for none (at most -prefetch).
         self._free = concurrency
         self._freed = trio.lowlevel.ParkingLot()
@@ -123,20 +126,15 @@ class WorkerPool:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # One fetcher asks for as many jobs as there are free workers and hands them
         # over an unbuffered channel: one fetch request per batch instead of one per
-        # job.  Settles (ack/nack) run beside the workers: a worker takes its next
-        # job while the previous outcome is being written, as a batch with others.
-        # `concurrency` settler tasks write them (long-lived tasks: cheaper than one
-        # task per outcome), so at most that many are outstanding and a slow
-        # database still slows the workers down; the outer nursery lets the
-        # settlers finish on the way out.
+        # job.  Outcomes (ack/nack) are written beside the workers: a worker queues
+        # its job's outcome and takes the next job, and one settler task writes
+        # everything queued meanwhile with one ``ack_many`` (nacks side by side).
+        # At most ``concurrency`` outcomes wait, so a slow database still slows
+        # the workers down; the outer nursery lets the settler finish on the way out.
         send, receive = trio.open_memory_channel[Job](0)
-        outcomes, settles = trio.open_memory_channel[Settle](0)
         async with trio.open_nursery() as settling:
-            async with settles:
-                for _ in range(self.concurrency):
-                    settling.start_soon(self._settler, settles.clone())
-            async with outcomes:
-                self._outcomes = outcomes
+            settling.start_soon(self._settler)
+            try:
                 async with trio.open_nursery() as nursery:
                     async with receive:
                         for n in range(self.concurrency):
@@ -144,6 +142,9 @@ class WorkerPool:
                             nursery.start_soon(self._work, receive.clone(), slot)
                     nursery.start_soon(self._fetch, send)
                     task_status.started()
+            finally:
+                self._closing = True
+                self._outcome_queued.unpark_all()
 
     async def _fetch(self, send: trio.MemorySendChannel[Job]) -> None:
         """Long-poll for jobs for every free worker; closing ``send`` stops the workers."""
@@ -236,26 +237,60 @@ class WorkerPool:
             check_json_native(result, "result")
         except Exception as exc:
             self.failed += 1
-            failure = failure_from_exception(exc)
-            await self._settle(lambda: engine.nack(job.id, failure, worker_id=worker_id))
+            await self._settle(job.id, None, failure_from_exception(exc))
         else:
             self.completed += 1
-            await self._settle(lambda: engine.ack(job.id, result, worker_id=worker_id))
+            await self._settle(job.id, result, None)
         finally:
             self._busy -= 1
 
-    async def _settle(self, call: Settle) -> None:
-        """Hand a job's outcome to a settler, once one is free."""
-        await self._outcomes.send(call)
+    async def _settle(self, job_id: str, result: Any, failure: Failure | None) -> None:
+        """Queue a job's outcome for the settler, once there is room."""
+        while len(self._outcomes) >= self.concurrency:
+            await self._outcome_taken.park()
+        self._outcomes.append((job_id, result, failure))
+        self._outcome_queued.unpark_all()
 
-    async def _settler(self, settles: trio.MemoryReceiveChannel[Settle]) -> None:
-        async with settles:
-            async for call in settles:
-                try:
-                    await call()
-                except OjsError as exc:
-                    # e.g. the job was cancelled meanwhile: its outcome no longer matters.
-                    log.info("could not settle job: %s", exc.message)
+    async def _settler(self) -> None:
+        """Write queued outcomes, a batch at a time, until the workers are gone."""
+        while True:
+            while not self._outcomes:
+                if self._closing:
+                    return
+                await self._outcome_queued.park()
+            batch, self._outcomes = self._outcomes, []
+            self._outcome_taken.unpark_all()
+            # Shielded: outcomes taken off the queue are written, even on the way out.
+            with trio.CancelScope(shield=True):
+                await self._write(batch)
+
+    async def _write(self, batch: list[Outcome]) -> None:
+        acks = [(job_id, result) for job_id, result, failure in batch if failure is None]
+        async with trio.open_nursery() as nursery:
+            for job_id, _, failure in batch:
+                if failure is not None:
+                    nursery.start_soon(self._nack, job_id, failure)
+            if acks:
+                await self._ack(acks)
+
+    async def _ack(self, acks: list[tuple[str, Any]]) -> None:
+        try:
+            outcomes = await self._engine.ack_many(acks, worker_id=self.worker_id)
+        except OjsError as exc:
+            # The database out of reach: the leases run out and the jobs run again.
+            log.warning("could not ack %d jobs: %s", len(acks), exc.message)
+            return
+        for outcome in outcomes:
+            if isinstance(outcome, OjsError):
+                # e.g. the job was cancelled meanwhile: its outcome no longer matters.
+                log.info("could not settle job: %s", outcome.message)
+
+    async def _nack(self, job_id: str, failure: Failure) -> None:
+        try:
+            await self._engine.nack(job_id, failure, worker_id=self.worker_id)
+        except OjsError as exc:
+            # e.g. the job was cancelled meanwhile: its outcome no longer matters.
+            log.info("could not settle job: %s", exc.message)
 
     def statistics(self) -> WorkerPoolStatistics:
         return WorkerPoolStatistics(self.concurrency, self._busy, self.completed, self.failed)

@@ -22,7 +22,7 @@ import trio
 
 from ojs_trio.engine import lifecycle, unique, workflows
 from ojs_trio.engine.cron import CronFire, CronRecord
-from ojs_trio.engine.errors import DuplicateJob, NotFound
+from ojs_trio.engine.errors import DuplicateJob, NotFound, OjsError
 from ojs_trio.engine.job import DEFAULT_VISIBILITY_MS, Job
 from ojs_trio.engine.lifecycle import Failure
 from ojs_trio.engine.queue_limits import RateWindow, queue_limits_from
@@ -30,6 +30,7 @@ from ojs_trio.engine.states import TERMINAL_STATES, JobState
 from ojs_trio.engine.workflows import Workflow
 from ojs_trio.storage.jobtable import JobTable
 from ojs_trio.storage.port import (
+    AckRequest,
     ClaimRequest,
     DeadLetterPage,
     EnqueueResult,
@@ -302,6 +303,20 @@ class MemoryStorage:
         lifecycle.ack(job, worker_id, result, has_result, now)
         self._store(job, now)
         return job
+
+    async def ack_many(self, acks: Sequence[AckRequest], now: float) -> list[Job | OjsError]:
+        await trio.lowlevel.checkpoint()
+        outcomes: list[Job | OjsError] = []
+        for ack in acks:
+            try:
+                job = self._lookup(ack.job_id)
+                lifecycle.ack(job, ack.worker_id, ack.result, ack.has_result, now)
+            except OjsError as exc:
+                outcomes.append(exc)
+                continue
+            self._store(job, now)
+            outcomes.append(job)
+        return outcomes
 
     async def nack(
         self, job_id: str, worker_id: str | None, failure: Failure, requeue: bool, now: float

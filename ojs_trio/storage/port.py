@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from ojs_trio.engine.cron import CronFire, CronRecord
+from ojs_trio.engine.errors import OjsError
 from ojs_trio.engine.job import Job
 from ojs_trio.engine.lifecycle import Failure
 from ojs_trio.engine.workflows import Workflow
@@ -45,6 +46,16 @@ class ClaimRequest:
     count: int = 1
     worker_id: str | None = None
     visibility_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AckRequest:
+    """One job's ack within :meth:`Storage.ack_many` (the arguments of ``ack``)."""
+
+    job_id: str
+    worker_id: str | None = None
+    result: Any = None
+    has_result: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +130,14 @@ class Storage(Protocol):
         self, job_id: str, worker_id: str | None, result: Any, has_result: bool, now: float
     ) -> Job:
         """active -> completed.  Raises NotFound, InvalidStateTransition, Conflict."""
+
+    async def ack_many(self, acks: Sequence[AckRequest], now: float) -> list[Job | OjsError]:
+        """``ack`` for many jobs in one call (a worker pool's finished jobs).
+
+        One outcome per request, in order: the completed job, or the error
+        ``ack`` would have raised for it (that job is left unchanged).  Each ack
+        is applied as ``ack`` would apply it; the call is not all-or-nothing.
+        """
 
     async def nack(
         self, job_id: str, worker_id: str | None, failure: Failure, requeue: bool, now: float

@@ -38,7 +38,7 @@ from ojs_trio.engine.lifecycle import Failure
 from ojs_trio.engine.states import JobState
 from ojs_trio.engine.validation import parse_job
 from ojs_trio.engine.workflows import Workflow, parse_workflow
-from ojs_trio.storage.port import ClaimRequest, Storage
+from ojs_trio.storage.port import AckRequest, ClaimRequest, Storage
 
 __all__ = [
     "CONTRACT_CHECKS",
@@ -506,6 +506,59 @@ async def check_settle_by_other_worker_conflicts(factory: StorageFactory) -> Non
             _expect_eq(await storage.get(job.id), held, f"job after a foreign {verb}")
         acked = await storage.ack(job.id, "holder", "x", True, T0 + 2)
         _expect_eq(acked.state, JobState.COMPLETED, "holder's ack after the foreign attempts")
+
+
+async def check_ack_many_settles_each_ack_as_ack_would(factory: StorageFactory) -> None:
+    """One call, one outcome per ack in order; a rejected ack leaves its job unchanged."""
+    async with factory() as storage:
+        with_result, without, idle, foreign, repeated = (
+            make_job(queue=f"many-{n}") for n in range(5)
+        )
+        await _enqueue(storage, with_result, without, idle, foreign, repeated)
+        for job in (with_result, without, repeated):
+            await _claim_one(storage, T0, job)
+        await _claim_one(storage, T0, foreign, worker_id="holder")
+        chain = await _create_workflow(
+            storage, {"type": "chain", "steps": [_member("many-chain-a"), _member("many-chain-b")]}
+        )
+        (step0,) = await _claim(storage, T0, "many-chain-a")
+        before = {job.id: await storage.get(job.id) for job in (idle, foreign)}
+        missing = str(uuid7())
+        acks = [
+            AckRequest(with_result.id, "w1", {"n": 1}, True),
+            AckRequest(missing, "w1"),
+            AckRequest(without.id, "w1"),
+            AckRequest(idle.id, "w1", "x", True),
+            AckRequest(foreign.id, "w1", "x", True),
+            AckRequest("not-a-job-id", "w1"),
+            AckRequest(step0.id, "w1", "step 0", True),
+            AckRequest(repeated.id, "w1", "first", True),
+            AckRequest(repeated.id, "w1", "second", True),
+        ]
+        out = await storage.ack_many(acks, T0 + 2)
+        _expect_eq(len(out), len(acks), "one outcome per ack")
+        kinds = [type(o).__name__ if isinstance(o, Exception) else o.state.value for o in out]
+        expected_kinds = [
+            "completed", "NotFound", "completed", "InvalidStateTransition", "Conflict",
+            "NotFound", "completed", "completed", "InvalidStateTransition",
+        ]  # fmt: skip
+        _expect_eq(kinds, expected_kinds, "outcomes of ack_many, in order")
+        done = out[0]
+        assert isinstance(done, Job)
+        _expect_eq(
+            (done.id, done.result, done.completed_at), (with_result.id, {"n": 1}, T0 + 2), "ack 0"
+        )
+        _expect_eq(await storage.get(with_result.id), done, "stored job equals the acked copy")
+        _expect_eq((await storage.get(without.id)).has_result, False, "ack without a result")
+        _expect_eq((await storage.get(repeated.id)).result, "first", "the first of two acks wins")
+        for job_id, job in before.items():
+            _expect_eq(await storage.get(job_id), job, "job after a rejected ack in ack_many")
+        # A workflow member's ack advances its workflow, as ack does.
+        current = await storage.get_workflow(chain.id)
+        _expect_eq(current.to_wire()["steps_completed"], 1, "chain steps after ack_many")
+        (step1,) = await _claim(storage, T0 + 3, "many-chain-b")
+        _expect_eq(step1.parent_results, ["step 0"], "next step's parent results")
+        _expect_eq(await storage.ack_many([], T0 + 3), [], "ack_many of nothing")
 
 
 # -- nack, retry and dead letter -----------------------------------------------
@@ -2001,6 +2054,7 @@ CONTRACT_CHECKS: list[ContractCheck] = [
     check_ack_completes_active_job,
     check_settle_non_active_job_is_invalid_transition,
     check_settle_by_other_worker_conflicts,
+    check_ack_many_settles_each_ack_as_ack_would,
     check_nack_with_retries_left_schedules_retry,
     check_nack_on_last_attempt_discards,
     check_nack_requeue_returns_attempt,

@@ -36,6 +36,7 @@ from ojs_trio.engine.queue_limits import queue_limits_from
 from ojs_trio.engine.states import JobState
 from ojs_trio.engine.workflows import Workflow
 from ojs_trio.storage.port import (
+    AckRequest,
     ClaimRequest,
     DeadLetterPage,
     EnqueueResult,
@@ -811,6 +812,33 @@ class PostgresStorage:
             now,
             (worker_id, result, has_result),
         )
+
+    async def ack_many(self, acks: Sequence[AckRequest], now: float) -> list[Job | OjsError]:
+        """One settle batch of its own: the pool's acks need no coalescing to form one."""
+        outcomes: list[Job | OjsError | None] = [None] * len(acks)
+        items: list[Settle] = []
+        where: list[int] = []
+        for k, ack in enumerate(acks):
+            if not _is_uuid(ack.job_id):
+                outcomes[k] = NotFound(
+                    f"Job {ack.job_id} not found", details={"job_id": ack.job_id}
+                )
+                continue
+            apply = partial(
+                lifecycle.ack,
+                worker_id=ack.worker_id,
+                result=ack.result,
+                has_result=ack.has_result,
+                now=now,
+            )
+            items.append((ack.job_id, apply, now, (ack.worker_id, ack.result, ack.has_result)))
+            where.append(k)
+        if items:
+            for k, outcome in zip(where, await self._settle_batch(items), strict=True):
+                if isinstance(outcome, BaseException) and not isinstance(outcome, OjsError):
+                    raise outcome
+                outcomes[k] = outcome
+        return [outcome for outcome in outcomes if outcome is not None]
 
     async def nack(
         self, job_id: str, worker_id: str | None, failure: Failure, requeue: bool, now: float

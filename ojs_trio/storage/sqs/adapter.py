@@ -55,6 +55,7 @@ from ojs_trio.engine.queue_limits import RateWindow, queue_limits_from
 from ojs_trio.engine.states import JobState
 from ojs_trio.engine.workflows import Workflow
 from ojs_trio.storage.port import (
+    AckRequest,
     ClaimRequest,
     DeadLetterPage,
     EnqueueResult,
@@ -1140,6 +1141,33 @@ class SqsStorage:
         row = await self._mutate(job_id, now, change)
         await self._delete_message(held.get("url"), held.get("receipt"))
         return row.job.clone()
+
+    async def ack_many(self, acks: Sequence[AckRequest], now: float) -> list[Job | OjsError]:
+        # Each ack is a conditional DynamoDB write plus an SQS delete: run them side
+        # by side rather than one after the other.  An id repeated in the call is
+        # acked again afterwards, in order, so the first ack is the one that wins.
+        outcomes: dict[int, Job | OjsError] = {}
+
+        async def one(k: int, ack: AckRequest) -> None:
+            try:
+                outcomes[k] = await self.ack(
+                    ack.job_id, ack.worker_id, ack.result, ack.has_result, now
+                )
+            except OjsError as exc:
+                outcomes[k] = exc
+
+        seen: set[str] = set()
+        repeats: list[int] = []
+        async with trio.open_nursery() as nursery:
+            for k, ack in enumerate(acks):
+                if ack.job_id in seen:
+                    repeats.append(k)
+                else:
+                    seen.add(ack.job_id)
+                    nursery.start_soon(one, k, ack)
+        for k in repeats:
+            await one(k, acks[k])
+        return [outcomes[k] for k in range(len(acks))]
 
     async def nack(
         self, job_id: str, worker_id: str | None, failure: Failure, requeue: bool, now: float
