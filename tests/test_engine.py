@@ -528,6 +528,34 @@ async def test_prefetched_jobs_stay_leased_and_run_in_order(
         assert engine.statistics().reaped == 0
 
 
+async def test_handlers_that_wait_run_side_by_side_up_to_concurrency(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Jobs claimed together fan out over the free workers, never past ``concurrency``."""
+    async with running_engine() as engine:
+        release = trio.Event()
+        running: list[str] = []
+
+        async def waits(ctx: JobContext) -> None:
+            running.append(ctx.slot)
+            await release.wait()
+
+        engine.register("t.wait", waits)
+        ids = [(await engine.enqueue("t.wait", [n])).job.id for n in range(6)]
+        async with running_workers(engine, concurrency=4, prefetch=2):
+            with trio.fail_after(5):
+                while len(running) < 4:  # noqa: ASYNC110 (a list filled by the handlers)
+                    await trio.sleep(0.01)
+            await trio.sleep(1.0)
+            assert sorted(running) == [f"embedded-{n}" for n in range(4)]
+            assert engine.statistics().fetched == 6  # two of them prefetched, waiting
+            release.set()
+            for job_id in ids:
+                await wait_for_state(engine, job_id, JobState.COMPLETED)
+        assert len(running) == 6
+        assert not engine.heartbeater.statistics().tracked
+
+
 async def test_a_cancelled_pool_releases_its_prefetched_jobs(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

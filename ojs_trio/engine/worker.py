@@ -14,6 +14,7 @@ fails the attempt (retried per the job's policy); raise :class:`Discard` or
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ojs_trio.worker")
 
 Handler = Callable[["JobContext"], Awaitable[Any]]
+Tracked = tuple[str | None, int | None]  # a heartbeater entry (VisibilityHeartbeater)
 Outcome = tuple[str, Any, Failure | None]  # job id, result, failure (None: an ack)
 
 FETCH_RETRY_FIRST = 0.1  # seconds before fetching again after a backend error
@@ -117,6 +119,10 @@ class WorkerPool:
         self._outcome_queued = trio.lowlevel.ParkingLot()  # the settler waits here
         self._outcome_taken = trio.lowlevel.ParkingLot()  # workers wait here when full
         self._closing = False
+        # Jobs fetched for the workers and the heartbeater entries that keep them leased.
+        self._ready: deque[tuple[Job, Tracked]] = deque()
+        self._job_ready = trio.lowlevel.ParkingLot()  # idle workers wait here
+        self._fetching = True
         # Workers without a job, less the jobs fetched for none (at most -prefetch).
         self._free = concurrency
         self._freed = trio.lowlevel.ParkingLot()
@@ -124,33 +130,32 @@ class WorkerPool:
         self.failed = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        # One fetcher asks for as many jobs as there are free workers and hands them
-        # over an unbuffered channel: one fetch request per batch instead of one per
-        # job.  Outcomes (ack/nack) are written beside the workers: a worker queues
-        # its job's outcome and takes the next job, and one settler task writes
+        # One fetcher asks for as many jobs as there are free workers and queues
+        # them for the workers: one fetch request per batch instead of one per job.
+        # Outcomes (ack/nack) are written beside the workers: a worker queues its
+        # job's outcome and takes the next job, and one settler task writes
         # everything queued meanwhile with one ``ack_many`` (nacks side by side).
         # At most ``concurrency`` outcomes wait, so a slow database still slows
         # the workers down; the outer nursery lets the settler finish on the way out.
-        send, receive = trio.open_memory_channel[Job](0)
         async with trio.open_nursery() as settling:
             settling.start_soon(self._settler)
             try:
                 async with trio.open_nursery() as nursery:
-                    async with receive:
-                        for n in range(self.concurrency):
-                            slot = f"{self.worker_id}-{n}"
-                            nursery.start_soon(self._work, receive.clone(), slot)
-                    nursery.start_soon(self._fetch, send)
+                    for n in range(self.concurrency):
+                        nursery.start_soon(self._work, f"{self.worker_id}-{n}")
+                    nursery.start_soon(self._fetch)
                     task_status.started()
             finally:
                 self._closing = True
                 self._outcome_queued.unpark_all()
+                if self._ready:  # cancelled: the jobs no worker took go back
+                    await self._release_ready()
 
-    async def _fetch(self, send: trio.MemorySendChannel[Job]) -> None:
-        """Long-poll for jobs for every free worker; closing ``send`` stops the workers."""
+    async def _fetch(self) -> None:
+        """Long-poll for jobs for every free worker; the workers stop when it returns."""
         engine = self._engine
         delay = FETCH_RETRY_FIRST
-        async with send:
+        try:
             while not engine.draining:
                 while self._free + self.prefetch <= 0:
                     await self._freed.park()
@@ -177,40 +182,50 @@ class WorkerPool:
                     continue
                 delay = FETCH_RETRY_FIRST
                 self._free -= len(jobs)
-                await self._hand_over(jobs, send)
+                # Leased from now on: prefetched jobs may wait for a worker a while.
+                track = engine.heartbeater.track_nowait
+                for job in jobs:
+                    self._ready.append((job, track(job, self.worker_id, self._visibility_ms)))
+                if jobs:
+                    self._job_ready.unpark()
+        finally:
+            self._fetching = False
+            self._job_ready.unpark_all()
 
-    async def _hand_over(self, jobs: list[Job], send: trio.MemorySendChannel[Job]) -> None:
-        """Give each job to the next free worker; release the rest if cancelled.
+    async def _release_ready(self) -> None:
+        untrack = self._engine.heartbeater.untrack_nowait
+        jobs = []
+        while self._ready:
+            job, held = self._ready.popleft()
+            untrack(job.id, held)
+            jobs.append(job)
+        with trio.CancelScope(shield=True):
+            await self._engine.release(jobs)
 
-        Without prefetch a free worker is waiting or about to be, so this does not
-        block long.  Prefetched jobs wait here for a worker to finish, their
-        leases kept alive meanwhile: the worker's own tracking takes over when it
-        receives the job.
+    async def _work(self, slot: str) -> None:
+        """Run queued jobs one at a time until the fetcher stops and none is left.
+
+        A worker that takes a job while others wait wakes the next worker: with
+        handlers that await I/O the jobs fan out over the workers, and handlers
+        that never block run one after the other without a task switch each.
         """
-        heartbeater = self._engine.heartbeater
-        held = [heartbeater.track_nowait(job, self.worker_id, self._visibility_ms) for job in jobs]
-        k = 0
-        try:
-            for k, job in enumerate(jobs):
-                await send.send(job)
-                heartbeater.untrack_nowait(job.id, held[k])
-        except BaseException:
-            for job, entry in zip(jobs[k:], held[k:], strict=True):
-                heartbeater.untrack_nowait(job.id, entry)
-            with trio.CancelScope(shield=True):
-                await self._engine.release(jobs[k:])
-            raise
+        ready = self._ready
+        while True:
+            if not ready:
+                if not self._fetching:
+                    return
+                await self._job_ready.park()
+                continue
+            job, held = ready.popleft()
+            if ready:
+                self._job_ready.unpark()
+            try:
+                await self._execute(job, slot, held)
+            finally:
+                self._free += 1
+                self._freed.unpark_all()
 
-    async def _work(self, jobs: trio.MemoryReceiveChannel[Job], slot: str) -> None:
-        async with jobs:
-            async for job in jobs:
-                try:
-                    await self._execute(job, slot)
-                finally:
-                    self._free += 1
-                    self._freed.unpark_all()
-
-    async def _execute(self, job: Job, slot: str) -> None:
+    async def _execute(self, job: Job, slot: str, held: Tracked) -> None:
         engine = self._engine
         handler = self._handlers.get(job.type)
         # The pool is one OJS worker: its id holds the lease; ``slot`` names the task.
@@ -220,18 +235,20 @@ class WorkerPool:
             if handler is None:
                 raise Discard(f"no handler registered for job type {job.type!r}")
             ctx = JobContext(job, engine, worker_id, slot)
+            if engine.execution_middleware:
 
-            async def terminal(ctx: JobContext) -> Any:
-                assert handler is not None
-                return await handler(ctx)
+                async def terminal(ctx: JobContext) -> Any:
+                    assert handler is not None
+                    return await handler(ctx)
 
-            chain = build_execution_chain(engine.execution_middleware, terminal)
-            with engine.heartbeater.track(job, worker_id, self._visibility_ms):
-                if job.timeout_ms:
-                    with trio.fail_after(job.timeout_ms / 1000.0):
-                        result = await chain(ctx)
-                else:
-                    result = await chain(ctx)
+                run = build_execution_chain(engine.execution_middleware, terminal)
+            else:
+                run = handler
+            if job.timeout_ms:
+                with trio.fail_after(job.timeout_ms / 1000.0):
+                    result = await run(ctx)
+            else:
+                result = await run(ctx)
             # Storage keeps results as JSON (PostgreSQL, SQS) or marshalled records
             # (memory): anything else would fail the ack, so it fails the job here.
             check_json_native(result, "result")
@@ -242,6 +259,8 @@ class WorkerPool:
             self.completed += 1
             await self._settle(job.id, result, None)
         finally:
+            # Kept leased until its outcome is queued (which may wait for room).
+            engine.heartbeater.untrack_nowait(job.id, held)
             self._busy -= 1
 
     async def _settle(self, job_id: str, result: Any, failure: Failure | None) -> None:
