@@ -192,6 +192,18 @@ def _is_uuid(value: str) -> bool:
     return bool(_UUID.match(value))
 
 
+def _ack_item(ack: AckRequest, now: float) -> Settle:
+    """An ack as a settle item: the engine's rule, and its arguments for ack_plain."""
+    apply = partial(
+        lifecycle.ack,
+        worker_id=ack.worker_id,
+        result=ack.result,
+        has_result=ack.has_result,
+        now=now,
+    )
+    return (ack.job_id, apply, now, (ack.worker_id, ack.result, ack.has_result))
+
+
 class PostgresStorage:
     name = "postgresql"
 
@@ -807,10 +819,7 @@ class PostgresStorage:
         self, job_id: str, worker_id: str | None, result: Any, has_result: bool, now: float
     ) -> Job:
         return await self._settle(
-            job_id,
-            lambda j: lifecycle.ack(j, worker_id, result, has_result, now),
-            now,
-            (worker_id, result, has_result),
+            *_ack_item(AckRequest(job_id, worker_id, result, has_result), now)
         )
 
     async def ack_many(self, acks: Sequence[AckRequest], now: float) -> list[Job | OjsError]:
@@ -819,20 +828,13 @@ class PostgresStorage:
         items: list[Settle] = []
         where: list[int] = []
         for k, ack in enumerate(acks):
-            if not _is_uuid(ack.job_id):
+            if _is_uuid(ack.job_id):
+                items.append(_ack_item(ack, now))
+                where.append(k)
+            else:
                 outcomes[k] = NotFound(
                     f"Job {ack.job_id} not found", details={"job_id": ack.job_id}
                 )
-                continue
-            apply = partial(
-                lifecycle.ack,
-                worker_id=ack.worker_id,
-                result=ack.result,
-                has_result=ack.has_result,
-                now=now,
-            )
-            items.append((ack.job_id, apply, now, (ack.worker_id, ack.result, ack.has_result)))
-            where.append(k)
         if items:
             for k, outcome in zip(where, await self._settle_batch(items), strict=True):
                 if isinstance(outcome, BaseException) and not isinstance(outcome, OjsError):
