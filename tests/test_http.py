@@ -305,8 +305,8 @@ BAD_INPUT = [
         "text-plain",
         "POST",
         "/ojs/v1/jobs",
-        415,
-        "unsupported_media_type",
+        400,
+        "invalid_request",
         content=b'{"type": "a.b", "args": []}',
         headers={"Content-Type": "text/plain"},
     ),
@@ -314,10 +314,19 @@ BAD_INPUT = [
         "form-encoded-fetch",
         "POST",
         "/ojs/v1/workers/fetch",
-        415,
-        "unsupported_media_type",
+        400,
+        "invalid_request",
         content=b"queues=default",
         headers={"Content-Type": "application/x-www-form-urlencoded"},
+    ),
+    Case(
+        "xml-cron",  # a route served by Quart, not the fast path
+        "POST",
+        "/ojs/v1/cron",
+        400,
+        "invalid_request",
+        content=b"<cron/>",
+        headers={"Content-Type": "application/xml"},
     ),
     Case("unknown-route", "GET", "/ojs/v1/nope", 404, "not_found"),
     Case("unknown-root-route", "GET", "/favicon.ico", 404, "not_found"),
@@ -348,7 +357,38 @@ async def test_server_survives_every_bad_input_on_one_connection() -> None:
         job_id = await enqueue(client)
         response = await client.post("/ojs/v1/workers/fetch", json={"queues": ["default"]})
         assert [j["id"] for j in response.json()["jobs"]] == [job_id]
-        assert engine.statistics().enqueued == 1
+        stats = engine.statistics()
+        assert stats.enqueued == 1
+        # Bad input never reached an actor in a way that crashed it.
+        names = {actor["name"] for actor in stats.actors}
+        assert {"promoter", "reaper", "heartbeater", "cron", "fetcher:default"} <= names
+        crashed = [a for a in stats.actors if a["restarts"] != 0 or a["last_error"] is not None]
+        assert crashed == []
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type"),
+    [
+        ("/ojs/v1/jobs", "text/plain; charset=utf-8"),  # served by the fast path
+        ("/ojs/v1/workflows", "application/x-www-form-urlencoded"),  # served by Quart
+    ],
+)
+async def test_unsupported_content_type_is_a_400_naming_received_and_accepted_types(
+    path: str, content_type: str
+) -> None:
+    """ojs-http-binding.md 4.1: an unsupported request Content-Type gets 400, not 415."""
+    async with http_server() as (engine, client):
+        response = await client.post(
+            path, content=b'{"type": "a.b", "args": []}', headers={"Content-Type": content_type}
+        )
+        error = assert_ojs_error(response, 400, "invalid_request")
+        assert content_type in error["message"]
+        assert OJS_JSON in error["message"] and "application/json" in error["message"]
+        assert error["details"] == {
+            "content_type": content_type,
+            "accepted": [OJS_JSON, "application/json"],
+        }
+        assert engine.statistics().enqueued == 0
 
 
 JOB_TEMPLATE: dict[str, Any] = {

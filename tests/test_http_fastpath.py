@@ -215,6 +215,22 @@ async def test_bad_requests_get_identical_errors(path: str) -> None:
 
 
 @pytest.mark.parametrize("path", sorted(HOT_ROUTES))
+async def test_unsupported_content_type_gives_identical_400(path: str) -> None:
+    """ojs-http-binding.md 4.1: 400 (not 415); an oversized body is still 413 first."""
+    async with twin_servers(Settings(port=0, max_body_bytes=64)) as twin:
+        headers = {"Content-Type": "text/csv"}
+        fast, _ = await twin.same("POST", path, content=b"{}", headers=headers)
+        error = fast.json()["error"]
+        assert (fast.status_code, error["code"]) == (400, "invalid_request")
+        assert error["details"] == {
+            "content_type": "text/csv",
+            "accepted": [OJS_JSON, "application/json"],
+        }
+        fast, _ = await twin.same("POST", path, content=b"x" * 100, headers=headers)
+        assert (fast.status_code, fast.json()["error"]["code"]) == (413, "payload_too_large")
+
+
+@pytest.mark.parametrize("path", sorted(HOT_ROUTES))
 async def test_body_limit_gives_identical_413(path: str) -> None:
     async with twin_servers(Settings(port=0, max_body_bytes=64)) as twin:
         big = b'{"type":"t","args":["' + b"x" * 100 + b'"]}'

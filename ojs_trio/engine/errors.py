@@ -81,11 +81,13 @@ class InvalidCronExpression(InvalidRequest):
     hint = "Use a 5-field cron expression or a shorthand such as @daily."
 
 
-class UnsupportedMediaType(OjsError):
-    code = "unsupported_media_type"
-    catalog_code = "INVALID_PAYLOAD"
-    category = "validation_error"
-    http_status = 415
+class UnsupportedMediaType(InvalidRequest):
+    """The request body has a Content-Type the binding does not accept.
+
+    ojs-http-binding.md 4.1 makes this a 400 Bad Request (not HTTP's 415), so it is
+    an ``invalid_request`` like any other malformed request.
+    """
+
     hint = "Send 'Content-Type: application/openjobspec+json' or 'application/json'."
 
 

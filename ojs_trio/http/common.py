@@ -22,7 +22,7 @@ from ojs_trio.engine.errors import (
 )
 
 CONTENT_TYPE = "application/openjobspec+json"
-ACCEPTED_TYPES = frozenset({CONTENT_TYPE, "application/json"})
+ACCEPTED_TYPES = (CONTENT_TYPE, "application/json")  # preferred first
 OJS_VERSION = "1.0"
 
 
@@ -76,12 +76,16 @@ def api_key_ok(authorization: str, api_key: bytes) -> bool:
 
 
 def parse_json(content_type: str | None, raw: bytes) -> Any:
-    """A request body as JSON, or an OJS error (415 wrong type, 400 bad JSON)."""
+    """A request body as JSON, or a 400 OJS error (wrong content type, bad JSON).
+
+    No Content-Type at all is taken as JSON.
+    """
     media_type = (content_type or "").split(";")[0].strip().lower()
     if media_type and media_type not in ACCEPTED_TYPES:
+        received = (content_type or "").strip()
         raise UnsupportedMediaType(
-            f"Content-Type {media_type!r} is not supported",
-            details={"accepted": sorted(ACCEPTED_TYPES)},
+            f"Content-Type {received!r} is not supported; send " + " or ".join(ACCEPTED_TYPES),
+            details={"content_type": received, "accepted": list(ACCEPTED_TYPES)},
         )
     if not raw:
         raise InvalidPayload("The request body is empty; a JSON object is required")

@@ -16,7 +16,7 @@ with the same answers, byte for byte (tests/test_http_fastpath.py compares them)
    while reading a chunked body (413).  A body answered early (401, 413) is
    still drained first, within bounds, so the connection stays usable, as with
    Quart-Trio's reader task (see ``_discard_body``);
-4. content type (415), empty or malformed JSON (400), then the handler;
+4. content type, empty or malformed JSON (400 each), then the handler;
 5. ``OjsError`` mapped to the OJS error body, anything else to a logged 500;
 6. ``Location``/``WWW-Authenticate``/``Retry-After`` from the reply, then
    ``content-type``, ``content-length``, ``ojs-version`` and ``x-request-id``.
