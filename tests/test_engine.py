@@ -370,6 +370,46 @@ async def test_jobs_claimed_for_an_abandoned_fetch_are_handed_back(
         assert again.attempt == 1
 
 
+async def test_one_claim_call_serves_every_parked_fetch() -> None:
+    """20 long-polls parked on one queue set, then 20 jobs in one enqueue call: the
+    pool serves all the fetches with a single storage.claim carrying 20 requests."""
+    fetchers = 20
+    storage = MemoryStorage()
+    real_claim = storage.claim
+    calls: list[tuple[int, int]] = []  # per claim call: (requests carried, jobs returned)
+
+    async def counting_claim(requests: Sequence[Any], now: float) -> list[list[Job]]:
+        results = await real_claim(requests, now)
+        calls.append((len(requests), sum(len(jobs) for jobs in results)))
+        return results
+
+    storage.claim = counting_claim  # type: ignore[method-assign]
+    async with open_engine(storage, EngineConfig(clock=wall)) as engine:
+        got: list[list[Job]] = []
+
+        async def long_poll() -> None:
+            got.append(await engine.fetch(["default"], worker_id="w", wait_ms=30_000))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(fetchers):
+                nursery.start_soon(long_poll)
+            await trio.testing.wait_all_tasks_blocked()
+            # Every fetch had its first claim round, found nothing, and is parked.
+            assert sum(carried for carried, _ in calls) == fetchers
+            assert all(returned == 0 for _, returned in calls)
+            assert engine.statistics().waiting_fetches == fetchers
+            calls.clear()
+            jobs = [parse_job({"type": "t.job", "args": [n]}, wall()) for n in range(fetchers)]
+            await engine.enqueue_jobs(jobs)
+
+        # An idle re-check round (every second) could add an empty call; the jobs
+        # went out in exactly one.
+        assert [call for call in calls if call[1]] == [(fetchers, fetchers)]
+        assert sorted(len(batch) for batch in got) == [1] * fetchers
+        assert {batch[0].id for batch in got} == {job.id for job in jobs}
+        assert engine.statistics().waiting_fetches == 0
+
+
 # -- retries, leases, heartbeats (MockClock) ---------------------------------------------
 
 
