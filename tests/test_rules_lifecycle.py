@@ -585,7 +585,8 @@ def _assert_expired(job: Job) -> None:
     assert job.discarded_at == NOW
     assert job.completed_at is None  # it never ran
     assert job.scheduled_at is None
-    assert not job.dead_letter
+    assert job.retry_delay_ms is None
+    assert job.dead_letter  # whatever on_exhaustion says: it never got to exhaust anything
     entry = job.errors[-1]
     assert entry["code"] == "expired" and entry["type"] == "JobExpired"
 
@@ -598,12 +599,32 @@ def test_expire_ttl_discards_a_retryable_job_without_completed_at() -> None:
     assert len(job.errors) == 2
 
 
+@pytest.mark.parametrize("on_exhaustion", ["discard", "dead_letter"])
 @pytest.mark.parametrize("state", [S.SCHEDULED, S.AVAILABLE, S.PENDING], ids=str)
-def test_expire_ttl_discards_jobs_that_never_started(state: JobState) -> None:
-    job = new_job(state)
+def test_expire_ttl_discards_jobs_that_never_started(state: JobState, on_exhaustion: str) -> None:
+    job = new_job(state, on_exhaustion=on_exhaustion)
     job.expires_at = NOW - 1
     lifecycle.expire_ttl(job, NOW)
     _assert_expired(job)
+
+
+def test_expired_job_retried_from_the_dead_letter_queue_runs_without_its_passed_ttl() -> None:
+    job = new_job()
+    job.expires_at = NOW - 1
+    lifecycle.expire_ttl(job, NOW)
+    lifecycle.retry_dead_letter(job, NOW + 5)
+    assert (job.state, job.dead_letter, job.expires_at) == (S.AVAILABLE, False, None)
+    assert not lifecycle.is_expired(job, NOW + 5)
+    lifecycle.claim(job, "w1", None, NOW + 6)
+    assert job.attempt == 1
+
+
+def test_retry_dead_letter_keeps_a_ttl_that_has_not_passed() -> None:
+    job = active_job(1, max_attempts=1, on_exhaustion="dead_letter")
+    job.expires_at = NOW + 60
+    lifecycle.nack(job, "w1", Failure(), False, T0 + 1)
+    lifecycle.retry_dead_letter(job, NOW)
+    assert job.expires_at == NOW + 60
 
 
 def test_expire_ttl_leaves_a_running_job_alone() -> None:

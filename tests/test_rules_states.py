@@ -315,7 +315,8 @@ def test_operation_sequences_make_only_legal_moves(job: Job, data: st.DataObject
     """Every operation either makes an allowed move or raises and leaves the job as it was.
 
     expire_lease/execution_timeout are applied to active jobs only, as the
-    storage reaper does; the unguarded variant below is a known bug.
+    storage reaper does; the unguarded variant below applies them in any state
+    and so checks that the rules themselves refuse a job that is not active.
     """
     _run(job, data, reaper_guard=True)
 

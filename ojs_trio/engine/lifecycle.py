@@ -258,7 +258,14 @@ def execution_timeout(job: Job, now: float, rng: random.Random | None = None) ->
 
 
 def expire_ttl(job: Job, now: float) -> None:
-    """expires_at passed before the job started: it must never run."""
+    """expires_at passed before the job started: it must never run.
+
+    The job is discarded into the dead letter queue whatever its
+    ``on_exhaustion``: that policy decides what happens once attempts run out,
+    and an expired job may have had attempts left (or never run at all).  Work
+    that was accepted and silently never done is what operators look for in
+    the dead letter queue.  ``completed_at`` stays unset: nothing completed.
+    """
     if job.state not in TTL_EXPIRABLE:
         raise InvalidStateTransition(job.id, job.state.value, "expire", JobState.DISCARDED.value)
     _record_error(
@@ -268,7 +275,9 @@ def expire_ttl(job: Job, now: float) -> None:
     )
     job.state = JobState.DISCARDED
     job.discarded_at = now
+    job.dead_letter = True
     job.scheduled_at = None
+    job.retry_delay_ms = None
 
 
 def retry_dead_letter(job: Job, now: float) -> None:
@@ -286,6 +295,10 @@ def retry_dead_letter(job: Job, now: float) -> None:
     job.retry_delay_ms = None
     job.worker_id = None
     job.enqueued_at = now
+    if is_expired(job, now):
+        # An operator asking to run it again overrides a deadline that has
+        # passed; kept, it would expire the job again before any claim.
+        job.expires_at = None
 
 
 def is_expired(job: Job, now: float) -> bool:

@@ -928,6 +928,33 @@ async def check_reap_discards_ttl_expired_jobs(factory: StorageFactory) -> None:
         _expect_eq(await _state(storage, untimed.id), JobState.AVAILABLE, "job without TTL")
 
 
+async def check_ttl_expired_jobs_are_dead_lettered(factory: StorageFactory) -> None:
+    """An expired job lands in the dead letter queue (even with on_exhaustion "discard"),
+    whether the reaper found it or a claim skipped it; from there it can be retried."""
+    async with factory() as storage:
+        reaped = make_job(queue="ttl-reaped", expires_at="+PT10S")
+        skipped = make_job(queue="ttl-skipped", expires_at="+PT10S")
+        await _enqueue(storage, reaped, skipped)
+        _expect_eq(await _claim(storage, T0 + 10, "ttl-skipped"), [], "claim at expires_at")
+        await storage.reap(T0 + 10, BIG)
+        for job in (reaped, skipped):
+            stored = await storage.get(job.id)
+            fields = (stored.state, stored.dead_letter, (stored.error or {}).get("code"))
+            _expect_eq(fields, (JobState.DISCARDED, True, "expired"), "expired job")
+        _expect_eq(await _dead_letter_ids(storage), {reaped.id, skipped.id}, "DLQ after TTL expiry")
+        _expect_eq(await _dead_letter_ids(storage, "ttl-reaped"), {reaped.id}, "DLQ of a queue")
+
+        revived = await storage.retry_dead_letter(reaped.id, T0 + 20)
+        fields = (revived.state, revived.dead_letter, revived.expires_at)
+        _expect_eq(fields, (JobState.AVAILABLE, False, None), "expired job retried from the DLQ")
+        _expect_eq(await storage.get(reaped.id), revived, "stored job equals the revived copy")
+        _expect_eq(await _dead_letter_ids(storage), {skipped.id}, "DLQ after the retry")
+        # Its passed deadline no longer applies: it is claimed, not expired again.
+        again = await _claim_one(storage, T0 + 21, reaped)
+        _expect_eq((again.state, again.attempt), (JobState.ACTIVE, 1), "claim of the revived job")
+        _expect_eq(await storage.reap(T0 + 21, BIG), [], "reap after the revived job's claim")
+
+
 async def check_claim_skips_ttl_expired_jobs(factory: StorageFactory) -> None:
     async with factory() as storage:
         # Claim order: first, expired, fresh.  The expired job sits between two
@@ -2073,6 +2100,7 @@ CONTRACT_CHECKS: list[ContractCheck] = [
     check_reap_spares_heartbeat_extended_leases,
     check_reap_applies_execution_timeout,
     check_reap_discards_ttl_expired_jobs,
+    check_ttl_expired_jobs_are_dead_lettered,
     check_claim_skips_ttl_expired_jobs,
     check_promote_and_reap_are_idempotent,
     check_promote_and_reap_honour_limit,
