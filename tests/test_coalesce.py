@@ -107,3 +107,50 @@ async def test_a_failed_batch_raises_in_every_caller_of_that_batch(
         for i in range(3):
             nursery.start_soon(call, i)
     assert errors == ["batch failed"] * 3
+
+
+async def test_without_coalescing_each_call_runs_alone_and_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Group commit off (the benchmark's baseline): no leader, no queue; five
+    # concurrent calls are five batches of one, all in flight together.
+    recorder = Recorder()
+    coalescer: Coalescer[int, int] = Coalescer(recorder.run, coalesce=False)
+    results: dict[int, int] = {}
+    finished_at: dict[int, float] = {}
+    start = trio.current_time()
+
+    async def call(i: int) -> None:
+        results[i] = await coalescer.submit(i)
+        finished_at[i] = trio.current_time() - start
+
+    async with trio.open_nursery() as nursery:
+        for i in range(5):
+            nursery.start_soon(call, i)
+    assert results == {i: i * 10 for i in range(5)}
+    assert sorted(recorder.batches) == [[i] for i in range(5)]
+    assert set(finished_at.values()) == {BATCH_S}  # concurrently, not one after another
+    stats = coalescer.statistics()
+    assert (stats.calls, stats.batches, stats.largest_batch) == (5, 5, 1)
+
+
+async def test_without_coalescing_a_failure_is_its_callers_own(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def run(items: Sequence[int]) -> list[int | BaseException]:
+        await trio.sleep(BATCH_S)
+        return [ValueError(f"bad {i}") if i % 2 else i for i in items]
+
+    coalescer: Coalescer[int, int] = Coalescer(run, coalesce=False)
+    outcomes: dict[int, object] = {}
+
+    async def call(i: int) -> None:
+        try:
+            outcomes[i] = await coalescer.submit(i)
+        except ValueError as exc:
+            outcomes[i] = str(exc)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(4):
+            nursery.start_soon(call, i)
+    assert outcomes == {0: 0, 1: "bad 1", 2: 2, 3: "bad 3"}

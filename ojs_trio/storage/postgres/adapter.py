@@ -217,8 +217,15 @@ class PostgresStorage:
         apply_migrations: bool = True,
         vacuum_check_interval: float = VACUUM_CHECK_INTERVAL,
         vacuum_min_dead_rows: int = VACUUM_MIN_DEAD_ROWS,
+        group_commit: bool = True,
     ) -> None:
+        """``group_commit=False`` turns group commit off (a benchmark baseline,
+        bench/scenarios/groupcommit.py): each enqueue, ack, nack, cancel and
+        heartbeat call then runs as a batch of one on a pooled connection of its
+        own, concurrently with the others.  ``ack_many`` is one call either way.
+        """
         self.conninfo = conninfo
+        self.group_commit = group_commit
         self.vacuum_check_interval = vacuum_check_interval
         self.vacuum_min_dead_rows = vacuum_min_dead_rows
         self.vacuums = 0
@@ -230,12 +237,14 @@ class PostgresStorage:
         self._stack: AsyncExitStack | None = None
         self._pool: Any = None
         self._enqueues: Coalescer[Enqueue, list[EnqueueResult]] = Coalescer(
-            lambda calls: self._retry(lambda: self._enqueue_batch(calls))
+            lambda calls: self._retry(lambda: self._enqueue_batch(calls)),
+            coalesce=group_commit,
         )
         self._beats: Coalescer[Beat, list[Job]] = Coalescer(
-            lambda beats: self._retry(lambda: self._heartbeat_batch(beats))
+            lambda beats: self._retry(lambda: self._heartbeat_batch(beats)),
+            coalesce=group_commit,
         )
-        self._settles: Coalescer[Settle, Job] = Coalescer(self._settle_batch)
+        self._settles: Coalescer[Settle, Job] = Coalescer(self._settle_batch, coalesce=group_commit)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -593,27 +602,46 @@ class PostgresStorage:
         are served together: for each queue in their order, the rows for all of
         them are claimed by one statement (``claim_plain``), which commits on its
         own; a queue with a rate or concurrency limit takes the transactional path.
-        Each statement is atomic, so a failure never leaves a job claimed but not
-        returned (short of the connection dying after the commit, which the
-        reaper recovers at lease expiry).
+        A failure never leaves a job claimed but not returned (short of the
+        connection dying after a commit, which the reaper recovers at lease
+        expiry): when a later queue's claim fails, the jobs committed for the
+        earlier ones are returned and the error is logged (it is raised only if
+        nothing was claimed).  If marking claimed workflow members started fails,
+        they are returned all the same: their workflow's record then shows them
+        waiting until they settle (and lacks ``started_at`` if they were its
+        first), which is cosmetic, where a lost delivery costs a lease.
         """
         out: list[list[Job]] = [[] for _ in requests]
         groups: dict[tuple[str, ...], list[int]] = {}
         for index, request in enumerate(requests):
             groups.setdefault(tuple(request.queues), []).append(index)
         in_workflows: list[Job] = []
-        for queue_order, members in groups.items():
-            for name in queue_order:
-                slots = [i for i in members for _ in range(requests[i].count - len(out[i]))]
-                if not slots:
-                    break
-                jobs = await self._retry(partial(self._claim_queue, name, slots, requests, now))
-                for job, index in zip(jobs, slots, strict=False):
-                    out[index].append(job)
-                    if job.workflow_id is not None:
-                        in_workflows.append(job)
+        claimed = 0
+        try:
+            for queue_order, members in groups.items():
+                for name in queue_order:
+                    slots = [i for i in members for _ in range(requests[i].count - len(out[i]))]
+                    if not slots:
+                        break
+                    jobs = await self._retry(partial(self._claim_queue, name, slots, requests, now))
+                    claimed += len(jobs)
+                    for job, index in zip(jobs, slots, strict=False):
+                        out[index].append(job)
+                        if job.workflow_id is not None:
+                            in_workflows.append(job)
+        except OjsError as exc:
+            if not claimed:
+                raise
+            log.warning("claim stopped after %d jobs: %s", claimed, exc.message)
         if in_workflows:
-            await self._retry(lambda: self._mark_started(in_workflows, now))
+            try:
+                await self._retry(lambda: self._mark_started(in_workflows, now))
+            except OjsError as exc:
+                log.warning(
+                    "claimed workflow members not marked started (%d): %s",
+                    len(in_workflows),
+                    exc.message,
+                )
         return out
 
     async def _claim_queue(
@@ -740,20 +768,40 @@ class PostgresStorage:
         return await self._settles.submit((job_id, apply, now, ack))
 
     async def _settle_batch(self, items: Sequence[Settle]) -> list[Job | BaseException]:
-        """Plain acks in one statement; everything else (and acks it left) in one transaction."""
+        """Plain acks in one statement; everything else (and acks it left) in one transaction.
+
+        Each item's outcome is that of the statement or transaction that held it:
+        when the general transaction fails, the plain acks committed before it
+        still report their jobs, and only the general path's items get its error.
+        """
         outcomes: list[Job | BaseException | None] = [None] * len(items)
         seen = Counter(item[0] for item in items)
         # An id settled twice in the batch goes down the general path, in order.
         fast = [k for k, item in enumerate(items) if item[3] is not None and seen[item[0]] == 1]
+        plain = set(fast)
+        general = [k for k in range(len(items)) if k not in plain]
         if fast:
-            done = await self._ack_plain([items[k] for k in fast])
-            for k in fast:
-                outcomes[k] = done.get(items[k][0])
-        rest = [k for k, outcome in enumerate(outcomes) if outcome is None]
-        if rest:
-            # Retried alone: the plain acks above have committed already.
-            settled = await self._retry(partial(self._settle_general, [items[k] for k in rest]))
-            for k, outcome in zip(rest, settled, strict=True):
+            try:
+                done = await self._ack_plain([items[k] for k in fast])
+            except Exception as exc:  # nothing of it committed (or unknown): its acks only
+                for k in fast:
+                    outcomes[k] = exc
+            else:
+                for k in fast:
+                    if (job := done.get(items[k][0])) is not None:
+                        outcomes[k] = job
+                    else:  # not active, or held by another worker: the rules say why
+                        general.append(k)
+        if general:
+            general.sort()  # the batch's order, for two settles of one job
+            try:
+                # Retried alone: the plain acks above have committed already.
+                settled = await self._retry(
+                    partial(self._settle_general, [items[k] for k in general])
+                )
+            except Exception as exc:
+                settled = [exc] * len(general)
+            for k, outcome in zip(general, settled, strict=True):
                 outcomes[k] = outcome
         return [outcome for outcome in outcomes if outcome is not None]
 

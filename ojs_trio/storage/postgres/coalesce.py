@@ -8,6 +8,10 @@ returns before the transaction holding its work has committed.
 The batch runs shielded from cancellation: once a leader has taken work on
 behalf of other callers it must finish it.  A caller cancelled while waiting
 still has its work applied (as if its request had reached the database).
+
+With ``coalesce=False`` (a benchmark baseline: group commit off) every call
+runs as a batch of one of its own, at once and concurrently with the others,
+as an uncoalesced adapter would: nobody waits behind a leader.
 """
 
 from __future__ import annotations
@@ -50,8 +54,10 @@ class Coalescer(Generic[T, R]):
         window: float = 0.0,
         max_batch: int = 256,
         handover_after: float = 0.005,
+        coalesce: bool = True,
     ):
         self._run = run
+        self._coalesce = coalesce
         self._handover_after = handover_after
         self._window = window
         self._max_batch = max_batch
@@ -61,6 +67,8 @@ class Coalescer(Generic[T, R]):
         self._stats = CoalescerStatistics()
 
     async def submit(self, item: T) -> R:
+        if not self._coalesce:
+            return await self._run_alone(item)
         slot: _Slot[T, R] = _Slot(item)
         self._pending.append(slot)
         self._stats.calls += 1
@@ -85,6 +93,16 @@ class Coalescer(Generic[T, R]):
         if slot.error is not None:
             raise slot.error
         return slot.result  # type: ignore[return-value]
+
+    async def _run_alone(self, item: T) -> R:
+        """A batch of one, run in the caller's task (nobody else depends on it)."""
+        self._stats.calls += 1
+        self._stats.batches += 1
+        self._stats.largest_batch = max(self._stats.largest_batch, 1)
+        (outcome,) = await self._run([item])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     async def _lead(self, own: _Slot[T, R], *, gather: bool) -> None:
         """Run batches until the leader's own call is done, then hand over.
