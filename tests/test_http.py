@@ -18,9 +18,15 @@ import httpx
 import pytest
 import trio
 
+import ojs_trio
 from ojs_trio.config import Settings
 from ojs_trio.engine.engine import Engine, EngineConfig, open_engine
 from ojs_trio.http import create_app, serve
+from ojs_trio.http.system import (
+    OTHER_STORAGE_MECHANISM,
+    UNIQUE_JOB_MECHANISMS,
+    unique_jobs_capability,
+)
 from ojs_trio.storage.memory import MemoryStorage
 
 OJS_JSON = "application/openjobspec+json"
@@ -177,6 +183,46 @@ async def test_draining_server_answers_and_refuses_cleanly() -> None:
         response = await client.post("/ojs/v1/jobs", json={"type": "a.b", "args": []})
         assert_ojs_error(response, 503, "shutting_down")
         assert response.headers["Retry-After"] == "1"
+
+
+# -- the manifest --------------------------------------------------------------------------
+
+
+async def test_manifest_declares_level_4_and_strong_unique_jobs() -> None:
+    async with http_server() as (_, client):
+        response = await client.get("/ojs/manifest")
+        assert response.status_code == 200
+        manifest = response.json()
+    # What the level-0 manifest case checks, and the required fields of
+    # ojs-conformance.md 4.2.
+    assert manifest["specversion"] == "1.0"
+    assert manifest["implementation"] == {
+        "name": "ojs-trio",
+        "version": ojs_trio.__version__,
+        "language": "python",
+    }
+    assert (manifest["conformance_level"], manifest["conformance_tier"]) == (4, "runtime")
+    assert manifest["protocols"] == ["http"]
+    assert manifest["backend"] == "memory"
+    # ojs-conformance.md 4.2: required once conformance_level >= 4.
+    assert manifest["unique_job_strength"] == "strong"
+    # ojs-unique-jobs.md 8.3: strength and mechanism under capabilities.
+    assert manifest["capabilities"]["unique_jobs"] == {
+        "strength": "strong",
+        "mechanism": UNIQUE_JOB_MECHANISMS["memory"],
+    }
+    assert manifest["schema_validation"] is manifest["capabilities"]["schema_validation"] is False
+    assert manifest["extensions"] == {
+        "official": [{"name": "dead-letter", "uri": "urn:ojs:ext:dead-letter", "version": "1.0.0"}]
+    }
+
+
+def test_unique_jobs_mechanism_is_chosen_by_storage() -> None:
+    assert "single-threaded" in unique_jobs_capability("memory")["mechanism"]
+    assert "pg_advisory_xact_lock" in unique_jobs_capability("postgresql")["mechanism"]
+    assert "TransactWriteItems" in unique_jobs_capability("sqs")["mechanism"]
+    other = unique_jobs_capability("someone-elses-adapter")
+    assert other == {"strength": "strong", "mechanism": OTHER_STORAGE_MECHANISM}
 
 
 # -- bad input: the OJS error body, never a 500 -------------------------------------------

@@ -22,7 +22,6 @@ CAPABILITIES: dict[str, bool] = {
     "priority_queues": True,
     "rate_limiting": True,
     "schema_validation": False,
-    "unique_jobs": True,
     "workflows": True,
     "pause_resume": True,
     "events": True,
@@ -30,8 +29,37 @@ CAPABILITIES: dict[str, bool] = {
     "long_poll_fetch": True,
 }
 
+# ojs-unique-jobs.md 8: how each adapter keeps the duplicate check and the insert
+# atomic, by Storage.name (docs/unique-jobs.md explains each).  Every adapter must
+# pass the storage contract's concurrent unique enqueue check.
+UNIQUE_JOB_STRENGTH = "strong"
+UNIQUE_JOB_MECHANISMS: dict[str, str] = {
+    "memory": (
+        "duplicate check and insert in one step of the single-threaded in-memory "
+        "store: the enqueue never yields between them"
+    ),
+    "postgresql": (
+        "transaction-scoped advisory lock (pg_advisory_xact_lock) on the unique key's "
+        "hash, taken inside the inserting transaction before the duplicate check"
+    ),
+    "sqs": (
+        "conditional DynamoDB TransactWriteItems: the new job is written together with "
+        "a per-unique-key item, conditional on that item's version being unchanged"
+    ),
+}
+OTHER_STORAGE_MECHANISM = "duplicate check and insert in the storage adapter's atomic enqueue"
+
+
+def unique_jobs_capability(storage_name: str) -> dict[str, str]:
+    """The ``capabilities.unique_jobs`` object of ojs-unique-jobs.md 8.3."""
+    return {
+        "strength": UNIQUE_JOB_STRENGTH,
+        "mechanism": UNIQUE_JOB_MECHANISMS.get(storage_name, OTHER_STORAGE_MECHANISM),
+    }
+
 
 def manifest(ctx: ApiContext) -> dict[str, Any]:
+    backend = ctx.engine.storage.name
     return {
         "specversion": "1.0",
         "ojs_version": "1.0",
@@ -43,12 +71,15 @@ def manifest(ctx: ApiContext) -> dict[str, Any]:
         "conformance_level": CONFORMANCE_LEVEL,
         "conformance_tier": "runtime",
         "protocols": ["http"],
-        "backend": ctx.engine.storage.name,
-        "capabilities": CAPABILITIES,
-        # ojs-unique-jobs.md 8.3: checked and inserted in one atomic storage step.
-        "unique_jobs": {"strength": "strong"},
+        "backend": backend,
+        "capabilities": {**CAPABILITIES, "unique_jobs": unique_jobs_capability(backend)},
+        "schema_validation": CAPABILITIES["schema_validation"],
+        # ojs-conformance.md 4.2: required from conformance level 4 on.
+        "unique_job_strength": UNIQUE_JOB_STRENGTH,
         "extensions": {
-            "official": [{"urn": "urn:ojs:ext:dead-letter", "version": "1.0.0"}],
+            "official": [
+                {"name": "dead-letter", "uri": "urn:ojs:ext:dead-letter", "version": "1.0.0"}
+            ],
         },
     }
 
