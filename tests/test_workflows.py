@@ -26,6 +26,7 @@ from ojs_trio.engine.errors import OjsError
 from ojs_trio.engine.job import Job
 from ojs_trio.engine.lifecycle import Failure
 from ojs_trio.engine.states import JobState
+from ojs_trio.engine.timeutil import format_ts
 from ojs_trio.engine.worker import JobContext
 from ojs_trio.engine.workflows import Workflow
 from ojs_trio.storage.memory import MemoryStorage
@@ -351,6 +352,119 @@ async def test_cancel_batch_fires_no_callbacks() -> None:
         await engine.cancel_workflow(workflow.id)
         assert await fetch_all(engine) == []
         assert await fetch_all(engine, "callbacks") == []
+
+
+# -- workflows ended by the reaper, or by several members at once ---------------------------
+
+
+def terminal_events(engine: Engine, workflow_id: str) -> list[dict[str, Any]]:
+    kinds = ("workflow.completed", "workflow.failed", "workflow.cancelled")
+    events = engine.events.query(types=kinds, limit=10_000)
+    return [e for e in events if e["subject"] == workflow_id]
+
+
+async def test_group_members_expiring_by_ttl_fail_the_group_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Two members expire at the same instant, in one reaper pass: one workflow.failed."""
+    with real_time_limit():
+        async with running_engine() as engine:
+            created = wall()
+            late = {"expires_at": "+PT10S"}  # in a queue nobody fetches: never started
+            workflow = await engine.create_workflow(
+                {
+                    "type": "group",
+                    "jobs": [step(0), step(1, "wf-late", **late), step(2, "wf-late", **late)],
+                }
+            )
+            (done,) = await fetch_all(engine)
+            await engine.ack(done.id, "ok")
+            final = await wait_for_workflow(engine, workflow.id, "failed")
+            await trio.sleep(300.0)  # a duplicate would show up by now
+
+            assert final.completed_at == created + 10.0
+            expired = [await engine.get(job_id or "") for job_id in final.job_ids[1:]]
+            assert [(j.state, j.dead_letter) for j in expired] == [(JobState.DISCARDED, True)] * 2
+            assert workflow_events(engine, workflow.id) == ["workflow.started", "workflow.failed"]
+            (event,) = terminal_events(engine, workflow.id)
+            assert event["data"]["metadata"]["failed_count"] == 2
+            assert event["time"] == format_ts(created + 10.0)
+
+
+async def test_batch_member_expiring_by_ttl_fires_each_callback_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    body = batch_body(2)
+    body["jobs"][1]["options"].update(queue="wf-late", expires_at="+PT10S")
+    with real_time_limit():
+        async with running_engine() as engine:
+            workflow = await engine.create_workflow(body)
+            (member,) = await fetch_all(engine)
+            await engine.ack(member.id, "ok")
+            await wait_for_workflow(engine, workflow.id, "failed")
+            await trio.sleep(300.0)
+            callbacks = await fetch_all(engine, "callbacks")
+            assert sorted(c.type for c in callbacks) == ["cb.on_complete", "cb.on_failure"]
+            assert all(c.parent_results == ["ok", None] for c in callbacks)
+            assert workflow_events(engine, workflow.id) == ["workflow.started", "workflow.failed"]
+
+
+@pytest.mark.parametrize(
+    ("deadline", "code"),
+    [
+        ({}, "visibility_timeout"),  # the worker vanished: no ack, no heartbeat
+        ({"timeout_ms": 2_000}, "handler_timeout"),
+    ],
+    ids=["lease", "execution-timeout"],
+)
+async def test_chain_step_out_of_time_on_its_last_attempt_fails_the_chain_once(
+    autojump_clock: trio.testing.MockClock, deadline: dict[str, Any], code: str
+) -> None:
+    with real_time_limit():
+        async with running_engine() as engine:
+            workflow = await engine.create_workflow(
+                {"type": "chain", "steps": [step(0), step(1, **ONE_ATTEMPT, **deadline), step(2)]}
+            )
+            (first,) = await fetch_all(engine)
+            await engine.ack(first.id, "ok")
+            (second,) = await engine.fetch(["wf"], 1, worker_id="w1", visibility_ms=5_000)
+            final = await wait_for_workflow(engine, workflow.id, "failed")
+            await trio.sleep(300.0)
+
+            lost = await engine.get(second.id)
+            assert (lost.state, (lost.error or {}).get("code")) == (JobState.DISCARDED, code)
+            assert final.completed_at == lost.completed_at
+            assert final.job_ids[2] is None
+            assert await fetch_all(engine) == []
+            assert workflow_events(engine, workflow.id) == ["workflow.started", "workflow.failed"]
+
+
+async def test_last_members_acked_together_complete_the_group_once() -> None:
+    """ack_many settles both at one instant; only the member that ended it reports."""
+    async with running_engine(clock=lambda: BASE) as engine:
+        workflow = await engine.create_workflow({"type": "group", "jobs": [step(0), step(1)]})
+        jobs = await engine.fetch(["wf"], 2, worker_id="w1")
+        outcomes = await engine.ack_many([(j.id, j.args[0]) for j in jobs], worker_id="w1")
+        assert all(isinstance(o, Job) and o.state is JobState.COMPLETED for o in outcomes)
+        done = await engine.get_workflow(workflow.id)
+        assert done.state == "completed"
+        assert done.finished_by == jobs[-1].id
+        assert workflow_events(engine, workflow.id) == ["workflow.started", "workflow.completed"]
+
+
+async def test_member_retried_from_the_dead_letter_queue_does_not_end_the_workflow_again() -> None:
+    clock = [BASE]
+    async with running_engine(clock=lambda: clock[0]) as engine:
+        dead_letter = {"retry": {"max_attempts": 1, "on_exhaustion": "dead_letter"}}
+        workflow = await engine.create_workflow({"type": "group", "jobs": [step(0, **dead_letter)]})
+        (job,) = await fetch_all(engine)
+        await engine.nack(job.id, Failure(code="boom", message="x"))
+        assert (await engine.get_workflow(workflow.id)).state == "failed"
+        clock[0] += 10
+        await engine.retry_dead_letter(job.id)
+        (again,) = await fetch_all(engine)
+        await engine.nack(again.id, Failure(code="boom", message="again"))
+        assert workflow_events(engine, workflow.id) == ["workflow.started", "workflow.failed"]
 
 
 # -- acceptance: crashes mid-chain ---------------------------------------------------------

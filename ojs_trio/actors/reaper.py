@@ -8,7 +8,7 @@ several server processes can run reapers on one backend.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from ojs_trio.actors.timers import DueTimes
 from ojs_trio.engine.job import Job
@@ -21,7 +21,7 @@ class Reaper:
         self,
         storage: Storage,
         clock: WallClock,
-        on_reaped: Callable[[list[Job]], None],
+        on_reaped: Callable[[list[Job]], Awaitable[None]],
         *,
         batch: int = 1000,
         max_sleep: float = 1.0,
@@ -45,7 +45,7 @@ class Reaper:
             reaped = await self._storage.reap(self._clock(), self._batch)
             if reaped:
                 self.reaped += len(reaped)
-                self._on_reaped(reaped)
+                await self._on_reaped(reaped)
                 if len(reaped) >= self._batch:
                     continue
             next_due = await self._storage.next_reap_at()

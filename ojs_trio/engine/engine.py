@@ -192,19 +192,30 @@ class Engine:
         self._jobs_became_available(jobs)
 
     async def _after_settle(self, job: Job) -> None:
-        """Publish workflow.completed/failed when a member's settling finished its workflow."""
+        """Publish the workflow's terminal event if settling ``job`` ended its workflow.
+
+        Called after every path that can end a member: ack, nack, cancel, the
+        reaper, a unique ``replace``.  The workflow names the member that ended
+        it, so the event goes out once even when several members settle at the
+        same instant; the time check leaves out a later settling of that same
+        member (retried from the dead letter queue).
+        """
         if job.workflow_id is None or not job.state.is_terminal:
             return
         try:
             workflow = await self.storage.get_workflow(job.workflow_id)
         except OjsError:
             return
-        if workflow.state in TERMINAL_WORKFLOW and workflow.completed_at == job_settled_at(job):
+        if (
+            workflow.state in TERMINAL_WORKFLOW
+            and workflow.finished_by == job.id
+            and workflow.completed_at == job_settled_at(job)
+        ):
             self.events.publish(
                 workflow_event(f"workflow.{workflow.state}", workflow, self.clock())
             )
 
-    def _jobs_reaped(self, jobs: list[Job]) -> None:
+    async def _jobs_reaped(self, jobs: list[Job]) -> None:
         for job in jobs:
             if job.state is JobState.DISCARDED:
                 self._publish("job.discarded", job, reason=(job.error or {}).get("code"))
@@ -216,6 +227,8 @@ class Engine:
             else:
                 self._publish("job.requeued", job, reason=(job.error or {}).get("code"))
         self._jobs_became_available(jobs)
+        for job in jobs:
+            await self._after_settle(job)
 
     def _jobs_claimed(self, jobs: list[Job]) -> None:
         self._counters["fetched"] += len(jobs)
@@ -290,6 +303,7 @@ class Engine:
         for result in results:
             if result.replaced is not None:
                 self._publish("job.cancelled", result.replaced, reason="unique_replace")
+                await self._after_settle(result.replaced)
             if not result.created:
                 continue
             job = result.job

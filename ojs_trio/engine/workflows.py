@@ -45,6 +45,10 @@ class Workflow:
     fired_callbacks: dict[str, str] = field(default_factory=dict)  # name -> job id
     started_at: float | None = None
     completed_at: float | None = None
+    # The member whose settling ended the workflow (None while running, or when
+    # the workflow itself was cancelled): the engine publishes the terminal
+    # event for that member only, so it goes out once whoever settled it.
+    finished_by: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -188,9 +192,10 @@ def parse_workflow(body: Any, now: float) -> tuple[Workflow, list[Job]]:
     return workflow, start
 
 
-def _finish(workflow: Workflow, state: str, now: float) -> None:
+def _finish(workflow: Workflow, state: str, now: float, by: str | None = None) -> None:
     workflow.state = state
     workflow.completed_at = now
+    workflow.finished_by = by
 
 
 def on_job_started(workflow: Workflow, job: Job, now: float) -> None:
@@ -212,12 +217,13 @@ def on_job_finished(workflow: Workflow, job: Job, now: float) -> list[Job]:
     if workflow.type == "chain":
         if job.state is not JobState.COMPLETED:
             workflow.pending_steps.clear()
-            _finish(workflow, "failed" if job.state is JobState.DISCARDED else "cancelled", now)
+            state = "failed" if job.state is JobState.DISCARDED else "cancelled"
+            _finish(workflow, state, now, job.id)
             return []
         nxt = index + 1
         body = workflow.pending_steps.pop(nxt, None)
         if body is None:
-            _finish(workflow, "completed", now)
+            _finish(workflow, "completed", now, job.id)
             return []
         step = _member(parse_job(body, now), workflow.id, nxt)
         step.parent_results = [job.result]
@@ -228,7 +234,7 @@ def on_job_finished(workflow: Workflow, job: Job, now: float) -> list[Job]:
     if any(not JobState(s).is_terminal for s in workflow.job_states.values()):
         return []
     all_ok = all(s == "completed" for s in workflow.job_states.values())
-    _finish(workflow, "completed" if all_ok else "failed", now)
+    _finish(workflow, "completed" if all_ok else "failed", now, job.id)
     spawned: list[Job] = []
     if workflow.type == "batch":
         results = [workflow.results.get(i) for i in range(workflow.total)]
