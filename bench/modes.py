@@ -35,6 +35,10 @@ class Sizes:
     # peers
     peer_jobs: int
     peer_concurrency: int
+    # group commit on and off (embedded, PostgreSQL): jobs, tasks, runs each way
+    gc_jobs: int
+    gc_concurrency: int
+    gc_runs: int
 
 
 SMOKE = Sizes(
@@ -60,6 +64,9 @@ SMOKE = Sizes(
     longpoll_s=0.2,
     peer_jobs=100,
     peer_concurrency=4,
+    gc_jobs=200,
+    gc_concurrency=4,
+    gc_runs=1,
 )
 
 QUICK = Sizes(
@@ -85,6 +92,9 @@ QUICK = Sizes(
     longpoll_s=0.6,
     peer_jobs=600,
     peer_concurrency=32,
+    gc_jobs=2_000,
+    gc_concurrency=32,
+    gc_runs=2,
 )
 
 FULL = Sizes(
@@ -110,6 +120,9 @@ FULL = Sizes(
     longpoll_s=5.0,
     peer_jobs=20_000,
     peer_concurrency=32,
+    gc_jobs=20_000,
+    gc_concurrency=64,
+    gc_runs=3,
 )
 
 MODES = {"smoke": SMOKE, "quick": QUICK, "full": FULL}

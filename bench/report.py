@@ -121,7 +121,27 @@ def checks(results: dict[str, Any]) -> list[Check]:
     out.extend(_http_pg_checks(results))
     out.extend(_cost_checks(results, mode))
     out.extend(_longpoll_checks(results, mode))
+    out.extend(_group_commit_checks(results))
     return out
+
+
+def _group_commit_checks(results: dict[str, Any]) -> list[Check]:
+    gc = results.get("group_commit")
+    if not gc:
+        if "groupcommit" in results["scenarios"]:
+            return [Check("group commit on ÷ off", "not run", "-", "not measured (see notes)")]
+        return []
+    ratio = gc["ratio"]["full_cycle"]
+    on, off = gc["with"]["full_cycle_jobs_per_s"], gc["without"]["full_cycle_jobs_per_s"]
+    return [
+        Check(
+            "group commit on ÷ off, full cycle (embedded, PostgreSQL, "
+            f"{gc['concurrency']} tasks, one job per call)",
+            f"{ratio:.2f}x ({_fmt(on)} vs {_fmt(off)} jobs/s)",
+            "(reported)",
+            "info",
+        )
+    ]
 
 
 def _peer_checks(results: dict[str, Any]) -> list[Check]:
@@ -439,6 +459,7 @@ def render(results: dict[str, Any]) -> str:
         lines.append("")
 
     lines += _peers_section(results)
+    lines += _group_commit_section(results)
 
     if results.get("plots"):
         lines += ["## Plots", ""]
@@ -510,5 +531,41 @@ def _peers_section(results: dict[str, Any]) -> list[str]:
                 f"{p.get('system')}: {p.get('settings', {})}" for p in peers if p.get("ok")
             ),
         ]
+    lines.append("")
+    return lines
+
+
+def _group_commit_section(results: dict[str, Any]) -> list[str]:
+    gc = results.get("group_commit")
+    if not gc:
+        return []
+    lines = [
+        "## Group commit on and off (embedded, PostgreSQL)",
+        "",
+        f"{gc['jobs']:,} jobs, {gc['concurrency']} concurrent tasks, pool of "
+        f"{gc['pool_size']} connections, a fresh database per run: the tasks submit one "
+        "job per call, then fetch one job per call and ack it with its own call. Medians "
+        f"of {len(gc['runs']) // 2} run(s) each way, alternating (bench/scenarios/"
+        "groupcommit.py). Batch columns: calls per statement or transaction.",
+        "",
+    ]
+    rows = []
+    for label in ("with", "without"):
+        x = gc[label]
+        rows.append(
+            [f"group commit {'on' if label == 'with' else 'off'}",
+             x["enqueue_jobs_per_s"], x["drain_jobs_per_s"], x["full_cycle_jobs_per_s"],
+             x["enqueue_batch_mean"], x["ack_batch_mean"]]
+        )  # fmt: skip
+    ratio = gc["ratio"]
+    rows.append(
+        ["on ÷ off", f"{ratio['enqueue']:.2f}x", f"{ratio['drain']:.2f}x",
+         f"{ratio['full_cycle']:.2f}x", "-", "-"]
+    )  # fmt: skip
+    lines += _table(
+        ["", "enqueue jobs/s", "fetch + ack jobs/s", "full cycle jobs/s",
+         "enqueue batch", "ack batch"],
+        rows,
+    )  # fmt: skip
     lines.append("")
     return lines

@@ -6,7 +6,7 @@
 
 Options: ``--storage memory,postgres`` (``sqs`` is tried and skipped until the
 adapter exists), ``--transport embedded,http``, ``--scenarios enqueue,dequeue,
-throughput,cost,longpoll,peers``, ``--out bench/results``, ``--pg-url``,
+throughput,cost,longpoll,peers,groupcommit``, ``--out bench/results``, ``--pg-url``,
 ``--server-processes N`` (HTTP server processes on shared storage; default one
 per CPU, as ``ojs-trio serve --processes N``).
 Results go to ``<out>/bench-<timestamp>-<mode>.{json,md}`` plus ``latest.json`` and
@@ -36,7 +36,7 @@ import trio
 from bench import report
 from bench.load import Progress
 from bench.modes import MODES, Sizes
-from bench.scenarios import ALL, SCENARIOS, peers
+from bench.scenarios import ALL, SCENARIOS, groupcommit, peers
 from bench.scenarios.common import Context
 from bench.targets import drop_database, open_target, postgres_version, recreate_database
 from ojs_trio.runtime import freeze_startup_heap
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--pg-url",
         default=os.environ.get("OJS_BENCH_DATABASE_URL", DEFAULT_PG_URL),
         help="database to drop and create for each PostgreSQL session "
-        "(its name gets a _peer suffix for the peer runs)",
+        "(its name gets a _peer suffix for the peer runs, _gc for the group commit runs)",
     )
     parser.add_argument(
         "--server-processes",
@@ -153,14 +153,21 @@ async def run_all(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
     run_peers = "peers" in args.scenarios and any(s == "postgres" for s, _ in storages)
     if "peers" in args.scenarios and not run_peers:
         notes.append("peers skipped: they need PostgreSQL")
+    run_gc = "groupcommit" in args.scenarios and any(s == "postgres" for s, _ in storages)
+    if "groupcommit" in args.scenarios and not run_gc:
+        notes.append("groupcommit skipped: it needs PostgreSQL")
     shared = args.server_processes or os.cpu_count() or 1
     server_processes = {s: 1 if s == "memory" else shared for s, _ in storages}
-    total = len(storages) * len(args.transport) * len(session_scenarios) + int(run_peers)
+    total = (
+        len(storages) * len(args.transport) * len(session_scenarios) + int(run_peers) + int(run_gc)
+    )
     progress = Progress(total, enabled=not args.no_progress)
     started = time.monotonic()
     started_at = dt.datetime.now(dt.UTC)
 
-    for storage, url in storages:
+    # Only once-per-run scenarios (peers, groupcommit) asked for: no sessions to open.
+    sessions = storages if session_scenarios else []
+    for storage, url in sessions:
         for transport in args.transport:
             if storage == "postgres":
                 await trio.to_thread.run_sync(recreate_database, url)
@@ -208,6 +215,22 @@ async def run_all(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
             await trio.to_thread.run_sync(drop_database, peer_url)
         timings["peers"] = round(time.monotonic() - t0, 1)
         progress.step("peers done")
+    group_commit: dict[str, Any] | None = None
+    if run_gc:
+        gc_url = args.pg_url + "_gc"
+        t0 = time.monotonic()
+        try:
+            freeze_startup_heap()
+            group_commit = await groupcommit.run(gc_url, sizes, progress)
+        except Exception as exc:
+            message = f"groupcommit: {type(exc).__name__}: {exc}"
+            errors.append(message)
+            progress.log("ERROR " + message)
+            traceback.print_exc()
+        finally:
+            await trio.to_thread.run_sync(drop_database, gc_url)
+        timings["groupcommit"] = round(time.monotonic() - t0, 1)
+        progress.step("groupcommit done")
     progress.close()
     meta = machine(args.pg_url, pg_version)
     meta["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -224,6 +247,7 @@ async def run_all(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
         "machine": meta,
         "records": records,
         "peers": peer_results,
+        "group_commit": group_commit,
         "notes": notes,
         "errors": errors,
         "timings_s": timings,

@@ -14,6 +14,7 @@ SCENARIOS: dict[str, Callable[[Context], Awaitable[None]]] = {
     "cost": cost.run,
     "longpoll": longpoll.run,
 }
-# "peers" runs once per invocation (embedded on PostgreSQL against the peer
-# libraries), not per storage/transport session: see bench/scenarios/peers.py.
-ALL = [*SCENARIOS, "peers"]
+# "peers" and "groupcommit" run once per invocation (embedded on PostgreSQL, on
+# databases of their own), not per storage/transport session: see
+# bench/scenarios/peers.py and bench/scenarios/groupcommit.py.
+ALL = [*SCENARIOS, "peers", "groupcommit"]

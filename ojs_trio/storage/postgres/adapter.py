@@ -43,7 +43,7 @@ from ojs_trio.storage.port import (
     QueueInfo,
     StorageListener,
 )
-from ojs_trio.storage.postgres.coalesce import Coalescer
+from ojs_trio.storage.postgres.coalesce import Coalescer, CoalescerStatistics
 from ojs_trio.storage.postgres.driver import (
     Notification,
     TrioConnection,
@@ -245,6 +245,14 @@ class PostgresStorage:
             coalesce=group_commit,
         )
         self._settles: Coalescer[Settle, Job] = Coalescer(self._settle_batch, coalesce=group_commit)
+
+    def group_commit_statistics(self) -> dict[str, CoalescerStatistics]:
+        """Calls and batches so far of each coalesced verb (batch size = calls / batches)."""
+        return {
+            "enqueue": self._enqueues.statistics(),
+            "settle": self._settles.statistics(),
+            "heartbeat": self._beats.statistics(),
+        }
 
     # -- lifecycle ---------------------------------------------------------------------
 

@@ -16,12 +16,14 @@ Trio with no thread and no asyncio loop. On top of it:
   :class:`~ojs_trio.engine.errors.BackendError` /
   :class:`~ojs_trio.engine.errors.BackendUnavailable`.
 
-Private psycopg hooks relied on (pinned by ``psycopg~=3.3`` and guarded by
-``tests/test_pg_driver.py::test_psycopg_private_hooks``): ``AsyncConnection.wait``,
-``BaseConnection._connect_gen`` / ``_cancel_gen`` / ``_should_cancel``, the
-``lock`` attribute, ``_autocommit`` / ``_adapters`` set after connecting, ``_closed``,
-``psycopg.generators.notifies``, ``psycopg.waiting._ready`` (optional, with a
-``poll()`` fallback) and ``psycopg.errors._WaitTimeout``.
+Private psycopg hooks relied on, guarded by
+``tests/test_pg_driver.py::test_psycopg_private_hooks``; pyproject.toml pins
+``psycopg>=3.3.9,<3.4`` (the 3.3 line from the release tested, not ``~=3.3``, which
+would allow 3.4 and later: private hooks may change in any release):
+``AsyncConnection.wait``, ``BaseConnection._connect_gen`` / ``_cancel_gen`` /
+``_should_cancel``, the ``lock`` attribute, ``_autocommit`` / ``_adapters`` set after
+connecting, ``_closed``, ``psycopg.generators.notifies``, ``psycopg.waiting._ready``
+(optional, with a ``poll()`` fallback) and ``psycopg.errors._WaitTimeout``.
 
 Cancellation follows Trio's stream convention: a Trio cancellation (or Ctrl-C) that
 interrupts a command in flight sends a cancel request to the server (bounded by
