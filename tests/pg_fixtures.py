@@ -48,7 +48,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlencode
 
 import psycopg
@@ -71,6 +71,7 @@ __all__ = [
     "fingerprint_files",
     "fresh_database",
     "fresh_db",
+    "give_up",
     "pg_dsn",
     "pg_template",
     "resolve_pg_dsn",
@@ -208,19 +209,19 @@ def resolve_pg_dsn() -> Iterator[str]:
             return
         reasons.append(f"{ENV_URL if url else 'default DSN'} {dsn!r} unreachable: {why}")
         if url:
-            _give_up(reasons)
+            give_up(reasons)
     cluster = start_throwaway_cluster()
     if isinstance(cluster, str):
         reasons.append(cluster)
-        _give_up(reasons)
-        return
+        give_up(reasons)
     try:
         yield cluster.dsn
     finally:
         cluster.remove()
 
 
-def _give_up(reasons: list[str]) -> None:
+def give_up(reasons: list[str]) -> NoReturn:
+    """Skip the test for want of PostgreSQL -- or fail it under ``CI=true``."""
     message = "PostgreSQL not available: " + "; ".join(reasons)
     if _in_ci():
         pytest.fail(message + " (CI=true: PostgreSQL is required)", pytrace=False)
