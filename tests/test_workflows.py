@@ -22,7 +22,7 @@ import trio.testing
 from mockclock import engine_on_clock, real_time_limit
 
 from ojs_trio.engine.engine import Engine
-from ojs_trio.engine.errors import OjsError
+from ojs_trio.engine.errors import InvalidRequest, OjsError
 from ojs_trio.engine.job import Job
 from ojs_trio.engine.lifecycle import Failure
 from ojs_trio.engine.states import JobState
@@ -95,7 +95,8 @@ async def test_chain_runs_strictly_in_order_passing_parent_results() -> None:
             (job,) = await fetch_all(engine)
             assert job.args == [n]
             assert (job.workflow_id, job.workflow_step) == (workflow.id, n)
-            assert job.parent_results == ([] if n == 0 else [{"step": n - 1, "out": n * 10}])
+            # Every earlier step's result, indexed by step (ojs-workflows 7.2).
+            assert job.parent_results == [{"step": k, "out": (k + 1) * 10} for k in range(n)]
             assert await fetch_all(engine) == []  # nothing else while step n runs
             current = await engine.get_workflow(workflow.id)
             assert current.job_ids[n] == job.id
@@ -112,6 +113,19 @@ async def test_chain_runs_strictly_in_order_passing_parent_results() -> None:
         assert workflow_events(engine, workflow.id) == ["workflow.started", "workflow.completed"]
 
 
+async def test_chain_step_without_a_result_leaves_null_at_its_index() -> None:
+    async with running_engine() as engine:
+        await engine.create_workflow({"type": "chain", "steps": [step(0), step(1), step(2)]})
+        (first,) = await fetch_all(engine)
+        await engine.ack(first.id, has_result=False)
+        (second,) = await fetch_all(engine)
+        assert second.parent_results == [None]
+        await engine.ack(second.id, {"rows": 3})
+        (third,) = await fetch_all(engine)
+        assert third.parent_results == [None, {"rows": 3}]
+        assert third.to_wire()["parent_results"] == [None, {"rows": 3}]
+
+
 async def test_chain_steps_never_overlap_with_many_workers(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -123,7 +137,7 @@ async def test_chain_steps_never_overlap_with_many_workers(
                 n = ctx.job.workflow_step
                 assert n is not None
                 log.append(("start", n))
-                assert ctx.job.parent_results == ([] if n == 0 else [n - 1])
+                assert ctx.job.parent_results == list(range(n))
                 await trio.sleep(1.0)
                 log.append(("end", n))
                 return n
@@ -183,6 +197,17 @@ async def test_chain_step_failing_through_a_handler_fails_the_chain(
                 await wait_for_workflow(engine, workflow.id, "failed")
                 await trio.sleep(60.0)
     assert ran == [0, 1]
+
+
+async def test_nested_workflow_is_refused_at_creation() -> None:
+    nested = {"type": "group", "jobs": [step(1), step(2)]}
+    async with running_engine() as engine:
+        with pytest.raises(InvalidRequest) as excinfo:
+            await engine.create_workflow({"type": "chain", "steps": [step(0), nested]})
+        assert excinfo.value.http_status == 400
+        assert "nested workflows are not supported" in excinfo.value.message
+        assert (excinfo.value.details or {})["field"] == "steps[1]"
+        assert (await engine.storage.ping())["jobs"] == 0
 
 
 # -- group -------------------------------------------------------------------------------
@@ -521,7 +546,7 @@ async def test_actor_raising_mid_chain_neither_loses_nor_duplicates_a_step(
         n = ctx.job.workflow_step
         assert n is not None
         seen[n].append(ctx.job.id)
-        assert ctx.job.parent_results == ([] if n == 0 else [{"step": n - 1}])
+        assert ctx.job.parent_results == [{"step": k} for k in range(n)]
         if n == CRASH_STEP - 1:
             armed.set()
         if actor == "reaper" and n == CRASH_STEP and len(seen[n]) == 1:
@@ -576,7 +601,7 @@ async def test_handler_raising_on_a_chain_step_retries_and_the_chain_completes_o
                 n = ctx.job.workflow_step
                 assert n is not None
                 invocations[n] += 1
-                assert ctx.job.parent_results == ([] if n == 0 else [n - 1])
+                assert ctx.job.parent_results == list(range(n))
                 if n == 1 and ctx.job.attempt == 1:
                     raise RuntimeError("transient failure on step 1")
                 completions[n] += 1

@@ -158,6 +158,18 @@ def parse_workflow(body: Any, now: float) -> tuple[Workflow, list[Job]]:
     wf_id = body.get("id") or uuid7()
     if not isinstance(wf_id, str) or not is_uuid7(wf_id):
         raise InvalidRequest("workflow 'id' must be a lowercase UUIDv7", details={"field": "id"})
+    for index, member in enumerate(members):
+        # ojs-workflows 10.2: a depth beyond what is supported is refused at creation
+        # with a clear message (parsed as a job, it would only say 'args' is missing).
+        if (
+            isinstance(member, dict)
+            and member.get("type") in KINDS
+            and ("jobs" in member or "steps" in member)
+        ):
+            raise InvalidRequest(
+                "nested workflows are not supported: every member must be a job",
+                details={"field": f"{member_field}[{index}]", "max_nesting_depth": 1},
+            )
     # Validate every member (and callback) up front: all or nothing.
     jobs = [parse_job(m, now) for m in members]
     callbacks_raw = body.get("callbacks") or {}
@@ -226,7 +238,10 @@ def on_job_finished(workflow: Workflow, job: Job, now: float) -> list[Job]:
             _finish(workflow, "completed", now, job.id)
             return []
         step = _member(parse_job(body, now), workflow.id, nxt)
-        step.parent_results = [job.result]
+        # ojs-workflows 7.2 (SHOULD): every earlier step's result, by step index.
+        # A list rather than the spec's object keyed "0", "1", ...: the official
+        # conformance case reads parent_results[0] (docs/workflows.md).
+        step.parent_results = [workflow.results.get(i) for i in range(nxt)]
         workflow.job_ids[nxt] = step.id
         workflow.job_states[step.id] = step.state.value
         return [step]

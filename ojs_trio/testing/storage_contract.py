@@ -1574,7 +1574,7 @@ async def check_chain_creates_each_step_on_ack(factory: StorageFactory) -> None:
             got = await _claim(storage, now, *queues, count=10)
             current = await storage.get_workflow(chain.id)
             _expect_eq(_ids(got), [_job_id(current, step)], f"claimable jobs at step {step}")
-            parents = [] if step == 0 else [results[step - 1]]
+            parents = results[:step]  # every earlier step's result, by index
             fields = (got[0].queue, got[0].workflow_id, got[0].workflow_step, got[0].parent_results)
             _expect_eq(
                 fields, (queue, chain.id, step, parents), f"step {step} (queue, wf, parents)"
