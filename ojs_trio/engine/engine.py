@@ -247,13 +247,19 @@ class Engine:
     async def submit(self, body: Any) -> EnqueueResult | None:
         """Enqueue one job from an OJS envelope (the HTTP request body).
 
-        Returns None when enqueue middleware dropped the job.
+        Returns None when enqueue middleware dropped the job.  An invalid
+        envelope raises its own validation error (no per-item wrapping).
         """
-        results = await self.submit_many([body])
+        results = await self.enqueue_jobs([parse_job(body, self.clock())])
         return results[0] if results else None
 
     async def submit_many(self, bodies: Sequence[Any]) -> list[EnqueueResult]:
-        """Validate every envelope first, then store them in one storage call."""
+        """Validate every envelope first, then store them in one storage call.
+
+        Any invalid envelope fails the whole batch with one error listing each
+        invalid item (``details.errors``: ``index`` plus the item's error), also
+        for a batch of one.
+        """
         now = self.clock()
         errors: list[dict[str, Any]] = []
         jobs: list[Job] = []
@@ -261,8 +267,6 @@ class Engine:
             try:
                 jobs.append(parse_job(body, now))
             except OjsError as exc:
-                if len(bodies) == 1:
-                    raise
                 errors.append({"index": index, **exc.to_wire()})
         if errors:
             raise InvalidRequest(
