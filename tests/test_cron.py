@@ -5,7 +5,8 @@ transitions of 2026 (spring forward on Sun 2026-03-08, fall back on Sun
 2026-11-01).  The ticker tests run under ``MockClock(autojump_threshold=0)``
 with the engine's wall clock at ``BASE + trio.current_time()``, where BASE is
 30 s past a minute boundary, so "a per-minute schedule over five minutes" is
-exact and instant.
+exact and instant; the DST ticker test starts its clock just before each
+transition instead.
 """
 
 from __future__ import annotations
@@ -563,3 +564,73 @@ async def test_six_field_schedule_fires_on_the_second(
             jobs = await engine.fetch(["cron"], 100)
             # BASE is hh:00:30, so the 10-second marks fall at mock 10, 20, ..., 60.
             assert [j.created_at - BASE for j in jobs] == pytest.approx([10, 20, 30, 40, 50, 60])
+
+
+# -- the ticker across DST (America/New_York, 2026) ----------------------------------------
+
+DST_SCHEDULES = {"two-thirty": "30 2 * * *", "one-thirty": "30 1 * * *"}
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "expected"),
+    [
+        pytest.param(
+            "2026-03-07T00:00:00+00:00",
+            "2026-03-09T12:00:00+00:00",
+            {
+                # 02:30 EST; no 02:30 on 03-08 (02:00 EST -> 03:00 EDT); 02:30 EDT.
+                "two-thirty": ["2026-03-07T07:30:00Z", "2026-03-09T06:30:00Z"],
+                # 01:30 exists every day: EST, EST (before the jump), then EDT.
+                "one-thirty": [
+                    "2026-03-07T06:30:00Z",
+                    "2026-03-08T06:30:00Z",
+                    "2026-03-09T05:30:00Z",
+                ],
+            },
+            id="spring-forward",
+        ),
+        pytest.param(
+            "2026-11-01T00:00:00+00:00",
+            "2026-11-02T12:00:00+00:00",
+            {
+                # 01:30 happens twice on 11-01: it fires at the first (EDT) one only.
+                "one-thirty": ["2026-11-01T05:30:00Z", "2026-11-02T06:30:00Z"],
+                # 02:30 is after the repeated hour: once a day, EST.
+                "two-thirty": ["2026-11-01T07:30:00Z", "2026-11-02T07:30:00Z"],
+            },
+            id="fall-back",
+        ),
+    ],
+)
+async def test_ticker_keeps_local_time_across_dst_in_new_york(
+    autojump_clock: trio.testing.MockClock, start: str, end: str, expected: dict[str, list[str]]
+) -> None:
+    """A running engine's ticker, not just next_occurrence: each local 02:30 / 01:30
+    that exists fires once, at its instant, and the day without one fires nothing."""
+    epoch = utc(start)
+
+    def dst_wall() -> float:
+        return epoch + trio.current_time()
+
+    # Long timer bounds: only the cron ticker (at most 30 s asleep) wakes over the days.
+    quiet = {"timer_max_sleep": 3600.0, "prune_interval": 3600.0}
+    with real_time_limit():
+        async with running_engine(clock=dst_wall, **quiet) as engine:
+            for name, expression in DST_SCHEDULES.items():
+                await engine.put_cron(
+                    cron_body(name, expression, timezone="America/New_York", overlap_policy="allow")
+                )
+            await trio.sleep_until(utc(end) - epoch)
+
+            jobs = await engine.fetch(["cron"], 100)
+            fired: dict[str, list[str]] = {name: [] for name in DST_SCHEDULES}
+            for job in jobs:
+                meta = job.meta or {}
+                occurrence = meta["cron_occurrence"]
+                assert job.created_at == pytest.approx(utc(occurrence)), "fired late or early"
+                fired[meta["cron_name"]].append(iso(utc(occurrence)))
+            assert fired == expected
+            for name, runs in expected.items():
+                record = await engine.get_cron(name)
+                assert (record.runs, record.skipped) == (len(runs), 0)
+                assert iso(record.last_run_at or 0) == runs[-1]
