@@ -228,6 +228,10 @@ async def test_expired_available_job_is_discarded_by_the_reaper(
             assert expired.discarded_at == pytest.approx(BASE + start + 2.0)
             assert expired.attempt == 0
             assert engine.statistics().reaped == 1
+            # Visible in the dead letter queue, with its default on_exhaustion (discard).
+            assert expired.retry.on_exhaustion == "discard"
+            dead = await engine.list_dead_letter()
+            assert [j.id for j in dead.jobs] == [job.id]
 
             event = sub.receive.receive_nowait()
             assert event["job_id"] == job.id
