@@ -22,7 +22,7 @@ from ojs_trio.engine.errors import Conflict, InvalidStateTransition
 from ojs_trio.engine.job import Job
 from ojs_trio.engine.lifecycle import Failure
 from ojs_trio.storage.port import ClaimRequest
-from ojs_trio.storage.postgres.adapter import PostgresStorage, _row
+from ojs_trio.storage.postgres.adapter import PostgresStorage, _job, _row
 from ojs_trio.testing.storage_contract import T0, make_job
 
 QUEUE = "claims"
@@ -49,11 +49,11 @@ async def _claim_and_compare(
     assert got[0].to_record() == expected.to_record()
     async with storage._pool.connection() as conn:
         cur = await conn.execute(
-            "SELECT state, lease_until, worker_id, run_at, finished, record"
-            " FROM ojs_jobs WHERE id = %s",
+            "SELECT state, lease_until, worker_id, run_at, finished, record,"
+            " attempt, started_at, lease_expires_at FROM ojs_jobs WHERE id = %s",
             (job_id,),
         )
-        state, lease_until, worker_id, run_at, finished, record = await cur.fetchone()
+        state, lease_until, worker_id, run_at, finished, record, *claim = await cur.fetchone()
     row = _row(expected)
     assert (state, lease_until, worker_id, run_at, finished) == (
         row["state"],
@@ -62,7 +62,11 @@ async def _claim_and_compare(
         row["run_at"],
         row["finished"],
     )
-    assert record == expected.to_record()
+    # The claim went to columns (migration 0002); the record is as it was before.
+    assert claim == [expected.attempt, expected.started_at, expected.lease_expires_at]
+    assert record == before.to_record()
+    stored = _job((record, state, worker_id, *claim))
+    assert stored.to_record() == expected.to_record()
     return got[0]
 
 
@@ -76,10 +80,11 @@ async def _fail_attempt(storage: PostgresStorage, job_id: str) -> float:
 
 
 async def _columns(storage: PostgresStorage, job_id: str) -> tuple[Any, ...]:
+    """The row after an ack: the record is complete again and the claim columns NULL."""
     async with storage._pool.connection() as conn:
         cur = await conn.execute(
             "SELECT state, lease_until, worker_id, run_at, finished, finished_at, dead_letter,"
-            " record FROM ojs_jobs WHERE id = %s",
+            " record, attempt, started_at, lease_expires_at FROM ojs_jobs WHERE id = %s",
             (job_id,),
         )
         row = await cur.fetchone()
@@ -99,7 +104,9 @@ async def _ack_and_compare(
     want = tuple(
         row[k] for k in ("state", "lease_until", "worker_id", "run_at", "finished", "finished_at")
     )
-    assert (*want, row["dead_letter"], expected.to_record()) == await _columns(storage, job_id)
+    assert (*want, row["dead_letter"], expected.to_record(), None, None, None) == await _columns(
+        storage, job_id
+    )
     return got
 
 

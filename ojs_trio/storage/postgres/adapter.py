@@ -153,7 +153,21 @@ async def _configure_session(conn: TrioConnection) -> None:
 
 
 def _job(row: Sequence[Any]) -> Job:
-    return Job.from_record(row[0])
+    """A job from ``record, state, worker_id, attempt, started_at, lease_expires_at``.
+
+    While ``attempt`` is set, a claim's changes live in those columns instead of
+    the record (migration 0002): they are laid over it here.
+    """
+    job = Job.from_record(row[0])
+    if row[3] is not None:
+        job.state = JobState(row[1])
+        job.attempt = row[3]
+        job.started_at = row[4]
+        if job.state is JobState.ACTIVE:
+            job.worker_id = row[2]
+            job.lease_expires_at = row[5]
+            job.scheduled_at = None
+    return job
 
 
 def _plain_calls(calls: Sequence[Enqueue]) -> list[list[Job]] | None:
@@ -678,7 +692,7 @@ class PostgresStorage:
         if rows and rows[0][0] is None:
             return await self._claim_limited(name, slots, requests, now)
         rows.sort(key=lambda row: row[0])
-        return [Job.from_record(row[1]) for row in rows]
+        return [_job(row[1:]) for row in rows]
 
     async def _claim_limited(
         self, name: str, slots: list[int], requests: Sequence[ClaimRequest], now: float
@@ -717,13 +731,13 @@ class PostgresStorage:
         async with self._tx() as conn:
             # Members first, then workflows, each in id order: the order settles lock in.
             cur = await conn.execute(q("lock_jobs"), (sorted(j.id for j in jobs),))
-            current = {record["id"]: record for (record,) in await cur.fetchall()}
+            current = {found.id: found for found in map(_job, await cur.fetchall())}
             still = [
                 job
                 for job in jobs
-                if (record := current.get(job.id)) is not None
-                and record["state"] == JobState.ACTIVE.value
-                and record["attempt"] == job.attempt
+                if (found := current.get(job.id)) is not None
+                and found.state is JobState.ACTIVE
+                and found.attempt == job.attempt
             ]
             for workflow_id in sorted({str(job.workflow_id) for job in still}):
                 cur = await conn.execute(q("lock_workflow"), (workflow_id,))
@@ -1037,7 +1051,7 @@ class PostgresStorage:
             async with self._pool.connection() as conn:
                 cur = await conn.execute(q("list_dead_letter"), params)
                 rows = await cur.fetchall()
-                total = int(rows[0][1]) if rows else 0
+                total = int(rows[0][6]) if rows else 0
                 if not rows:
                     cur = await conn.execute(q("count_dead_letter"), params)
                     row = await cur.fetchone()

@@ -95,7 +95,8 @@ SELECT id FROM ojs_jobs WHERE id = ANY(%s::uuid[])
 UPDATE ojs_jobs
    SET finished = %(finished)s, state = %(state)s, priority = %(priority)s, run_at = %(run_at)s,
        lease_until = %(lease_until)s, expires_at = %(expires_at)s, dead_letter = %(dead_letter)s,
-       worker_id = %(worker_id)s, finished_at = %(finished_at)s, record = %(record)s
+       worker_id = %(worker_id)s, finished_at = %(finished_at)s, record = %(record)s,
+       attempt = NULL, started_at = NULL, lease_expires_at = NULL
  WHERE id = %(id)s
 
 -- name: ensure_queue
@@ -108,31 +109,34 @@ UPDATE ojs_queues
  WHERE name = %(name)s
 
 -- name: get_job
-SELECT record FROM ojs_jobs WHERE id = %s
+SELECT record, state, worker_id, attempt, started_at, lease_expires_at FROM ojs_jobs WHERE id = %s
 
 -- name: lock_job
-SELECT record FROM ojs_jobs WHERE id = %s FOR UPDATE
+SELECT record, state, worker_id, attempt, started_at, lease_expires_at FROM ojs_jobs WHERE id = %s FOR UPDATE
 
 -- name: lock_jobs
-SELECT record FROM ojs_jobs WHERE id = ANY(%s::uuid[]) ORDER BY id FOR UPDATE
+SELECT record, state, worker_id, attempt, started_at, lease_expires_at FROM ojs_jobs WHERE id = ANY(%s::uuid[]) ORDER BY id FOR UPDATE
 
 -- name: lock_unique
-SELECT record FROM ojs_jobs WHERE unique_key = %s ORDER BY created_at FOR UPDATE
+SELECT record, state, worker_id, attempt, started_at, lease_expires_at FROM ojs_jobs WHERE unique_key = %s ORDER BY created_at FOR UPDATE
 
 -- name: queues_for_claim
 SELECT name, paused, rate_limit, concurrency FROM ojs_queues WHERE name = ANY(%s)
 
 -- name: claim_plain
 -- One autocommitted statement that claims up to len(slots) jobs of one queue and
--- writes them back active; the n-th job in delivery order goes to slot n.  The
--- record changes are exactly engine.lifecycle.claim's (tests/test_pg_sql_transitions.py
--- compares the two on every kind of job): state, attempt + 1, started_at, the
--- worker and lease, scheduled_at cleared.  A paused queue yields no rows; a queue
--- with a rate or concurrency limit yields one all-NULL row and nothing is claimed:
--- the caller then takes the transactional path (claim_available), which counts
--- the budget first.  Slots are numbered 1..N, so the n-th job's slot is read by
--- array subscript: a join of the picked jobs to the slots on n was a nested loop
--- over both (1.6M comparisons, 380 ms for 1,270 slots).
+-- marks them active; the n-th job in delivery order goes to slot n.  The changes
+-- are exactly engine.lifecycle.claim's (tests/test_pg_sql_transitions.py compares
+-- the two on every kind of job): state, attempt + 1, started_at, the worker and
+-- lease, scheduled_at cleared.  They go to columns only (migration 0002): the
+-- record is left as it is and readers overlay the columns on it, because
+-- rebuilding the JSONB record was about a quarter of the statement's cost.
+-- A paused queue yields no rows; a queue with a rate or concurrency limit yields
+-- one all-NULL row and nothing is claimed: the caller then takes the
+-- transactional path (claim_available), which counts the budget first.  Slots
+-- are numbered 1..N, so the n-th job's slot is read by array subscript: a join of
+-- the picked jobs to the slots on n was a nested loop over both (1.6M
+-- comparisons, 380 ms for 1,270 slots).
 WITH settings AS (
     SELECT paused, rate_limit IS NOT NULL OR concurrency IS NOT NULL AS limited
       FROM ojs_queues WHERE name = %(queue)s
@@ -167,27 +171,21 @@ WITH settings AS (
        SET state = 'active', run_at = NULL, worker_id = l.worker_id,
            -- the lease column also honours the execution deadline (timeout_ms)
            lease_until = least(l.lease, %(now)s::float8 + l.timeout_ms::float8 / 1000.0::float8),
-           -- Job.to_record keeps no None under "_private": strip the NULLs set here.
-           record = j.record || jsonb_build_object(
-                        'state', 'active',
-                        'attempt', (j.record->>'attempt')::integer + 1,
-                        '_private', jsonb_strip_nulls(
-                            ((j.record->'_private') - 'scheduled_at') || jsonb_build_object(
-                                'started_at', %(now)s::float8,
-                                'worker_id', l.worker_id,
-                                'lease_expires_at', l.lease)))
+           attempt = coalesce(j.attempt, (j.record->>'attempt')::integer) + 1,
+           started_at = %(now)s::float8,
+           lease_expires_at = l.lease
       FROM leased AS l
      WHERE j.id = l.id AND NOT j.finished
- RETURNING l.n, j.record
+ RETURNING l.n, j.record, j.state, j.worker_id, j.attempt, j.started_at, j.lease_expires_at
 )
-SELECT n, record FROM claimed
+SELECT n, record, state, worker_id, attempt, started_at, lease_expires_at FROM claimed
 UNION ALL
-SELECT NULL, NULL FROM settings WHERE limited AND NOT paused
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM settings WHERE limited AND NOT paused
 
 -- name: claim_available
 -- The claim of a queue with limits, inside the transaction that counted its budget.
 -- Jobs past their TTL are left to the reaper, which discards and reports them.
-SELECT record FROM ojs_jobs
+SELECT record, state, worker_id, attempt, started_at, lease_expires_at FROM ojs_jobs
  WHERE NOT finished AND queue = %s AND state = 'available'
    AND (expires_at IS NULL OR expires_at > %s)
  ORDER BY priority DESC, id
@@ -208,9 +206,11 @@ SELECT %s, %s FROM generate_series(1, %s)
 -- lifecycle.ack for many jobs in one autocommitted statement, for jobs outside
 -- workflows (tests/test_pg_sql_transitions.py compares it with the engine's rule): state
 -- completed, completed_at, the result if any, the latest error and the lease
--- cleared; the row moves to ojs_jobs_done.  A job that is not active, belongs to
--- a workflow or is held by another worker is left alone; the caller sends those
--- down the general path, which raises the right error.  Ids are distinct.
+-- cleared; the row moves to ojs_jobs_done.  The record is written complete: a
+-- claim's changes kept in columns (migration 0002) are folded into it and the
+-- columns go back to NULL.  A job that is not active, belongs to a workflow or is
+-- held by another worker is left alone; the caller sends those down the general
+-- path, which raises the right error.  Ids are distinct.
 WITH acks AS (
     SELECT * FROM jsonb_to_recordset(%(acks)s::jsonb)
         AS a(id uuid, worker_id text, now double precision, has_result boolean, result jsonb)
@@ -218,14 +218,22 @@ WITH acks AS (
 UPDATE ojs_jobs AS j
    SET finished = true, state = 'completed', finished_at = a.now, run_at = NULL,
        lease_until = NULL, worker_id = NULL, dead_letter = false,
+       attempt = NULL, started_at = NULL, lease_expires_at = NULL,
        record = (j.record - 'error' - 'result')
                 || CASE WHEN a.has_result THEN jsonb_build_object('result', a.result)
                         ELSE '{}'::jsonb END
                 || jsonb_build_object(
                     'state', 'completed',
-                    '_private', ((j.record->'_private') - 'lease_expires_at') || jsonb_build_object(
-                        'completed_at', a.now,
-                        'has_result', a.has_result))
+                    'attempt', coalesce(j.attempt, (j.record->>'attempt')::integer),
+                    -- a claim kept in columns brings its started_at and worker (or none)
+                    '_private', ((j.record->'_private') - 'lease_expires_at' - 'scheduled_at'
+                                 - CASE WHEN j.attempt IS NOT NULL AND j.worker_id IS NULL
+                                        THEN 'worker_id' ELSE '' END)
+                        || CASE WHEN j.attempt IS NULL THEN '{}'::jsonb
+                                ELSE jsonb_build_object('started_at', j.started_at) END
+                        || CASE WHEN j.attempt IS NULL OR j.worker_id IS NULL THEN '{}'::jsonb
+                                ELSE jsonb_build_object('worker_id', j.worker_id) END
+                        || jsonb_build_object('completed_at', a.now, 'has_result', a.has_result))
   FROM acks AS a
  -- The ids twice: "= ANY" makes every plan look the jobs up by key.  On a
  -- never-analyzed table the planner otherwise read every active job (through
@@ -235,14 +243,15 @@ UPDATE ojs_jobs AS j
    AND NOT j.finished AND (j.state = 'active') IS TRUE
    AND j.workflow_id IS NULL
    AND (a.worker_id IS NULL OR j.worker_id IS NULL OR j.worker_id = a.worker_id)
-RETURNING j.record
+RETURNING j.record, j.state, j.worker_id, j.attempt, j.started_at, j.lease_expires_at
 
 -- name: update_jobs
 -- update_job for many rows at once (one JSON array of row objects; ids distinct).
 UPDATE ojs_jobs AS j
    SET finished = u.finished, state = u.state, priority = u.priority, run_at = u.run_at,
        lease_until = u.lease_until, expires_at = u.expires_at, dead_letter = u.dead_letter,
-       worker_id = u.worker_id, finished_at = u.finished_at, record = u.record
+       worker_id = u.worker_id, finished_at = u.finished_at, record = u.record,
+       attempt = NULL, started_at = NULL, lease_expires_at = NULL
   FROM jsonb_to_recordset(%s::jsonb) AS u(
        id uuid, finished boolean, state text, priority integer, run_at double precision,
        lease_until double precision, expires_at double precision, dead_letter boolean,
@@ -253,21 +262,21 @@ UPDATE ojs_jobs AS j
 DELETE FROM ojs_queue_starts WHERE started_at < %s
 
 -- name: due_jobs
-SELECT record FROM ojs_jobs
+SELECT record, state, worker_id, attempt, started_at, lease_expires_at FROM ojs_jobs
  WHERE NOT finished AND state IN ('scheduled', 'retryable') AND run_at <= %s
  ORDER BY run_at
  LIMIT %s
  FOR UPDATE SKIP LOCKED
 
 -- name: expired_leases
-SELECT record FROM ojs_jobs
+SELECT record, state, worker_id, attempt, started_at, lease_expires_at FROM ojs_jobs
  WHERE NOT finished AND state = 'active' AND lease_until <= %s
  ORDER BY lease_until
  LIMIT %s
  FOR UPDATE SKIP LOCKED
 
 -- name: expired_ttl
-SELECT record FROM ojs_jobs
+SELECT record, state, worker_id, attempt, started_at, lease_expires_at FROM ojs_jobs
  WHERE NOT finished AND expires_at <= %s
    AND state IN ('available', 'scheduled', 'retryable', 'pending')
  ORDER BY expires_at
@@ -294,7 +303,7 @@ SELECT least(
         AND state IN ('available', 'scheduled', 'retryable', 'pending')))
 
 -- name: list_dead_letter
-SELECT record, count(*) OVER () FROM ojs_jobs
+SELECT record, state, worker_id, attempt, started_at, lease_expires_at, count(*) OVER () FROM ojs_jobs
  WHERE finished AND dead_letter AND (%(queue)s::text IS NULL OR queue = %(queue)s)
  ORDER BY id
  LIMIT %(limit)s OFFSET %(offset)s
@@ -304,7 +313,7 @@ SELECT count(*) FROM ojs_jobs
  WHERE finished AND dead_letter AND (%(queue)s::text IS NULL OR queue = %(queue)s)
 
 -- name: lock_dead_letter
-SELECT record FROM ojs_jobs WHERE id = %s AND finished AND dead_letter FOR UPDATE
+SELECT record, state, worker_id, attempt, started_at, lease_expires_at FROM ojs_jobs WHERE id = %s AND finished AND dead_letter FOR UPDATE
 
 -- name: delete_job
 DELETE FROM ojs_jobs WHERE id = %s
