@@ -7,18 +7,13 @@ listing each invalid item by index, a batch of one included; a single
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
 import pytest
-import trio
+from http_fixtures import http_server
 
-from ojs_trio.config import Settings
-from ojs_trio.engine.engine import Engine, EngineConfig, open_engine
+from ojs_trio.engine.engine import EngineConfig, open_engine
 from ojs_trio.engine.errors import InvalidRequest, OjsError
-from ojs_trio.http import serve
 from ojs_trio.storage.memory import MemoryStorage
 
 INVALID = [
@@ -30,17 +25,6 @@ INVALID = [
         id="bad-retry-policy",
     ),
 ]
-
-
-@asynccontextmanager
-async def http_server() -> AsyncIterator[tuple[Engine, httpx.AsyncClient]]:
-    async with open_engine(MemoryStorage(), EngineConfig()) as engine:
-        async with trio.open_nursery() as nursery:
-            stop = trio.Event()
-            addresses = await nursery.start(serve, engine, Settings(port=0), stop.wait)
-            async with httpx.AsyncClient(base_url=addresses[0], timeout=10) as client:
-                yield engine, client
-            stop.set()
 
 
 @pytest.mark.parametrize(("body", "code", "field"), INVALID)

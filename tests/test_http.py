@@ -10,42 +10,25 @@ import json
 import random
 import re
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import pytest
 import trio
+from http_fixtures import http_server
 
 import ojs_trio
 from ojs_trio.config import Settings
-from ojs_trio.engine.engine import Engine, EngineConfig, open_engine
-from ojs_trio.http import create_app, serve
+from ojs_trio.http import create_app
 from ojs_trio.http.system import (
     OTHER_STORAGE_MECHANISM,
     UNIQUE_JOB_MECHANISMS,
     unique_jobs_capability,
 )
-from ojs_trio.storage.memory import MemoryStorage
 
 OJS_JSON = "application/openjobspec+json"
 MISSING = "01890000-0000-7000-8000-000000000000"  # a well-formed id no job has
-
-
-@asynccontextmanager
-async def http_server(
-    settings: Settings | None = None, **config: Any
-) -> AsyncIterator[tuple[Engine, httpx.AsyncClient]]:
-    """An engine plus the API served on an ephemeral loopback port, and a client for it."""
-    settings = settings or Settings(port=0)
-    async with open_engine(MemoryStorage(), EngineConfig(**config)) as engine:
-        async with trio.open_nursery() as nursery:
-            stop = trio.Event()
-            addresses = await nursery.start(serve, engine, settings, stop.wait)
-            async with httpx.AsyncClient(base_url=addresses[0], timeout=10) as client:
-                yield engine, client
-            stop.set()
 
 
 def assert_ojs_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
