@@ -8,6 +8,7 @@ the mock clock and a test sleeps through seconds of engine time instantly.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -20,6 +21,7 @@ import trio.testing
 
 from ojs_trio.engine.engine import Engine, EngineConfig, open_engine
 from ojs_trio.engine.errors import (
+    BackendError,
     BackendUnavailable,
     InvalidRequest,
     InvalidStateTransition,
@@ -954,6 +956,67 @@ async def test_a_failed_ack_write_leaves_the_jobs_to_their_leases(
             done = await wait_for_state(engine, job.id, JobState.COMPLETED, within=60)
         assert done.attempt == 2
         assert storage.batches == [[job.id], [job.id]]
+
+
+class _LosesAcks(MemoryStorage):
+    """Reports a failed write for the acks of ``lose`` (once), as PostgreSQL does
+    when its settle transaction fails; settles every other ack."""
+
+    def __init__(self) -> None:
+        super().__init__(rng=random.Random(0))
+        self.lose: set[str] = set()
+        self.batches: list[list[str]] = []
+
+    async def ack_many(self, acks: Sequence[AckRequest], now: float) -> list[Job | OjsError]:
+        self.batches.append([ack.job_id for ack in acks])
+        kept = [ack for ack in acks if ack.job_id not in self.lose]
+        settled = iter(await super().ack_many(kept, now))
+        outcomes: list[Job | OjsError] = []
+        for ack in acks:
+            if ack.job_id in self.lose:
+                self.lose.discard(ack.job_id)
+                outcomes.append(BackendError("PostgreSQL error (SerializationFailure)"))
+            else:
+                outcomes.append(next(settled))
+        return outcomes
+
+
+async def test_acks_lost_to_a_backend_error_are_one_warning_and_refusals_stay_info(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    storage = _LosesAcks()
+    gate = trio.Event()
+    running: set[str] = set()
+
+    async def gated(ctx: JobContext) -> str:
+        running.add(ctx.job.id)
+        await gate.wait()
+        return "ok"
+
+    async with open_engine(storage, EngineConfig(clock=wall)) as engine:
+        engine.register("t.gated", gated)
+        async with running_workers(engine, concurrency=3, visibility_ms=5_000):
+            first, second, cancelled = [(await engine.enqueue("t.gated")).job for _ in range(3)]
+            while len(running) < 3:  # noqa: ASYNC110 (the handlers are parked on the gate)
+                await trio.sleep(0.01)
+            await engine.cancel(cancelled.id)
+            storage.lose = {first.id, second.id}
+            with caplog.at_level(logging.INFO, logger="ojs_trio.worker"):
+                gate.set()
+                # The lost acks run again once their leases run out.
+                for job in (first, second):
+                    done = await wait_for_state(engine, job.id, JobState.COMPLETED, within=60)
+                    assert done.attempt == 2
+        assert sorted(storage.batches[0]) == sorted([first.id, second.id, cancelled.id])
+        records = [r for r in caplog.records if r.name == "ojs_trio.worker"]
+        warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+        assert warnings == [
+            "could not ack 2 jobs: PostgreSQL error (SerializationFailure); "
+            "their leases will run out and they run again"
+        ]
+        refusals = [r.getMessage() for r in records if r.levelno == logging.INFO]
+        assert len(refusals) == 1 and cancelled.id in refusals[0], refusals
+        assert refusals[0].startswith("could not settle job: ")
 
 
 async def _returns_ok(ctx: JobContext) -> str:

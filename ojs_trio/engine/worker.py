@@ -38,6 +38,7 @@ Outcome = tuple[str, Any, Failure | None]  # job id, result, failure (None: an a
 
 FETCH_RETRY_FIRST = 0.1  # seconds before fetching again after a backend error
 FETCH_RETRY_MAX = 5.0
+LOST_ACKS = "could not ack %d jobs: %s; their leases will run out and they run again"
 
 
 class HandlerSignal(Exception):
@@ -297,12 +298,19 @@ class WorkerPool:
             outcomes = await self._engine.ack_many(acks, worker_id=self.worker_id)
         except OjsError as exc:
             # The database out of reach: the leases run out and the jobs run again.
-            log.warning("could not ack %d jobs: %s", len(acks), exc.message)
+            log.warning(LOST_ACKS, len(acks), exc.message)
             return
+        # A storage may also report a failed write per job (PostgreSQL does when
+        # its settle transaction fails): one warning for them all, as above.
+        lost: list[BackendError] = []
         for outcome in outcomes:
-            if isinstance(outcome, OjsError):
+            if isinstance(outcome, BackendError):
+                lost.append(outcome)
+            elif isinstance(outcome, OjsError):
                 # e.g. the job was cancelled meanwhile: its outcome no longer matters.
                 log.info("could not settle job: %s", outcome.message)
+        if lost:
+            log.warning(LOST_ACKS, len(lost), lost[0].message)
 
     async def _nack(self, job_id: str, failure: Failure) -> None:
         try:
