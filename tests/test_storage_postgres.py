@@ -10,17 +10,18 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import psycopg
 import pytest
 import trio
 from pg_fixtures import fresh_database
 
-from ojs_trio.engine.errors import BackendError, DuplicateJob
+from ojs_trio.engine.errors import BackendError, DuplicateJob, InvalidStateTransition
 from ojs_trio.engine.job import Job
 from ojs_trio.engine.states import JobState
 from ojs_trio.engine.workflows import parse_workflow
 from ojs_trio.storage.port import AckRequest, ClaimRequest, Storage
 from ojs_trio.storage.postgres.adapter import PostgresStorage
-from ojs_trio.storage.postgres.driver import TrioConnection
+from ojs_trio.storage.postgres.driver import TrioConnection, map_errors
 from ojs_trio.storage.postgres.migrate import MIGRATION_LOCK_KEY, migrate
 from ojs_trio.storage.postgres.sql import migrations, q
 from ojs_trio.testing import CONTRACT_CHECKS, ContractCheck
@@ -264,6 +265,54 @@ async def test_a_failed_settle_transaction_leaves_the_plain_acks_before_it_commi
             assert await _state(storage, job.id) is JobState.COMPLETED
         for job in members:
             assert await _state(storage, job.id) is JobState.ACTIVE  # rolled back
+
+
+@pytest.mark.parametrize(
+    ("error", "retried"),
+    [
+        (psycopg.errors.SerializationFailure, True),
+        (psycopg.errors.DeadlockDetected, True),
+        (psycopg.errors.DiskFull, False),
+    ],
+)
+async def test_plain_acks_that_lost_a_race_get_the_general_paths_outcome(
+    fresh_db: str, monkeypatch: pytest.MonkeyPatch, error: type[psycopg.Error], retried: bool
+) -> None:
+    # A plain-ack statement that failed with a serialization failure or deadlock
+    # committed nothing: its acks are settled by the general path, which sees what
+    # the winning transaction left (here a cancel: a conflict, 409) instead of
+    # reporting the lost race (a 500).  Any other failure is each ack's error.
+    async with opened(fresh_db) as storage:
+        acked, cancelled = [make_job(queue="race", args=[k]) for k in range(2)]
+        await storage.enqueue([acked, cancelled], T0)
+        (held,) = await storage.claim([ClaimRequest(("race",), 2, "w", None)], T0)
+        assert len(held) == 2
+        ack_plain = storage._ack_plain
+        plain_calls: list[list[str]] = []
+
+        async def fails_once(items: Any) -> dict[str, Job]:
+            plain_calls.append([item[0] for item in items])
+            if len(plain_calls) > 1:
+                return await ack_plain(items)
+            await storage.cancel(cancelled.id, T0 + 1)  # the transaction that won
+            with map_errors():
+                raise error("injected")
+
+        monkeypatch.setattr(storage, "_ack_plain", fails_once)
+        out = await storage.ack_many(
+            [AckRequest(acked.id, "w"), AckRequest(cancelled.id, "w")], T0 + 2
+        )
+        assert plain_calls == [[acked.id, cancelled.id]]  # the general path did the rest
+        if retried:
+            assert isinstance(out[0], Job) and out[0].state is JobState.COMPLETED, out
+            assert isinstance(out[1], InvalidStateTransition), out
+            assert out[1].http_status == 409
+            assert await _state(storage, acked.id) is JobState.COMPLETED
+        else:
+            assert all(type(o) is BackendError for o in out), out
+            assert all(f"SQLSTATE {error.sqlstate}" in o.message for o in out), out
+            assert await _state(storage, acked.id) is JobState.ACTIVE
+        assert await _state(storage, cancelled.id) is JobState.CANCELLED
 
 
 # -- claim: nothing claimed and not returned ---------------------------------------------

@@ -792,6 +792,9 @@ class PostgresStorage:
     async def _settle_batch(self, items: Sequence[Settle]) -> list[Job | BaseException]:
         """Plain acks in one statement; everything else (and acks it left) in one transaction.
 
+        A plain-ack statement that lost a race (serialization failure or deadlock)
+        committed nothing: its acks go down the general path too.
+
         Each item's outcome is that of the statement or transaction that held it:
         when the general transaction fails, the plain acks committed before it
         still report their jobs, and only the general path's items get its error.
@@ -806,8 +809,13 @@ class PostgresStorage:
             try:
                 done = await self._ack_plain([items[k] for k in fast])
             except Exception as exc:  # nothing of it committed (or unknown): its acks only
-                for k in fast:
-                    outcomes[k] = exc
+                if _is_serialization_failure(exc):
+                    # Lost a race (nothing committed): the general path retries them
+                    # and reports what the race left, e.g. a conflict.
+                    general += fast
+                else:
+                    for k in fast:
+                        outcomes[k] = exc
             else:
                 for k in fast:
                     if (job := done.get(items[k][0])) is not None:
