@@ -16,11 +16,13 @@ BATCH_S = 0.010  # what one batch "transaction" takes
 class Recorder:
     def __init__(self, fail: bool = False) -> None:
         self.batches: list[list[int]] = []
+        self.finished: list[list[int]] = []  # batches that ran to the end
         self.fail = fail
 
     async def run(self, items: Sequence[int]) -> list[int | BaseException]:
         self.batches.append(list(items))
         await trio.sleep(BATCH_S)
+        self.finished.append(list(items))
         if self.fail:
             raise RuntimeError("batch failed")
         return [item * 10 for item in items]
@@ -89,6 +91,24 @@ async def test_a_cancelled_caller_still_has_its_work_applied_and_never_holds_the
     assert recorder.batches == [[0], [1, 2]]  # caller 2 led, as 1 had gone
     # A later call finds no stale leader.
     assert await coalescer.submit(3) == 30
+
+
+@pytest.mark.parametrize("coalesce", [True, False], ids=["coalesced", "alone"])
+async def test_a_caller_cancelled_while_running_its_batch_gets_its_result(
+    autojump_clock: trio.testing.MockClock, coalesce: bool
+) -> None:
+    # A leader, or any caller without coalescing: its work is applied whole
+    # (nothing is interrupted half-way), and it learns so; the cancellation takes
+    # effect at its next checkpoint.
+    recorder = Recorder()
+    coalescer: Coalescer[int, int] = Coalescer(recorder.run, coalesce=coalesce)
+    returned: list[int] = []
+    with trio.move_on_after(BATCH_S / 2) as scope:
+        returned.append(await coalescer.submit(1))
+        await trio.lowlevel.checkpoint()
+    assert scope.cancelled_caught
+    assert returned == [10]
+    assert recorder.finished == [[1]]
 
 
 async def test_a_failed_batch_raises_in_every_caller_of_that_batch(

@@ -7,11 +7,16 @@ returns before the transaction holding its work has committed.
 
 The batch runs shielded from cancellation: once a leader has taken work on
 behalf of other callers it must finish it.  A caller cancelled while waiting
-still has its work applied (as if its request had reached the database).
+still has its work applied (as if its request had reached the database).  A
+leader cancelled meanwhile finishes its batch and returns its own result; the
+cancellation takes effect at its next checkpoint.
 
 With ``coalesce=False`` (a benchmark baseline: group commit off) every call
 runs as a batch of one of its own, at once and concurrently with the others,
-as an uncoalesced adapter would: nobody waits behind a leader.
+as an uncoalesced adapter would: nobody waits behind a leader.  Each caller
+runs its own batch, shielded like a leader's, so a cancelled caller's work is
+applied here too (a statement interrupted half-way would leave it unknown
+whether it committed), and the caller gets its result as a leader does.
 """
 
 from __future__ import annotations
@@ -99,7 +104,8 @@ class Coalescer(Generic[T, R]):
         self._stats.calls += 1
         self._stats.batches += 1
         self._stats.largest_batch = max(self._stats.largest_batch, 1)
-        (outcome,) = await self._run([item])
+        with trio.CancelScope(shield=True):
+            (outcome,) = await self._run([item])
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
