@@ -235,7 +235,7 @@ async def test_expired_available_job_is_discarded_by_the_reaper(
 
             event = sub.receive.receive_nowait()
             assert event["job_id"] == job.id
-            assert event["data"]["reason"] == "expired"
+            assert (event["data"]["reason"], event["data"]["dead_letter"]) == ("expired", True)
 
             assert await fetchable(engine) == []
             await trio.sleep(30.0)

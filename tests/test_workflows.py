@@ -9,6 +9,7 @@ turns a spinning actor (which would freeze the mock clock) into a failure.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -22,13 +23,13 @@ import trio.testing
 from mockclock import engine_on_clock, real_time_limit
 
 from ojs_trio.engine.engine import Engine
-from ojs_trio.engine.errors import InvalidRequest, OjsError
+from ojs_trio.engine.errors import BackendUnavailable, InvalidRequest, OjsError
 from ojs_trio.engine.job import Job
 from ojs_trio.engine.lifecycle import Failure
 from ojs_trio.engine.states import JobState
 from ojs_trio.engine.timeutil import format_ts
 from ojs_trio.engine.worker import JobContext
-from ojs_trio.engine.workflows import Workflow
+from ojs_trio.engine.workflows import PARENT_RESULTS_MAX_BYTES, Workflow, parse_workflow
 from ojs_trio.storage.memory import MemoryStorage
 
 BASE = 1_700_000_000.0
@@ -126,6 +127,68 @@ async def test_chain_step_without_a_result_leaves_null_at_its_index() -> None:
         assert third.to_wire()["parent_results"] == [None, {"rows": 3}]
 
 
+def blob(label: str, size: int) -> dict[str, str]:
+    """A result that encodes to about ``size`` bytes of JSON."""
+    return {"label": label, "pad": "x" * size}
+
+
+async def run_chain(engine: Engine, results: list[Any]) -> list[Job]:
+    """Run a chain with one step per result, acking each; return the steps as fetched."""
+    workflow = await engine.create_workflow(
+        {"type": "chain", "steps": [step(n) for n in range(len(results))]}
+    )
+    fetched = []
+    for result in results:
+        (job,) = await fetch_all(engine)
+        fetched.append(job)
+        await engine.ack(job.id, result)
+    assert (await engine.get_workflow(workflow.id)).state == "completed"
+    return fetched
+
+
+async def test_chain_parent_results_keep_only_the_previous_result_beyond_64_kib() -> None:
+    """Earlier results while they fit in PARENT_RESULTS_MAX_BYTES, then only the
+    previous step's (null at the earlier indexes), also for small results later."""
+    assert PARENT_RESULTS_MAX_BYTES == 64 * 1024
+    big = 30 * 1024
+    results = [blob("r0", big), blob("r1", big), blob("r2", big), "r3", "r4", "r5"]
+    async with running_engine() as engine:
+        steps = await run_chain(engine, results)
+    parents = [job.parent_results for job in steps]
+    assert parents[0] == []
+    assert parents[1] == results[:1]
+    assert parents[2] == results[:2]  # about 60 KiB: still fits
+    assert parents[3] == [None, None, results[2]]  # about 90 KiB: the previous one only
+    # Once dropped, earlier results stay dropped, though these would fit again.
+    assert parents[4] == [None, None, None, "r3"]
+    assert parents[5] == [None, None, None, None, "r4"]
+
+
+async def test_chain_passes_a_previous_result_larger_than_the_bound() -> None:
+    """ojs-workflows 7.2's MUST: the previous step's result, whatever its size."""
+    results = [blob("r0", 100 * 1024), blob("r1", 100 * 1024), "r2"]
+    async with running_engine() as engine:
+        steps = await run_chain(engine, results)
+    assert [job.parent_results for job in steps] == [[], results[:1], [None, results[1]]]
+
+
+async def test_chain_workflow_keeps_only_the_results_still_passed_on() -> None:
+    """The workflow record does not grow with every large result of a long chain."""
+    async with running_engine() as engine:
+        workflow = await engine.create_workflow(
+            {"type": "chain", "steps": [step(n) for n in range(5)]}
+        )
+        kept: list[set[int]] = []
+        for n in range(5):
+            (job,) = await fetch_all(engine)
+            await engine.ack(job.id, blob(f"r{n}", 40 * 1024))
+            kept.append(set((await engine.get_workflow(workflow.id)).results))
+    # Step 2's list [r0, r1] (80 KiB) did not fit: from then on, each ack that
+    # creates the next step keeps only the result that step got (the last ack
+    # creates none).
+    assert kept == [{0}, {1}, {2}, {3}, {3, 4}]
+
+
 async def test_chain_steps_never_overlap_with_many_workers(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -208,6 +271,55 @@ async def test_nested_workflow_is_refused_at_creation() -> None:
         assert "nested workflows are not supported" in excinfo.value.message
         assert (excinfo.value.details or {})["field"] == "steps[1]"
         assert (await engine.storage.ping())["jobs"] == 0
+
+
+@pytest.mark.parametrize(
+    ("kind", "member_field"),
+    [("chain", "jobs"), ("group", "steps"), ("batch", "steps")],
+)
+async def test_nested_workflow_error_names_the_member_field_the_request_used(
+    kind: str, member_field: str
+) -> None:
+    """Either member name is accepted for any type; the 400 names the one sent."""
+    nested = {"type": "chain", "steps": [step(1)]}
+    async with running_engine() as engine:
+        with pytest.raises(InvalidRequest) as excinfo:
+            await engine.create_workflow({"type": kind, member_field: [step(0), nested]})
+        assert (excinfo.value.details or {})["field"] == f"{member_field}[1]"
+        with pytest.raises(InvalidRequest) as excinfo:
+            await engine.create_workflow({"type": kind, member_field: []})
+        assert (excinfo.value.details or {})["field"] == member_field
+
+
+# -- the stored record -------------------------------------------------------------------
+
+
+def test_workflow_record_from_a_newer_server_is_read_and_rewritten_whole() -> None:
+    """Keys this version does not know neither fail the read nor vanish on rewrite."""
+    workflow, _ = parse_workflow({"type": "chain", "steps": [step(0), step(1)]}, BASE)
+    workflow.results = {0: {"rows": 3}}
+    record = workflow.to_record()
+    assert "extra" not in record
+    newer = {**record, "paused_until": 123.0, "labels": {"team": "etl"}}
+    read = Workflow.from_record(newer)
+    assert read.extra == {"paused_until": 123.0, "labels": {"team": "etl"}}
+    assert (read.id, read.pending_steps, read.results) == (
+        workflow.id,
+        workflow.pending_steps,
+        {0: {"rows": 3}},
+    )
+    assert read.to_record() == newer
+
+
+def test_workflow_record_from_an_older_server_is_read() -> None:
+    """Written before finished_by existed, with the old (empty) "extra" object."""
+    workflow, _ = parse_workflow({"type": "group", "jobs": [step(0)]}, BASE)
+    older = workflow.to_record()
+    del older["finished_by"]
+    older["extra"] = {}
+    read = Workflow.from_record(older)
+    assert (read.finished_by, read.extra) == (None, {})
+    assert read == workflow
 
 
 # -- group -------------------------------------------------------------------------------
@@ -458,6 +570,9 @@ async def test_chain_step_out_of_time_on_its_last_attempt_fails_the_chain_once(
 
             lost = await engine.get(second.id)
             assert (lost.state, (lost.error or {}).get("code")) == (JobState.DISCARDED, code)
+            (discarded,) = engine.events.query(types=["job.discarded"], job_id=second.id)
+            # Like a nack's: whether it went to the dead letter queue (on_exhaustion).
+            assert discarded["data"] == {**discarded["data"], "reason": code, "dead_letter": False}
             assert final.completed_at == lost.completed_at
             assert final.job_ids[2] is None
             assert await fetch_all(engine) == []
@@ -475,6 +590,87 @@ async def test_last_members_acked_together_complete_the_group_once() -> None:
         assert done.state == "completed"
         assert done.finished_by == jobs[-1].id
         assert workflow_events(engine, workflow.id) == ["workflow.started", "workflow.completed"]
+
+
+class CountingStorage(MemoryStorage):
+    """Memory storage that counts get_workflow calls, or fails them on request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.workflow_reads: Counter[str] = Counter()
+        self.fail_workflow_reads = False
+
+    async def get_workflow(self, workflow_id: str) -> Workflow:
+        self.workflow_reads[workflow_id] += 1
+        if self.fail_workflow_reads:
+            raise BackendUnavailable("workflow reads are failing (test)")
+        return await super().get_workflow(workflow_id)
+
+
+async def test_reaper_reads_each_workflow_once_per_pass(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A whole group expiring in one pass costs one workflow read, not one per member
+    (on SQS a workflow read reads every member)."""
+    members = 50
+    storage = CountingStorage()
+    with real_time_limit():
+        async with running_engine(storage) as engine:
+            late = {"expires_at": "+PT10S"}
+            body = {"type": "group", "jobs": [step(n, "wf-late", **late) for n in range(members)]}
+            workflow = await engine.create_workflow(body)
+            assert storage.workflow_reads[workflow.id] == 0
+            await trio.sleep(300.0)  # mock time: the members expire at +10 s
+            assert engine.reaper.reaped == members
+            assert storage.workflow_reads[workflow.id] == 1
+            assert (await engine.get_workflow(workflow.id)).state == "failed"
+            assert workflow_events(engine, workflow.id) == ["workflow.started", "workflow.failed"]
+            discarded = engine.events.query(types=["job.discarded"], limit=10_000)
+            assert len(discarded) == members
+            assert {(e["data"]["reason"], e["data"]["dead_letter"]) for e in discarded} == {
+                ("expired", True)
+            }
+
+
+async def test_failing_workflow_read_after_a_settle_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    storage = CountingStorage()
+    async with running_engine(storage) as engine:
+        workflow = await engine.create_workflow({"type": "group", "jobs": [step(0)]})
+        (job,) = await fetch_all(engine)
+        storage.fail_workflow_reads = True
+        with caplog.at_level(logging.WARNING, logger="ojs_trio.engine"):
+            await engine.ack(job.id, "ok")
+        storage.fail_workflow_reads = False
+        assert (await engine.get_workflow(workflow.id)).state == "completed"
+    (record,) = [r for r in caplog.records if r.name == "ojs_trio.engine"]
+    assert record.levelno == logging.WARNING
+    assert f"could not read workflow {workflow.id}" in record.getMessage()
+    assert "BackendUnavailable" in record.getMessage()
+
+
+async def test_unique_replace_of_the_last_member_ends_the_workflow_once() -> None:
+    """A plain enqueue whose unique ``replace`` cancels a group's last running member
+    ends the group (failed: a member was cancelled) and publishes workflow.failed."""
+    unique = {"keys": ["type", "args"], "on_conflict": "replace"}
+    async with running_engine() as engine:
+        workflow = await engine.create_workflow(
+            {"type": "group", "jobs": [step(0), step(1, unique=unique)]}
+        )
+        jobs = {j.workflow_step: j for j in await fetch_all(engine)}
+        await engine.ack(jobs[0].id, "ok")
+        result = await engine.submit(step(1, unique=unique))
+        assert result is not None and result.created
+        assert result.replaced is not None and result.replaced.id == jobs[1].id
+        assert (await engine.get(jobs[1].id)).state is JobState.CANCELLED
+        done = await engine.get_workflow(workflow.id)
+        assert (done.state, done.finished_by) == ("failed", jobs[1].id)
+        assert workflow_events(engine, workflow.id) == ["workflow.started", "workflow.failed"]
+        cancelled = engine.events.query(types=["job.cancelled"], job_id=jobs[1].id)
+        assert [e["data"]["reason"] for e in cancelled] == ["unique_replace"]
+        # The replacement is an ordinary job, not a member.
+        assert result.job.workflow_id is None
 
 
 async def test_member_retried_from_the_dead_letter_queue_does_not_end_the_workflow_again() -> None:

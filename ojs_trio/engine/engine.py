@@ -191,34 +191,48 @@ class Engine:
                 self.promoter.notify_due_nowait(job.scheduled_at)
         self._jobs_became_available(jobs)
 
-    async def _after_settle(self, job: Job) -> None:
-        """Publish the workflow's terminal event if settling ``job`` ended its workflow.
+    async def _after_settle(self, jobs: Iterable[Job]) -> None:
+        """Publish the terminal event of each workflow that settling ``jobs`` ended.
 
         Called after every path that can end a member: ack, nack, cancel, the
         reaper, a unique ``replace``.  The workflow names the member that ended
         it, so the event goes out once even when several members settle at the
         same instant; the time check leaves out a later settling of that same
-        member (retried from the dead letter queue).
+        member (retried from the dead letter queue).  Each workflow is read once
+        per call, however many of its members settled (a reaper pass may expire
+        a whole group).
         """
-        if job.workflow_id is None or not job.state.is_terminal:
-            return
-        try:
-            workflow = await self.storage.get_workflow(job.workflow_id)
-        except OjsError:
-            return
-        if (
-            workflow.state in TERMINAL_WORKFLOW
-            and workflow.finished_by == job.id
-            and workflow.completed_at == job_settled_at(job)
-        ):
-            self.events.publish(
-                workflow_event(f"workflow.{workflow.state}", workflow, self.clock())
-            )
+        members: dict[str, dict[str, Job]] = {}
+        for job in jobs:
+            if job.workflow_id is not None and job.state.is_terminal:
+                members.setdefault(job.workflow_id, {})[job.id] = job
+        for workflow_id, settled in members.items():
+            try:
+                workflow = await self.storage.get_workflow(workflow_id)
+            except OjsError as exc:
+                log.warning(
+                    "could not read workflow %s after %d of its jobs settled; "
+                    "its terminal event, if any, is not published (%r)",
+                    workflow_id,
+                    len(settled),
+                    exc,
+                )
+                continue
+            ender = settled.get(workflow.finished_by or "")
+            if (
+                ender is not None
+                and workflow.state in TERMINAL_WORKFLOW
+                and workflow.completed_at == job_settled_at(ender)
+            ):
+                self.events.publish(
+                    workflow_event(f"workflow.{workflow.state}", workflow, self.clock())
+                )
 
     async def _jobs_reaped(self, jobs: list[Job]) -> None:
         for job in jobs:
             if job.state is JobState.DISCARDED:
-                self._publish("job.discarded", job, reason=(job.error or {}).get("code"))
+                code = (job.error or {}).get("code")
+                self._publish("job.discarded", job, reason=code, dead_letter=job.dead_letter)
             elif job.state is JobState.RETRYABLE:
                 self._publish("job.failed", job, error=job.error)
                 self._publish("job.retrying", job, retry_delay_ms=job.retry_delay_ms)
@@ -227,8 +241,7 @@ class Engine:
             else:
                 self._publish("job.requeued", job, reason=(job.error or {}).get("code"))
         self._jobs_became_available(jobs)
-        for job in jobs:
-            await self._after_settle(job)
+        await self._after_settle(jobs)
 
     def _jobs_claimed(self, jobs: list[Job]) -> None:
         self._counters["fetched"] += len(jobs)
@@ -307,7 +320,6 @@ class Engine:
         for result in results:
             if result.replaced is not None:
                 self._publish("job.cancelled", result.replaced, reason="unique_replace")
-                await self._after_settle(result.replaced)
             if not result.created:
                 continue
             job = result.job
@@ -317,6 +329,7 @@ class Engine:
             if job.expires_at is not None:
                 self.reaper.notify_due_nowait(job.expires_at)
         self._jobs_became_available([r.job for r in results])
+        await self._after_settle(r.replaced for r in results if r.replaced is not None)
         return results
 
     # -- consuming -----------------------------------------------------------------
@@ -396,7 +409,7 @@ class Engine:
             check_json_native(result, "result")
         job = await self.storage.ack(job_id, worker_id, result, has_result, self.clock())
         self._completed(job)
-        await self._after_settle(job)
+        await self._after_settle([job])
         return job
 
     async def ack_many(
@@ -428,7 +441,7 @@ class Engine:
             done.append(outcome)
             if isinstance(outcome, Job):
                 self._completed(outcome)
-                await self._after_settle(outcome)
+        await self._after_settle(o for o in done if isinstance(o, Job))
         return done
 
     def _completed(self, job: Job) -> None:
@@ -460,7 +473,7 @@ class Engine:
                     self.promoter.notify_due_nowait(job.scheduled_at)
             elif job.state is JobState.DISCARDED:
                 self._publish("job.discarded", job, dead_letter=job.dead_letter)
-                await self._after_settle(job)
+                await self._after_settle([job])
         self._jobs_became_available([job])
         return job
 
@@ -512,7 +525,7 @@ class Engine:
     async def cancel(self, job_id: str) -> Job:
         job = await self.storage.cancel(job_id, self.clock())
         self._publish("job.cancelled", job)
-        await self._after_settle(job)
+        await self._after_settle([job])
         return job
 
     async def list_dead_letter(

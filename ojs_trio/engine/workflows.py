@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,12 @@ KINDS = ("chain", "group", "batch")
 CALLBACKS = ("on_complete", "on_success", "on_failure")
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 MAX_JOBS = 10_000
+#: A chain step's ``parent_results`` carries every earlier step's result while
+#: that list, as compact JSON (``json.dumps``, ASCII-escaped: what the SQS adapter
+#: measures), stays within this many bytes; beyond it, only the previous step's
+#: result (ojs-workflows 7.2's minimum).  64 KiB leaves a step room for its own
+#: args and result within SQS's 256 KB job and DynamoDB's 400 KB item.
+PARENT_RESULTS_MAX_BYTES = 64 * 1024
 
 
 @dataclass
@@ -49,6 +56,8 @@ class Workflow:
     # the workflow itself was cancelled): the engine publishes the terminal
     # event for that member only, so it goes out once whoever settled it.
     finished_by: str | None = None
+    # Record keys this version does not know (written by a newer server): kept
+    # and written back as they were, so a rewrite here does not drop them.
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -113,17 +122,34 @@ class Workflow:
 
     def to_record(self) -> dict[str, Any]:
         """A JSON-safe form for storage (integer dict keys become strings)."""
-        record = dataclasses.asdict(self)
-        record["pending_steps"] = {str(k): v for k, v in self.pending_steps.items()}
-        record["results"] = {str(k): v for k, v in self.results.items()}
+        record = copy.deepcopy(self.extra)
+        for name in _RECORD_FIELDS:
+            record[name] = copy.deepcopy(getattr(self, name))
+        record["pending_steps"] = {str(k): v for k, v in record["pending_steps"].items()}
+        record["results"] = {str(k): v for k, v in record["results"].items()}
         return record
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Workflow:
-        data = dict(record)
-        data["pending_steps"] = {int(k): v for k, v in data["pending_steps"].items()}
-        data["results"] = {int(k): v for k, v in data["results"].items()}
-        return cls(**data)
+        """Read a stored record, whichever server version wrote it.
+
+        Keys this version does not know go to ``extra`` (and back out with
+        :meth:`to_record`) instead of failing the read; missing optional keys
+        take their defaults.
+        """
+        data = {k: v for k, v in record.items() if k in _RECORD_FIELDS}
+        extra = {k: v for k, v in record.items() if k not in _RECORD_FIELDS and k != "extra"}
+        # Records written before unknown keys were kept at the top level carry
+        # an (always empty) "extra" object.
+        legacy = record.get("extra")
+        if isinstance(legacy, dict):
+            extra = {**legacy, **extra}
+        data["pending_steps"] = {int(k): v for k, v in data.get("pending_steps", {}).items()}
+        data["results"] = {int(k): v for k, v in data.get("results", {}).items()}
+        return cls(**data, extra=extra)
+
+
+_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(Workflow) if f.name != "extra")
 
 
 def _member(job: Job, workflow_id: str, index: int) -> Job:
@@ -143,8 +169,9 @@ def parse_workflow(body: Any, now: float) -> tuple[Workflow, list[Job]]:
         )
     member_field = "steps" if kind == "chain" else "jobs"
     members = body.get(member_field)
-    if members is None:
-        members = body.get("jobs" if kind == "chain" else "steps")
+    if members is None and (alias := "jobs" if kind == "chain" else "steps") in body:
+        # Either name is accepted for any type: errors name the one the client sent.
+        member_field, members = alias, body[alias]
     if not isinstance(members, list) or not members:
         raise InvalidRequest(
             f"workflow '{member_field}' must be a non-empty array of jobs",
@@ -238,10 +265,7 @@ def on_job_finished(workflow: Workflow, job: Job, now: float) -> list[Job]:
             _finish(workflow, "completed", now, job.id)
             return []
         step = _member(parse_job(body, now), workflow.id, nxt)
-        # ojs-workflows 7.2 (SHOULD): every earlier step's result, by step index.
-        # A list rather than the spec's object keyed "0", "1", ...: the official
-        # conformance case reads parent_results[0] (docs/workflows.md).
-        step.parent_results = [workflow.results.get(i) for i in range(nxt)]
+        step.parent_results = _chain_parent_results(workflow, nxt)
         workflow.job_ids[nxt] = step.id
         workflow.job_states[step.id] = step.state.value
         return [step]
@@ -264,6 +288,34 @@ def on_job_finished(workflow: Workflow, job: Job, now: float) -> list[Job]:
             workflow.fired_callbacks[name] = cb.id
             spawned.append(cb)
     return spawned
+
+
+def _chain_parent_results(workflow: Workflow, step: int) -> list[Any]:
+    """``parent_results`` of chain step ``step`` (steps before it all completed).
+
+    ojs-workflows 7.2: every earlier step's result, by step index (the SHOULD),
+    while they fit in :data:`PARENT_RESULTS_MAX_BYTES`; otherwise ``null`` at the
+    earlier indexes and the previous step's result last (the MUST), whatever its
+    size.  A list rather than the spec's object keyed "0", "1", ...: the official
+    conformance case reads ``parent_results[0]`` (docs/workflows.md).
+
+    Once the results no longer fit they never will again (later lists only add
+    results), so the workflow then keeps only the previous step's result: its
+    record stays small however long the chain.  That is also how a later step
+    knows: an index missing from ``results`` below the previous step.
+    """
+    previous = step - 1
+    if all(i in workflow.results for i in range(previous)):
+        earlier = [workflow.results.get(i) for i in range(step)]
+        if step <= 1 or _encoded_size(earlier) <= PARENT_RESULTS_MAX_BYTES:
+            return earlier
+    last = workflow.results.get(previous)
+    workflow.results = {previous: last} if previous in workflow.results else {}
+    return [None] * previous + [last]
+
+
+def _encoded_size(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":")))
 
 
 def cancel(workflow: Workflow, now: float) -> list[str]:
