@@ -23,7 +23,13 @@ from mockclock import engine_on_clock, real_time_limit
 
 import ojs_trio.engine.cron as cron_module
 from ojs_trio.actors.cron import CronTicker
-from ojs_trio.engine.cron import CronFire, next_occurrence
+from ojs_trio.engine.cron import (
+    CronFire,
+    CronRecord,
+    next_occurrence,
+    parse_cron_request,
+    skipped_by_dst,
+)
 from ojs_trio.engine.engine import Engine
 from ojs_trio.engine.errors import InvalidCronExpression, InvalidRequest, NotFound
 from ojs_trio.engine.job import Job
@@ -210,6 +216,32 @@ def test_spring_forward_does_not_substitute_a_time_inside_the_gap() -> None:
     ]
 
 
+def test_skipped_by_dst_lists_the_wall_times_the_gap_removed() -> None:
+    """Walking back from the first occurrence after the gap to the one before it."""
+    ny = "America/New_York"
+    after_gap = utc("2026-03-09T06:30:00+00:00")  # 02:30 EDT on 03-09
+    registered = utc("2026-01-01T00:00:00+00:00")
+    gap = skipped_by_dst("30 2 * * *", ny, after_gap, registered)
+    # 02:30 on 03-08, placed at the offset in force before the jump (EST: 07:30Z).
+    assert [(local.isoformat(), iso(at)) for local, at in gap] == [
+        ("2026-03-08T02:30:00", "2026-03-08T07:30:00Z")
+    ]
+    first_after = utc("2026-03-08T07:00:00+00:00")  # 03:00 EDT, the first after the jump
+    per_minute = skipped_by_dst("* * * * *", ny, first_after, registered)
+    assert [local.strftime("%H:%M") for local, _ in per_minute] == [
+        f"02:{m:02d}" for m in range(60)
+    ]
+    # Nothing skipped: an ordinary day, no DST (UTC, @every), or registered after the gap.
+    assert skipped_by_dst("30 2 * * *", ny, utc("2026-03-10T06:30:00+00:00"), registered) == []
+    assert skipped_by_dst("30 2 * * *", "UTC", after_gap, registered) == []
+    assert skipped_by_dst("@every 1h", ny, first_after, registered) == []
+    late_registration = utc("2026-03-08T12:00:00+00:00")
+    assert skipped_by_dst("30 2 * * *", ny, after_gap, late_registration) == []
+    # Fall back repeats an hour; it removes nothing.
+    fall_back = utc("2026-11-02T06:30:00+00:00")
+    assert skipped_by_dst("30 1 * * *", ny, fall_back, registered) == []
+
+
 def test_fall_back_repeated_time_fires_exactly_once() -> None:
     """01:30 happens twice in New York on 2026-11-01; it fires at the first (EDT) one."""
     assert occurrences("30 1 * * *", "America/New_York", "2026-10-31T12:00:00+00:00", 3) == [
@@ -271,6 +303,22 @@ def test_iana_zones_are_accepted(timezone: str) -> None:
 
 
 # -- the CronTicker in a running engine (MockClock) -------------------------------------
+
+
+def test_cron_record_from_a_newer_server_is_read_and_rewritten_whole() -> None:
+    record = parse_cron_request(
+        {"name": "n", "expression": "@daily", "job_template": {"type": "t", "args": []}},
+        utc("2026-01-15T10:00:00+00:00"),
+    )
+    stored = record.to_record()
+    newer = {**stored, "jitter_ms": 500, "owner": {"team": "ops"}}
+    read = CronRecord.from_record(newer)
+    assert read.unknown_fields == {"jitter_ms": 500, "owner": {"team": "ops"}}
+    assert read.to_record() == newer
+    assert "jitter_ms" not in read.to_wire() and "unknown_fields" not in read.to_wire()
+    # And one written before unknown_fields existed.
+    assert CronRecord.from_record(stored) == record
+
 
 BASE = utc("2026-01-15T10:00:30+00:00")  # mock time 0; minutes tick at 30, 90, 150, ...
 FIRST_MINUTE = 30.0  # mock time of the first per-minute occurrence
@@ -366,6 +414,27 @@ async def test_overlap_skip_while_the_previous_run_is_active(
                 ("cron.skipped", "tick"),
                 ("cron.skipped", "tick"),
             ]
+            # ojs-cron 9.1 and 9.2.
+            schedule = {"cron_name": "tick", "cron_expression": "* * * * *", "timezone": "UTC"}
+            first_minute = format_ts(BASE + FIRST_MINUTE)
+            assert cron_events[0]["data"] == {
+                **schedule,
+                "job_id": first.id,
+                "job_type": "cron.tick",
+                "queue": "cron",
+                "run_count": 1,
+                "scheduled_time": first_minute,
+                "actual_time": first_minute,
+            }
+            assert [e["data"] for e in cron_events[1:]] == [
+                {
+                    **schedule,
+                    "reason": "overlap_skip",
+                    "active_job_id": first.id,
+                    "scheduled_time": format_ts(BASE + FIRST_MINUTE + 60.0 * n),
+                }
+                for n in (1, 2)
+            ]
 
             await engine.ack(first.id)
             await trio.sleep_until(FIRST_MINUTE + 180.0 - 1.0)
@@ -446,6 +515,36 @@ async def test_disabled_schedule_does_not_fire(autojump_clock: trio.testing.Mock
             await engine.put_cron(cron_body(enabled=False))
             await trio.sleep(5 * 60.0)
             assert enqueued(engine) == []
+
+
+async def test_schedule_disabled_after_the_ticker_read_it_is_reported_skipped() -> None:
+    """ojs-cron 9.2 ``disabled``: the ticker saw the schedule enabled (a stale list),
+    storage found it disabled when firing: no job, one cron.skipped."""
+    now = [BASE]
+    storage = MemoryStorage()
+    async with running_engine(storage, clock=lambda: now[0]) as engine:
+        await engine.put_cron(cron_body(overlap_policy="allow"))
+        stale = await storage.list_crons()
+        await engine.put_cron(cron_body(overlap_policy="allow", enabled=False))
+
+        async def stale_view() -> list[CronRecord]:
+            await trio.lowlevel.checkpoint()
+            return stale
+
+        storage.list_crons = stale_view  # type: ignore[method-assign]
+        # Re-registering recomputed next_run_at from the same instant: still due.
+        now[0] = BASE + FIRST_MINUTE + 0.5
+        await engine.cron_ticker.tick()
+        assert enqueued(engine) == []
+        (event,) = engine.events.query(types=["cron.skipped"])
+        assert event["data"] == {
+            "cron_name": "tick",
+            "cron_expression": "* * * * *",
+            "timezone": "UTC",
+            "reason": "disabled",
+            "scheduled_time": format_ts(BASE + FIRST_MINUTE),
+        }
+        assert engine.cron_ticker.skipped == 1
 
 
 async def test_missed_occurrences_fire_one_catch_up_not_a_burst(
@@ -632,5 +731,23 @@ async def test_ticker_keeps_local_time_across_dst_in_new_york(
             assert fired == expected
             for name, runs in expected.items():
                 record = await engine.get_cron(name)
+                # `skipped` counts overlap skips; a DST gap is reported by an event.
                 assert (record.runs, record.skipped) == (len(runs), 0)
                 assert iso(record.last_run_at or 0) == runs[-1]
+
+            skipped = engine.events.query(types=["cron.skipped"])
+            if start.startswith("2026-03"):
+                # The missing 02:30 of 03-08 is reported when 03-09's 02:30 comes due.
+                (event,) = skipped
+                assert event["data"] == {
+                    "cron_name": "two-thirty",
+                    "cron_expression": "30 2 * * *",
+                    "timezone": "America/New_York",
+                    "reason": "dst_skip",
+                    "scheduled_time": "2026-03-08T07:30:00.000Z",  # 02:30 at EST
+                    "scheduled_local_time": "2026-03-08T02:30:00",
+                }
+                assert event["time"] == "2026-03-09T06:30:00.000Z"
+                assert engine.cron_ticker.skipped == 1
+            else:
+                assert skipped == []  # fall back removes no wall time

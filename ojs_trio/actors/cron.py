@@ -5,17 +5,24 @@ then asks storage to fire each due occurrence.  ``fire_cron`` is a
 compare-and-set on ``next_run_at``, so when several server processes tick on
 one backend exactly one of them creates the job.  Occurrences missed while no
 server ran are not replayed: the schedule resumes at its next occurrence.
+
+The server whose ``fire_cron`` advanced the schedule reports the occurrence
+(``cron.triggered``, or ``cron.skipped`` for an overlap or a schedule disabled
+meanwhile) and, first, one ``cron.skipped`` with reason ``dst_skip`` for each
+wall time of the schedule that a spring-forward gap removed since the previous
+occurrence: those are found when the next existing occurrence comes due.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 
 import trio
 
 from ojs_trio.actors.timers import trio_deadline_for
-from ojs_trio.engine.cron import CronFire, job_for_occurrence, next_occurrence
+from ojs_trio.engine.cron import CronFire, job_for_occurrence, next_occurrence, skipped_by_dst
 from ojs_trio.engine.errors import OjsError
 from ojs_trio.engine.timeutil import WallClock
 from ojs_trio.storage.port import Storage
@@ -80,12 +87,49 @@ class CronTicker:
             except OjsError as exc:
                 log.error("cron %s could not fire: %s", record.name, exc.message)
                 continue
-            if fire.fired:
-                self.fired += 1
-            elif fire.reason == "overlap":
-                self.skipped += 1
-                log.info("cron %s skipped: previous run still in progress", record.name)
-            if fire.fired or fire.reason == "overlap":
-                self._on_fired(fire)
+            if fire.fired or fire.reason in ("overlap", "disabled"):
+                # This server advanced the schedule past ``occurrence``: it reports
+                # the occurrence, and the wall times DST removed just before it.
+                self._report_dst_gap(fire, occurrence)
+                self._report(replace(fire, occurrence=occurrence))
             earliest = following if earliest is None else min(earliest, following)
         return earliest
+
+    def _report(self, fire: CronFire) -> None:
+        if fire.fired:
+            self.fired += 1
+        else:
+            self.skipped += 1
+            name = fire.record.name if fire.record is not None else None
+            if fire.reason == "overlap":
+                log.info("cron %s skipped: previous run still in progress", name)
+            elif fire.reason == "disabled":
+                log.info("cron %s skipped: disabled meanwhile", name)
+        self._on_fired(fire)
+
+    def _report_dst_gap(self, fire: CronFire, occurrence: float) -> None:
+        """ojs-cron 9.2: a ``dst_skip`` for each wall time of the schedule that a
+        spring-forward gap removed between its previous occurrence and this one."""
+        record = fire.record
+        if record is None:
+            return
+        gap = skipped_by_dst(record.expression, record.timezone, occurrence, record.updated_at)
+        if gap:
+            log.info(
+                "cron %s skipped %d run(s) from %s to %s %s: those times do not exist (DST)",
+                record.name,
+                len(gap),
+                gap[0][0].isoformat(),
+                gap[-1][0].isoformat(),
+                record.timezone,
+            )
+        for local, at in gap:
+            self._report(
+                CronFire(
+                    False,
+                    reason="dst_skip",
+                    record=record,
+                    occurrence=at,
+                    local_time=local.isoformat(),
+                )
+            )

@@ -8,6 +8,7 @@ fires once even when several server processes tick on one backend.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from dataclasses import dataclass, field
@@ -41,7 +42,10 @@ class CronRecord:
     last_job_id: str | None = None
     runs: int = 0
     skipped: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # the request's other fields
+    # Record keys this version does not know (written by a newer server): kept
+    # and written back as they were, never shown on the wire.
+    unknown_fields: dict[str, Any] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = dict(self.extra)
@@ -65,21 +69,38 @@ class CronRecord:
         return wire
 
     def to_record(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        record = copy.deepcopy(self.unknown_fields)
+        for name in _RECORD_FIELDS:
+            record[name] = copy.deepcopy(getattr(self, name))
+        return record
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> CronRecord:
-        return cls(**record)
+        """Read a stored record, whichever server version wrote it: keys this
+        version does not know go to ``unknown_fields`` instead of failing the read."""
+        data = {k: v for k, v in record.items() if k in _RECORD_FIELDS}
+        unknown = {k: v for k, v in record.items() if k not in _RECORD_FIELDS}
+        return cls(**data, unknown_fields=unknown)
+
+
+_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(CronRecord) if f.name != "unknown_fields")
 
 
 @dataclass(frozen=True)
 class CronFire:
-    """Outcome of one occurrence: a job was created, or why not."""
+    """Outcome of one occurrence: a job was created, or why not.
+
+    Adapters fill in the first four fields; the ticker adds ``occurrence`` (and
+    builds the ``dst_skip`` outcomes itself, see :func:`skipped_by_dst`).
+    """
 
     fired: bool
     job: Any = None  # the created Job when fired
-    reason: str | None = None  # "overlap", "already_fired", "disabled", "missing"
+    # "overlap", "already_fired", "disabled", "missing"; "dst_skip" from the ticker
+    reason: str | None = None
     record: CronRecord | None = None
+    occurrence: float | None = None  # the scheduled time (epoch seconds)
+    local_time: str | None = None  # dst_skip: the local wall time that did not exist
 
 
 # -- scheduling math ---------------------------------------------------------------
@@ -168,16 +189,57 @@ def next_occurrence(expression: str, timezone: str, after: float) -> float:
     # first instance, which lies before ``after`` and is skipped below: the
     # repeated wall time fires once.
     it = croniter(expr, local_after, second_at_beginning=True)
-    for _ in range(100_000):
+    for _ in range(MAX_CANDIDATES):
         candidate: datetime = it.get_next(datetime)
         aware = candidate.replace(tzinfo=tz, fold=0)
-        roundtrip = aware.astimezone(UTC).astimezone(tz).replace(tzinfo=None)
-        if roundtrip != candidate:
+        if not _exists(aware):
             continue  # nonexistent local time (spring-forward gap)
         epoch = aware.timestamp()
         if epoch > after:
             return epoch
     raise InvalidCronExpression(f"cron expression {expression!r} never fires")
+
+
+# Bounds the candidates one planning step looks at: a per-second schedule crosses
+# a one-hour DST gap in 3,600 of them.
+MAX_CANDIDATES = 100_000
+
+
+def _exists(aware: datetime) -> bool:
+    """Whether a local wall time (fold=0) exists: a spring-forward gap's does not."""
+    naive = aware.replace(tzinfo=None)
+    return aware.astimezone(UTC).astimezone(aware.tzinfo).replace(tzinfo=None) == naive
+
+
+def skipped_by_dst(
+    expression: str, timezone: str, occurrence: float, since: float
+) -> list[tuple[datetime, float]]:
+    """The schedule's wall times that a spring-forward gap removed just before
+    ``occurrence`` (and after ``since``, the registration), oldest first.
+
+    Each comes as (local wall time, naive; where it would have fallen at the UTC
+    offset in force before the jump, epoch seconds).  The scan walks back from
+    ``occurrence`` and stops at the first wall time that exists: the previous
+    occurrence.  ``@every`` schedules and zones without DST have none.
+    """
+    if _interval(expression) is not None:
+        return []
+    tz = zone(timezone)
+    expr = normalize_expression(expression)
+    local_occurrence = datetime.fromtimestamp(occurrence, tz).replace(tzinfo=None)
+    local_since = datetime.fromtimestamp(since, tz).replace(tzinfo=None)
+    it = croniter(expr, local_occurrence, second_at_beginning=True)
+    skipped: list[tuple[datetime, float]] = []
+    for _ in range(MAX_CANDIDATES):
+        candidate: datetime = it.get_prev(datetime)
+        if candidate <= local_since:
+            break
+        aware = candidate.replace(tzinfo=tz, fold=0)
+        if _exists(aware):
+            break
+        skipped.append((candidate, aware.timestamp()))
+    skipped.reverse()
+    return skipped
 
 
 def parse_cron_request(body: Any, now: float) -> CronRecord:

@@ -100,12 +100,31 @@ def workflow_event(kind: str, workflow: Workflow, now: float) -> dict[str, Any]:
     }
 
 
+# ojs-cron 9.2: a cron.skipped event's reason is one of these (the adapters'
+# CronFire reasons on the left).
+CRON_SKIP_REASONS = {"overlap": "overlap_skip", "disabled": "disabled", "dst_skip": "dst_skip"}
+
+
 def cron_event(kind: str, fire: CronFire, now: float) -> dict[str, Any]:
+    """cron.triggered or cron.skipped with the fields of ojs-cron 9.1 / 9.2."""
     record = fire.record
     name = record.name if record is not None else None
-    data: dict[str, Any] = {"cron_name": name, "reason": fire.reason}
-    if fire.job is not None:
-        data.update(job_id=fire.job.id, job_type=fire.job.type, queue=fire.job.queue)
+    data: dict[str, Any] = {"cron_name": name}
+    if record is not None:
+        data.update(cron_expression=record.expression, timezone=record.timezone)
+    scheduled = format_ts(fire.occurrence) if fire.occurrence is not None else None
+    if fire.fired:
+        job = fire.job
+        data.update(job_id=job.id, job_type=job.type, queue=job.queue)
+        data.update(run_count=record.runs if record is not None else None)
+        data.update(scheduled_time=scheduled, actual_time=format_ts(now))
+    else:
+        data["reason"] = CRON_SKIP_REASONS.get(fire.reason or "", fire.reason)
+        if fire.reason == "overlap" and record is not None:
+            data["active_job_id"] = record.last_job_id
+        data["scheduled_time"] = scheduled
+        if fire.local_time is not None:
+            data["scheduled_local_time"] = fire.local_time
     return {
         "specversion": "1.0",
         "id": uuid7(),
