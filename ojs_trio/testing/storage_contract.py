@@ -1420,6 +1420,40 @@ async def check_concurrent_unique_enqueues_create_one_job(factory: StorageFactor
             _expect_eq({s: n for s, n in counts.items() if n}, {"available": 1}, f"{queue} counts")
 
 
+async def check_workflow_members_hold_their_unique_keys(factory: StorageFactory) -> None:
+    """A member with ``options.unique`` holds its key like an enqueued job: a later
+    enqueue with that key conflicts with it (a chain step once it is created)."""
+    unique_type = "contract.unique-member"
+
+    def member(queue: str, key: str) -> dict[str, Any]:
+        options = {"queue": queue, "unique": BY_ARGS}
+        return {"type": unique_type, "args": [key], "options": options}
+
+    def duplicate(key: str, **policy: Any) -> Job:
+        return make_job(job_type=unique_type, args=[key], unique={**BY_ARGS, **policy})
+
+    async with factory() as storage:
+        members = [member("um-group", "g0"), member("um-group", "g1")]
+        group = await _create_workflow(storage, {"type": "group", "jobs": members})
+        for index, key in enumerate(("g0", "g1")):
+            blocker = await _blocker(storage, duplicate(key), T0 + 1)
+            _expect_eq(blocker, _job_id(group, index), f"blocker of a duplicate of member {key}")
+        (ignored,) = await storage.enqueue([duplicate("g1", on_conflict="ignore")], T0 + 1)
+        outcome = (ignored.job.id, ignored.created)
+        _expect_eq(outcome, (_job_id(group, 1), False), "ignored duplicate of a member")
+
+        steps = [member("um-chain", "c0"), member("um-chain", "c1")]
+        chain = await _create_workflow(storage, {"type": "chain", "steps": steps})
+        blocker = await _blocker(storage, duplicate("c0"), T0 + 1)
+        _expect_eq(blocker, _job_id(chain, 0), "blocker of a duplicate of chain step 0")
+        (first,) = await _claim(storage, T0 + 2, "um-chain")
+        await storage.ack(first.id, "w1", None, False, T0 + 3)
+        step1 = _job_id(await storage.get_workflow(chain.id), 1)
+        blocker = await _blocker(storage, duplicate("c1"), T0 + 4)
+        _expect_eq(blocker, step1, "blocker of a duplicate of chain step 1 (created by the ack)")
+        _expect_eq(await _claim(storage, T0 + 4, QUEUE, count=10), [], "no duplicate was stored")
+
+
 # -- queue control and limits ----------------------------------------------------
 
 
@@ -1601,6 +1635,28 @@ async def check_chain_creates_each_step_on_ack(factory: StorageFactory) -> None:
         _expect_eq(
             (await storage.get_workflow(chain.id)).state, "completed", "after mutating a get"
         )
+
+
+async def check_chain_parent_results_stay_bounded_with_large_results(
+    factory: StorageFactory,
+) -> None:
+    """A 4-step chain whose steps return 120 KB each runs to the end (on SQS each job
+    and workflow item must stay within DynamoDB's 400 KB): once the earlier results
+    exceed PARENT_RESULTS_MAX_BYTES, a step gets only the previous step's result."""
+    async with factory() as storage:
+        queue = "big-results"
+        body = {"type": "chain", "steps": [_member(queue) for _ in range(4)]}
+        chain = await _create_workflow(storage, body)
+        results = [{"step": n, "pad": "x" * (120 * 1024)} for n in range(4)]
+        expected: list[list[Any]] = [[], results[:1], [None, results[1]], [None, None, results[2]]]
+        for step, result in enumerate(results):
+            now = T0 + step
+            (job,) = await _claim(storage, now, queue)
+            _expect_eq(job.workflow_step, step, "step claimed")
+            _expect(job.parent_results == expected[step], f"parent_results of step {step}")
+            await storage.ack(job.id, "w1", result, True, now + 0.5)
+        final = await storage.get_workflow(chain.id)
+        _expect_eq((final.state, final.completed_at), ("completed", T0 + 3.5), "the chain")
 
 
 async def check_chain_stops_at_a_failed_step(factory: StorageFactory) -> None:
@@ -2118,6 +2174,7 @@ CONTRACT_CHECKS: list[ContractCheck] = [
     check_unique_keys_choose_the_dimensions,
     check_unique_duplicates_within_one_batch,
     check_concurrent_unique_enqueues_create_one_job,
+    check_workflow_members_hold_their_unique_keys,
     # queue control and limits
     check_pause_holds_every_request_until_resumed,
     check_queue_info_counts_states_and_throughput,
@@ -2125,6 +2182,7 @@ CONTRACT_CHECKS: list[ContractCheck] = [
     check_concurrency_limit_caps_active_jobs,
     # workflows
     check_chain_creates_each_step_on_ack,
+    check_chain_parent_results_stay_bounded_with_large_results,
     check_chain_stops_at_a_failed_step,
     check_group_settles_when_every_member_is_terminal,
     check_batch_callbacks_fire_once_by_outcome,

@@ -445,12 +445,17 @@ class SqsStorage:
             if workflow.started_at is None and row.job.started_at is not None:
                 workflow.started_at = row.job.started_at
             for job in workflows.on_job_finished(workflow, row.job, now):
+                job.unique_key = unique.fingerprint(job)
                 spawned.append(_Row(job=job))
         await self._send_tokens([_Send(r) for r in spawned if r.job.state is JobState.AVAILABLE])
         items = [{"Put": self._put(r)} for r in [*rows, *spawned]]
         for workflow_id, (workflow, version) in flows.items():
             if workflow_id in touched:
                 items.append({"Put": self._workflow_put(workflow, version)})
+        # Jobs created here (chain steps, callbacks, a cron run) hold their unique
+        # keys like enqueued ones; they take the key without looking for a holder.
+        created = [r for r in [*rows, *spawned] if r.version == 0]
+        items += await self._key_registrations(created, now)
         items.extend(extra)
         if len(items) > TRANSACT_MAX:
             raise OjsError(f"one step would write {len(items)} items (limit {TRANSACT_MAX})")
@@ -760,6 +765,20 @@ class SqsStorage:
                 for chunk in _chunks(keys, 25):
                     await self._batch_delete(chunk)
             raise
+
+    async def _key_registrations(self, rows: Sequence[_Row], now: float) -> list[dict[str, Any]]:
+        """Writes that add new ``rows`` to the items of the unique keys they hold
+        (conditional on each item's version: a concurrent change fails the step)."""
+        keys: dict[str, _UniqueKey] = {}
+        for row in rows:
+            key = row.job.unique_key
+            if key is None:
+                continue
+            if key not in keys:
+                keys[key] = await self._unique_key(key)
+            if row.job.id not in keys[key].ids:
+                keys[key].ids.append(row.job.id)
+        return [self._unique_put(k, now) for k in keys.values() if k.changed]
 
     async def _unique_key(self, key: str) -> _UniqueKey:
         item = await self._get_item(f"UNIQUE#{key}", "UNIQUE")
@@ -1568,19 +1587,28 @@ class SqsStorage:
         for row in rows:
             row.job.unique_key = unique.fingerprint(row.job)
         await self._send_tokens([_Send(r) for r in rows if r.job.state is JobState.AVAILABLE])
-        items = [{"Put": self._workflow_put(workflow, 0)}]
-        items += [{"Put": self._put(r)} for r in rows]
-        try:
-            if len(items) <= TRANSACT_MAX:
-                await self._write(items)
-            else:
-                await self._write_in_chunks(items, [r.job.id for r in rows])
-        except ConditionFailed as exc:
-            duplicate = await self._first_existing([r.job.id for r in rows])
-            raise DuplicateJob(
-                "A job or workflow with the same id already exists",
-                details={"existing_job_id": duplicate, "workflow_id": workflow.id},
-            ) from exc
+        for attempt in range(CAS_ATTEMPTS):
+            items = [{"Put": self._workflow_put(workflow, 0)}]
+            items += [{"Put": self._put(r)} for r in rows]
+            # Members hold their unique keys like enqueued jobs (without looking for
+            # a holder first, as on every adapter).
+            items += await self._key_registrations(rows, now)
+            try:
+                if len(items) <= TRANSACT_MAX:
+                    await self._write(items)
+                else:
+                    await self._write_in_chunks(items, [r.job.id for r in rows])
+                break
+            except ConditionFailed as exc:
+                duplicate = await self._first_existing([r.job.id for r in rows])
+                if duplicate is not None or await self._load_workflow(workflow.id) is not None:
+                    raise DuplicateJob(
+                        "A job or workflow with the same id already exists",
+                        details={"existing_job_id": duplicate, "workflow_id": workflow.id},
+                    ) from exc
+                await self._backoff(attempt)  # a unique key changed meanwhile: again
+        else:
+            raise BackendUnavailable("Unique keys kept changing concurrently; try again")
         for row in rows:
             await self._register_tier(row.job.queue, row.job.priority, now)
         return workflow.clone()
