@@ -7,14 +7,17 @@ import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from typing import Any
 
 import aws_fixtures
 import pytest
+import trio
 
-from ojs_trio.engine.errors import NotFound, PayloadTooLarge
+from ojs_trio.engine.errors import DuplicateJob, NotFound, PayloadTooLarge
+from ojs_trio.engine.job import Job
 from ojs_trio.storage import open_storage
 from ojs_trio.storage.port import ClaimRequest
-from ojs_trio.storage.sqs.adapter import MAX_JOB_BYTES, SqsStorage
+from ojs_trio.storage.sqs.adapter import FINISHED_TTL_SECONDS, MAX_JOB_BYTES, SqsStorage
 from ojs_trio.storage.sqs.client import AwsSettings
 from ojs_trio.testing import CONTRACT_CHECKS, T0, ContractCheck, make_job, storage_factory
 
@@ -111,3 +114,160 @@ async def test_reads_ignore_items_past_their_dynamodb_ttl(aws_settings: AwsSetti
         assert (await storage.queue_info("ttl", T0)).counts["cancelled"] == 0
         with pytest.raises(NotFound):
             await storage.get(job.id)
+
+
+async def test_dead_letters_get_no_dynamodb_ttl(aws_settings: AwsSettings) -> None:
+    """Dead letters stay until retried or deleted (or the dead-letter retention, when
+    set, prunes them); other finished jobs keep the 30-day TTL backstop."""
+    wall = [1_000_000.0]
+    storage = SqsStorage(aws_settings, rng=random.Random(0), wall=lambda: wall[0])
+    async with storage_factory(lambda: storage)():
+        expired = make_job(queue="dlq-ttl", expires_at="+PT10S")
+        done = make_job(queue="dlq-ttl")
+        await storage.enqueue([expired, done], T0)
+        await storage.cancel(done.id, T0)
+        (reaped,) = await storage.reap(T0 + 10, 10)
+        assert (reaped.id, reaped.dead_letter) == (expired.id, True)
+        assert (await storage._load(expired.id)).expires_ttl is None
+        assert (await storage._load(done.id)).expires_ttl == wall[0] + FINISHED_TTL_SECONDS
+        wall[0] += 31 * 86400
+        assert [j.id for j in (await storage.list_dead_letter(None, 10, 0)).jobs] == [expired.id]
+        with pytest.raises(NotFound):
+            await storage.get(done.id)
+
+
+# -- unique keys of an enqueue too large for one transaction ------------------------------
+
+UNIQUE_TYPE = "sqs.unique"
+BY_ARGS = {"keys": ["type", "args"]}
+
+
+def unique_jobs(keys: range, queue: str = "big-unique", **policy: str) -> list[Job]:
+    return [
+        make_job(queue=queue, job_type=UNIQUE_TYPE, args=[k], unique={**BY_ARGS, **policy})
+        for k in keys
+    ]
+
+
+def is_job_write(items: list[dict[str, Any]]) -> bool:
+    return any(
+        i.get("Put", {}).get("Item", {}).get("pk", {}).get("S", "").startswith("JOB#")
+        for i in items
+    )
+
+
+async def test_large_unique_batch_holds_every_key(aws_settings: AwsSettings) -> None:
+    """60 jobs with their own keys need 120 items: written in steps, keys first."""
+    async with opened(aws_settings) as storage:
+        await storage.reset()
+        writes: list[list[dict[str, Any]]] = []
+        real_write = storage._write
+
+        async def recording_write(items: list[dict[str, Any]]) -> None:
+            writes.append(items)
+            await real_write(items)
+
+        storage._write = recording_write  # type: ignore[method-assign]
+        jobs = unique_jobs(range(60))
+        results = await storage.enqueue(jobs, T0)
+        assert [(r.job.id, r.created) for r in results] == [(j.id, True) for j in jobs]
+        # Every key item was written before the first job item.
+        first_job_write = next(n for n, items in enumerate(writes) if is_job_write(items))
+        keys_written = sum(len(items) for items in writes[:first_job_write])
+        assert keys_written == 60
+        for job in jobs[::7]:
+            with pytest.raises(DuplicateJob) as raised:
+                await storage.enqueue(unique_jobs(range(job.args[0], job.args[0] + 1)), T0 + 1)
+            assert raised.value.details["existing_job_id"] == job.id
+
+
+async def test_enqueue_waits_for_a_large_enqueue_still_writing_its_jobs(
+    aws_settings: AwsSettings,
+) -> None:
+    """Between the key items and the job items of a large enqueue, another enqueue of
+    one of its keys neither takes the missing jobs for pruned ones nor creates a
+    duplicate: it waits, then sees the holder."""
+    async with opened(aws_settings) as storage:
+        await storage.reset()
+        keys_written = trio.Event()
+        release = trio.Event()
+        reread = trio.Event()  # the rival read the pending key twice: it is waiting
+        rival_reads = [0]
+        real_write = storage._write
+        real_unique_key = storage._unique_key
+
+        async def pausing_write(items: list[dict[str, Any]]) -> None:
+            await real_write(items)
+            if not is_job_write(items) and not keys_written.is_set():
+                keys_written.set()
+                await release.wait()
+
+        async def counting_unique_key(key: str) -> Any:
+            if keys_written.is_set():
+                rival_reads[0] += 1
+                if rival_reads[0] >= 2:
+                    reread.set()
+            return await real_unique_key(key)
+
+        storage._write = pausing_write  # type: ignore[method-assign]
+        storage._unique_key = counting_unique_key  # type: ignore[method-assign]
+        large = unique_jobs(range(60))
+        (rival,) = unique_jobs(range(5, 6), queue="rival")
+        outcome: list[BaseException | None] = []
+
+        async def enqueue_rival() -> None:
+            try:
+                await storage.enqueue([rival], T0)
+            except DuplicateJob as exc:
+                outcome.append(exc)
+            else:
+                outcome.append(None)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(storage.enqueue, large, T0)
+            await keys_written.wait()
+            nursery.start_soon(enqueue_rival)
+            with trio.fail_after(10):
+                await reread.wait()
+            assert outcome == []  # still waiting
+            release.set()
+        (error,) = outcome
+        assert isinstance(error, DuplicateJob)
+        assert error.details["existing_job_id"] == large[5].id
+        with pytest.raises(NotFound):
+            await storage.get(rival.id)
+
+
+async def test_large_enqueue_losing_a_key_race_writes_no_job(aws_settings: AwsSettings) -> None:
+    """The key items go first, so a large enqueue that loses one never shows a job, and
+    the key items it had written already are put back."""
+    async with opened(aws_settings) as storage:
+        await storage.reset()
+        large = unique_jobs(range(120))  # 120 key items: two transactions of them
+        (rival,) = unique_jobs(range(119, 120), queue="rival")
+        job_writes: list[int] = []
+        key_writes = [0]
+        real_write = storage._write
+
+        async def racing_write(items: list[dict[str, Any]]) -> None:
+            if is_job_write(items):
+                job_writes.append(len(items))
+            else:
+                key_writes[0] += 1
+                if key_writes[0] == 2:  # the large call's second key transaction
+                    await storage.enqueue([rival], T0)  # takes key 119 first
+            await real_write(items)
+
+        storage._write = racing_write  # type: ignore[method-assign]
+        with pytest.raises(DuplicateJob) as raised:
+            await storage.enqueue(large, T0)
+        storage._write = real_write  # type: ignore[method-assign]
+        assert raised.value.details["existing_job_id"] == rival.id
+        assert job_writes == [2]  # the rival's (its job and its key); none of the large call's
+        for job in large[::10]:
+            with pytest.raises(NotFound):
+                await storage.get(job.id)
+        # The first 100 keys it had claimed are free again (not pending).
+        with trio.fail_after(5):
+            (again,) = await storage.enqueue(unique_jobs(range(0, 1)), T0 + 1)
+        assert again.created

@@ -1453,6 +1453,16 @@ async def check_workflow_members_hold_their_unique_keys(factory: StorageFactory)
         _expect_eq(blocker, step1, "blocker of a duplicate of chain step 1 (created by the ack)")
         _expect_eq(await _claim(storage, T0 + 4, QUEUE, count=10), [], "no duplicate was stored")
 
+        # A replace cancels the member in the same step and settles its workflow:
+        # g0 cancelled and g1 ending leave the group failed.
+        (result,) = await storage.enqueue([duplicate("g0", on_conflict="replace")], T0 + 5)
+        replaced = (result.replaced.id, result.replaced.state) if result.replaced else None
+        _expect_eq(replaced, (_job_id(group, 0), JobState.CANCELLED), "member replaced")
+        _expect_eq(await _state(storage, _job_id(group, 0)), JobState.CANCELLED, "stored member")
+        await storage.cancel(_job_id(group, 1), T0 + 6)
+        summary = await _group_summary(storage, group.id)
+        _expect_eq(summary, ("failed", T0 + 6, 0, 2), "group after a replace and a cancel")
+
 
 # -- queue control and limits ----------------------------------------------------
 

@@ -14,3 +14,17 @@ dead-letter queue); DynamoDB tracks job state. The pieces so far:
 Import the submodules directly: importing this package never pulls in aiobotocore
 (an optional dependency, the ``sqs`` extra).
 """
+
+from __future__ import annotations
+
+__all__ = ["UNIQUE_GUARANTEE"]
+
+#: ojs-unique-jobs.md 8 for this adapter (``SqsStorage.unique_guarantee``); kept here so
+#: the manifest can name it without importing aiobotocore.  docs/unique-jobs.md explains.
+UNIQUE_GUARANTEE: tuple[str, str] = (
+    "strong",
+    "conditional DynamoDB TransactWriteItems: the new job is written together with a "
+    "per-unique-key item, conditional on that item's version being unchanged; an enqueue "
+    "too large for one transaction writes its unique-key items first, its jobs marked "
+    "pending there, and concurrent enqueues of those keys wait for them",
+)

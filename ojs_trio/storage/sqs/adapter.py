@@ -35,7 +35,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import trio
@@ -62,6 +62,7 @@ from ojs_trio.storage.port import (
     QueueInfo,
     StorageListener,
 )
+from ojs_trio.storage.sqs import UNIQUE_GUARANTEE
 from ojs_trio.storage.sqs.client import (
     AwsClients,
     AwsSettings,
@@ -94,7 +95,8 @@ UNIQUE_IDS_KEPT: Final = 200
 #: An item-less message younger than this may belong to an enqueue still writing its
 #: items (messages go first); older ones are orphans of a failed enqueue.
 ORPHAN_GRACE_SECONDS: Final = 30.0
-#: Finished jobs get a DynamoDB TTL this far out: a retention backstop behind pruning.
+#: Finished jobs (dead letters excepted) get a DynamoDB TTL this far out: a retention
+#: backstop behind pruning.
 FINISHED_TTL_SECONDS: Final = 30 * 86400
 
 _TERMINAL_STATES: Final = (JobState.COMPLETED, JobState.CANCELLED, JobState.DISCARDED)
@@ -160,16 +162,25 @@ class _Message:
 
 @dataclass
 class _UniqueKey:
-    """A unique key's item: the ids of the jobs that hold it, newest last."""
+    """A unique key's item: the ids of the jobs that hold it, newest last.
+
+    ``pending`` holds ids that an enqueue too large for one transaction registered
+    before writing their jobs (:meth:`SqsStorage._write_enqueue_in_chunks`): until
+    ``pending_until`` (wall time) such an id without a job is an enqueue still
+    writing, not a job that is gone, and whoever reads the key waits for it.
+    """
 
     key: str
     version: int  # 0: no item yet
     stored: list[str]
     ids: list[str]
+    stored_pending: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+    pending_until: float = 0.0
 
     @property
     def changed(self) -> bool:
-        return self.ids != self.stored
+        return self.ids != self.stored or self.pending != self.stored_pending
 
 
 @dataclass
@@ -184,6 +195,7 @@ class SqsStorage:
     """The storage port on SQS + DynamoDB (see the module docstring)."""
 
     name = "sqs"
+    unique_guarantee = UNIQUE_GUARANTEE
 
     def __init__(
         self,
@@ -323,11 +335,13 @@ class SqsStorage:
         if job.expires_at is not None and state in _NOT_STARTED:
             item["gsi3pk"] = _s(f"EXP#{job.queue}")
             item["gsi3sk"] = _s(f"{_ts(job.expires_at)}#{job.id}")
-        if state.is_terminal:
+        if state.is_terminal and not job.dead_letter:
             if row.expires_ttl is None:
                 row.expires_ttl = self._wall() + FINISHED_TTL_SECONDS
             item[TTL_ATTRIBUTE] = _n(int(row.expires_ttl))
         else:
+            # Dead letters stay until retried or deleted, or until the pruner's
+            # dead-letter retention (when set) removes them: no backstop TTL.
             row.expires_ttl = None
         return item
 
@@ -661,6 +675,7 @@ class SqsStorage:
         replaced: dict[str, _Row] = {}  # existing jobs this call cancels
         # ("new", id, replaced job) | ("twin", id of a job of this batch) | ("old", job)
         plan: list[tuple[str, str, Job | None]] = []
+        own = {job.id for job in jobs}
         for job in jobs:
             if job.id in seen:
                 raise DuplicateJob(
@@ -674,6 +689,9 @@ class SqsStorage:
             if key is not None:
                 if key not in keys:
                     keys[key] = await self._unique_key(key)
+                    # Ids of this very call left by an attempt that failed part way.
+                    keys[key].ids = [i for i in keys[key].ids if i not in own]
+                    keys[key].pending = [i for i in keys[key].pending if i not in own]
                 existing = await self._find_duplicate(row.job, keys[key], batch, now)
                 if existing is not None:
                     policy = unique.on_conflict(row.job)
@@ -715,16 +733,21 @@ class SqsStorage:
                     sends.append(_Send(row, max(0, delay)))
         await self._send_tokens(sends)
 
-        items: list[dict[str, Any]] = [{"Put": self._put(r)} for r in batch.values()]
-        items += [{"Put": self._put(r)} for r in replaced.values()]
-        items += [self._unique_put(k, now) for k in keys.values() if k.changed]
-        # Replaced workflow members would need their workflows updated too.
-        if len(items) <= TRANSACT_MAX and not any(r.job.workflow_id for r in replaced.values()):
-            await self._write(items)
+        jobs_items: list[dict[str, Any]] = [{"Put": self._put(r)} for r in batch.values()]
+        changed_keys = [k for k in keys.values() if k.changed]
+        key_items = [self._unique_put(k, now) for k in changed_keys]
+        cancels = list(replaced.values())
+        flows = {r.job.workflow_id for r in cancels if r.job.workflow_id is not None}
+        # One transaction when it fits.  A replaced workflow member's workflow
+        # advances in it too (_commit), which may spawn up to three batch callbacks,
+        # each with a unique key item: room is kept for that.
+        needed = len(jobs_items) + len(key_items) + len(cancels) + 7 * len(flows)
+        if needed > TRANSACT_MAX:
+            await self._write_enqueue_in_chunks(changed_keys, jobs_items, cancels, now)
+        elif flows:
+            await self._commit(cancels, now, extra=jobs_items + key_items)
         else:
-            await self._write_in_chunks(items, list(batch))
-            for row in replaced.values():
-                await self._commit([row], now)
+            await self._write(jobs_items + [{"Put": self._put(r)} for r in cancels] + key_items)
         for row in batch.values():
             row.version += 1
             await self._register_tier(row.job.queue, row.job.priority, now)
@@ -742,6 +765,97 @@ class SqsStorage:
                     EnqueueResult(batch[job_id].job.clone(), True, other.clone() if other else None)
                 )
         return out
+
+    async def _write_enqueue_in_chunks(
+        self,
+        keys: list[_UniqueKey],
+        jobs_items: list[dict[str, Any]],
+        cancels: list[_Row],
+        now: float,
+    ) -> None:
+        """An enqueue too large for one transaction: keys first, then cancels, then jobs.
+
+        The unique key items are written first, each conditional on the version
+        read, with this call's ids *pending* for ORPHAN_GRACE_SECONDS: an enqueue
+        that reads such a key meanwhile waits for those jobs instead of taking
+        them for pruned ones (:meth:`_find_duplicate`).  So a call that loses a
+        race for a key fails before any of its jobs exists, and a winner's keys
+        hold from the start.  Jobs a ``replace`` cancels are cancelled next (with
+        their workflows), before the new jobs exist, so the two never coexist.
+        If writing the jobs fails, the ones written are deleted and the keys put
+        back (the cancels stay: the replace had started).
+        """
+        job_ids = [i["Put"]["Item"]["pk"]["S"].removeprefix("JOB#") for i in jobs_items]
+        duplicate = await self._first_existing(job_ids)
+        if duplicate is not None:
+            raise DuplicateJob(
+                f"A job with id {duplicate} already exists", details={"existing_job_id": duplicate}
+            )
+        own = set(job_ids)
+        until = self._wall() + ORPHAN_GRACE_SECONDS
+        for key in keys:
+            key.pending = [i for i in key.ids if i in own]
+            key.ids = [i for i in key.ids if i not in own]
+            key.pending_until = until
+        claimed: list[_UniqueKey] = []
+        written: list[dict[str, Any]] = []
+        try:
+            for chunk in _chunks(keys, TRANSACT_MAX):
+                await self._write([self._unique_put(k, now) for k in chunk])
+                claimed.extend(chunk)
+            for row in cancels:
+                await self._cancel_replaced(row.job.id, now)
+            for chunk in _chunks(jobs_items, TRANSACT_MAX):
+                await self._write(chunk)
+                written.extend(chunk)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._undo_enqueue(claimed, written, now)
+            raise
+        for key in claimed:
+            key.version += 1
+
+    async def _undo_enqueue(
+        self, claimed: list[_UniqueKey], written: list[dict[str, Any]], now: float
+    ) -> None:
+        """Delete the jobs a failed chunked enqueue wrote; take its ids off the keys."""
+        doomed = [{"pk": i["Put"]["Item"]["pk"], "sk": i["Put"]["Item"]["sk"]} for i in written]
+        for chunk in _chunks(doomed, 25):
+            await self._batch_delete(chunk)
+        for key in claimed:
+            try:
+                async with map_errors():
+                    if key.version == 0:
+                        await self.clients.dynamodb.delete_item(
+                            TableName=self._table,
+                            Key=self._key(f"UNIQUE#{key.key}", "UNIQUE"),
+                            ConditionExpression="v = :v",
+                            ExpressionAttributeValues={":v": _n(1)},
+                        )
+                    else:
+                        restored = replace(key, version=key.version + 1, pending=[])
+                        await self._write([self._unique_put(restored, now)])
+            except OjsError:
+                pass  # changed meanwhile: the pending ids lapse at pending_until
+
+    async def _cancel_replaced(self, job_id: str, now: float) -> None:
+        """Cancel a job a ``replace`` displaced, unless it ended meanwhile."""
+        for attempt in range(CAS_ATTEMPTS):
+            row = await self._load_or_none(job_id)
+            if row is None or row.job.state.is_terminal:
+                return
+            new = row.copy()
+            lifecycle.cancel(new.job, now)
+            new.drop_token()  # its message is deleted as stale when received
+            try:
+                await self._commit([new], now)
+            except ConditionFailed:
+                await self._backoff(attempt)
+                continue
+            return
+        raise BackendUnavailable(
+            f"Job {job_id} kept changing concurrently; try again", details={"job_id": job_id}
+        )
 
     async def _write_in_chunks(self, items: list[dict[str, Any]], job_ids: list[str]) -> None:
         """Write more than one transaction's worth: check ids first, undo on failure."""
@@ -785,7 +899,10 @@ class SqsStorage:
         if not item:
             return _UniqueKey(key, 0, [], [])
         stored = json.loads(item["ids"]["S"])
-        return _UniqueKey(key, int(item["v"]["N"]), stored, list(stored))
+        pending = json.loads(item["pend"]["S"]) if "pend" in item else []
+        until = float(item["pend_until"]["N"]) if "pend_until" in item else 0.0
+        version = int(item["v"]["N"])
+        return _UniqueKey(key, version, stored, list(stored), pending, list(pending), until)
 
     def _unique_put(self, key: _UniqueKey, now: float) -> dict[str, Any]:
         """Write the key's job ids (newest last), conditional on the version read."""
@@ -794,13 +911,31 @@ class SqsStorage:
             "ids": _s(json.dumps(key.ids[-UNIQUE_IDS_KEPT:])),
             "at": _n(now),
         }
+        if key.pending:
+            item["pend"] = _s(json.dumps(key.pending))
+            item["pend_until"] = _n(key.pending_until)
         return {"Put": self._versioned_put(item, key.version)}
 
     async def _find_duplicate(
         self, job: Job, key: _UniqueKey, batch: dict[str, _Row], now: float
     ) -> _Row | None:
-        """The newest job holding ``key`` that blocks ``job`` under its policy."""
-        rows = await self._load_many(i for i in key.ids if i not in batch)
+        """The newest job holding ``key`` that blocks ``job`` under its policy.
+
+        Raises :class:`ConditionFailed` (the caller reads again and decides again)
+        while the key has pending ids of an enqueue still writing its jobs.
+        """
+        pending = [i for i in key.pending if i not in key.ids]
+        rows = await self._load_many(i for i in [*key.ids, *pending] if i not in batch)
+        if key.pending:
+            writing = [i for i in pending if i not in rows and i not in batch]
+            if writing and key.pending_until > self._wall():
+                raise ConditionFailed(
+                    "an enqueue holding this unique key is still writing its jobs",
+                    details={"unique_key": key.key, "job_ids": writing},
+                )
+            # Pending jobs that exist hold the key like any; the others never will.
+            key.ids.extend(pending)
+            key.pending = []
         # Ids of jobs that are gone (pruned) can no longer block anyone.
         alive = [i for i in key.ids if i in rows or i in batch]
         if alive != key.ids:
