@@ -43,6 +43,12 @@ _TERMINAL = frozenset(state.value for state in TERMINAL_STATES)
 
 class MemoryStorage:
     name = "memory"
+    #: ojs-unique-jobs.md 8 (docs/unique-jobs.md explains).
+    unique_guarantee = (
+        "strong",
+        "duplicate check and insert in one step of the single-threaded in-memory "
+        "store: the enqueue never yields between them",
+    )
 
     def __init__(self, *, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()

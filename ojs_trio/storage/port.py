@@ -88,6 +88,11 @@ class Storage(Protocol):
     """What the engine needs from a backend."""
 
     name: str
+    #: ojs-unique-jobs.md 8: (strength, mechanism) of the adapter's unique jobs.
+    #: Strength is "strong" or "best-effort"; mechanism says, for people, how the
+    #: duplicate check and the insert are kept atomic.  The manifest declares both
+    #: (``capabilities.unique_jobs``, ``unique_job_strength``).
+    unique_guarantee: tuple[str, str]
 
     async def open(self) -> None:
         """Connect and prepare (migrations, pools).  Called once by the engine."""
