@@ -21,11 +21,7 @@ from http_fixtures import http_server
 import ojs_trio
 from ojs_trio.config import Settings
 from ojs_trio.http import create_app
-from ojs_trio.http.system import (
-    OTHER_STORAGE_MECHANISM,
-    UNIQUE_JOB_MECHANISMS,
-    unique_jobs_capability,
-)
+from ojs_trio.storage.memory import MemoryStorage
 
 OJS_JSON = "application/openjobspec+json"
 MISSING = "01890000-0000-7000-8000-000000000000"  # a well-formed id no job has
@@ -192,20 +188,12 @@ async def test_manifest_declares_level_4_and_strong_unique_jobs() -> None:
     # ojs-unique-jobs.md 8.3: strength and mechanism under capabilities.
     assert manifest["capabilities"]["unique_jobs"] == {
         "strength": "strong",
-        "mechanism": UNIQUE_JOB_MECHANISMS["memory"],
+        "mechanism": MemoryStorage.unique_guarantee[1],
     }
     assert manifest["schema_validation"] is manifest["capabilities"]["schema_validation"] is False
     assert manifest["extensions"] == {
         "official": [{"name": "dead-letter", "uri": "urn:ojs:ext:dead-letter", "version": "1.0.0"}]
     }
-
-
-def test_unique_jobs_mechanism_is_chosen_by_storage() -> None:
-    assert "single-threaded" in unique_jobs_capability("memory")["mechanism"]
-    assert "pg_advisory_xact_lock" in unique_jobs_capability("postgresql")["mechanism"]
-    assert "TransactWriteItems" in unique_jobs_capability("sqs")["mechanism"]
-    other = unique_jobs_capability("someone-elses-adapter")
-    assert other == {"strength": "strong", "mechanism": OTHER_STORAGE_MECHANISM}
 
 
 # -- bad input: the OJS error body, never a 500 -------------------------------------------

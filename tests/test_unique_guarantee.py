@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 
 from ojs_trio.http.system import (
-    POSTGRESQL_UNIQUE_GUARANTEE,
     UNDECLARED_UNIQUE_GUARANTEE,
     manifest,
     unique_guarantee,
@@ -30,12 +29,20 @@ def sqs_storage_class() -> Any:
     return SqsStorage
 
 
-def test_memory_and_sqs_declare_a_strong_guarantee() -> None:
-    for adapter in (MemoryStorage, sqs_storage_class()):
+def postgres_storage_class() -> Any:
+    pytest.importorskip("psycopg")
+    from ojs_trio.storage.postgres.adapter import PostgresStorage
+
+    return PostgresStorage
+
+
+def test_every_adapter_declares_a_strong_guarantee() -> None:
+    for adapter in (MemoryStorage, sqs_storage_class(), postgres_storage_class()):
         strength, mechanism = adapter.unique_guarantee
         assert strength == "strong"
         assert mechanism
     assert "single-threaded" in MemoryStorage.unique_guarantee[1]
+    assert "pg_advisory_xact_lock" in postgres_storage_class().unique_guarantee[1]
     # The SQS text owns up to the large-enqueue path.
     assert "too large for one transaction" in sqs_storage_class().unique_guarantee[1]
 
@@ -64,8 +71,3 @@ def test_adapter_without_a_declaration_is_not_assumed_strong() -> None:
     assert UNDECLARED_UNIQUE_GUARANTEE[0] == "best-effort"
     found = manifest_for(undeclared)
     assert found["unique_job_strength"] == "best_effort"
-    # PostgreSQL keeps its text until its adapter declares it.
-    postgres: Any = SimpleNamespace(name="postgresql")
-    assert unique_guarantee(postgres) == POSTGRESQL_UNIQUE_GUARANTEE
-    assert POSTGRESQL_UNIQUE_GUARANTEE[0] == "strong"
-    assert "pg_advisory_xact_lock" in POSTGRESQL_UNIQUE_GUARANTEE[1]

@@ -11,9 +11,7 @@ import ojs_trio
 from ojs_trio.engine.errors import BackendUnavailable, NotFound, OjsError
 from ojs_trio.engine.timeutil import format_ts
 from ojs_trio.http.common import ApiContext, ojs_response, query_int, query_list
-from ojs_trio.storage.memory import MemoryStorage
 from ojs_trio.storage.port import Storage
-from ojs_trio.storage.sqs import UNIQUE_GUARANTEE as SQS_UNIQUE_GUARANTEE
 
 CONFORMANCE_LEVEL = 4
 CAPABILITIES: dict[str, bool] = {
@@ -33,14 +31,8 @@ CAPABILITIES: dict[str, bool] = {
 }
 
 # ojs-unique-jobs.md 8: each adapter declares its guarantee (Storage.unique_guarantee:
-# strength and mechanism; docs/unique-jobs.md explains each).  Until PostgresStorage
-# declares its own, the manifest falls back to this text for it.
-POSTGRESQL_UNIQUE_GUARANTEE = (
-    "strong",
-    "transaction-scoped advisory lock (pg_advisory_xact_lock) on the unique key's "
-    "hash, taken inside the inserting transaction before the duplicate check",
-)
-# An adapter that declares nothing is not assumed to be strong.
+# strength and mechanism; docs/unique-jobs.md explains each).  One that declares
+# nothing is not assumed to be strong.
 UNDECLARED_UNIQUE_GUARANTEE = ("best-effort", "not declared by the storage adapter")
 # ojs-conformance.md 4.2 spells the top-level value "best_effort" where
 # ojs-unique-jobs.md 8.3 spells it "best-effort".
@@ -50,30 +42,7 @@ _CONFORMANCE_STRENGTH = {"strong": "strong", "best-effort": "best_effort"}
 def unique_guarantee(storage: Storage) -> tuple[str, str]:
     """(strength, mechanism) of ``storage``'s unique jobs."""
     declared: tuple[str, str] | None = getattr(storage, "unique_guarantee", None)
-    if declared is not None:
-        return declared
-    if storage.name == "postgresql":
-        return POSTGRESQL_UNIQUE_GUARANTEE
-    return UNDECLARED_UNIQUE_GUARANTEE
-
-
-# Legacy, by storage name: tests/test_http.py still imports these.  The manifest
-# does not use them; remove them once that test asks unique_guarantee instead.
-UNIQUE_JOB_STRENGTH = "strong"
-UNIQUE_JOB_MECHANISMS: dict[str, str] = {
-    "memory": MemoryStorage.unique_guarantee[1],
-    "postgresql": POSTGRESQL_UNIQUE_GUARANTEE[1],
-    "sqs": SQS_UNIQUE_GUARANTEE[1],
-}
-OTHER_STORAGE_MECHANISM = "duplicate check and insert in the storage adapter's atomic enqueue"
-
-
-def unique_jobs_capability(storage_name: str) -> dict[str, str]:
-    """Legacy (see above): the old by-name table."""
-    return {
-        "strength": UNIQUE_JOB_STRENGTH,
-        "mechanism": UNIQUE_JOB_MECHANISMS.get(storage_name, OTHER_STORAGE_MECHANISM),
-    }
+    return UNDECLARED_UNIQUE_GUARANTEE if declared is None else declared
 
 
 def manifest(ctx: ApiContext) -> dict[str, Any]:

@@ -17,9 +17,7 @@ def open_storage(url: str, *, pool_size: int = 10) -> Storage:
         # Imported lazily: psycopg is only needed with the [postgres] extra.
         from ojs_trio.storage.postgres.adapter import PostgresStorage
 
-        # Until PostgresStorage declares Storage.unique_guarantee (the manifest falls
-        # back to its text meanwhile); drop this ignore then.
-        return PostgresStorage(url, max_size=pool_size)  # type: ignore[return-value]
+        return PostgresStorage(url, max_size=pool_size)
     if scheme == "sqs":
         # Imported lazily: aiobotocore is only needed with the [sqs] extra.
         from ojs_trio.storage.sqs.adapter import SqsStorage

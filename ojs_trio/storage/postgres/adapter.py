@@ -220,6 +220,12 @@ def _ack_item(ack: AckRequest, now: float) -> Settle:
 
 class PostgresStorage:
     name = "postgresql"
+    # ojs-unique-jobs.md 8 (docs/unique-jobs.md): why a lock and not a constraint.
+    unique_guarantee = (
+        "strong",
+        "transaction-scoped advisory lock (pg_advisory_xact_lock) on the unique key's "
+        "hash, taken inside the inserting transaction before the duplicate check",
+    )
 
     def __init__(
         self,
