@@ -512,20 +512,56 @@ async def test_replacing_a_schedule_replans_the_ticker(
 async def test_disabled_schedule_does_not_fire(autojump_clock: trio.testing.MockClock) -> None:
     with real_time_limit():
         async with running_engine() as engine:
-            await engine.put_cron(cron_body(enabled=False))
+            record = await engine.put_cron(cron_body(enabled=False))
+            assert record.next_run_at is None  # ojs-cron 8.5
             await trio.sleep(5 * 60.0)
             assert enqueued(engine) == []
 
 
+async def test_toggling_a_schedule_stops_and_resumes_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """ojs-cron 8.5: disabled keeps the registration and its history, with no next
+    run; enabled again plans the next occurrence after now (none missed meanwhile)."""
+    with real_time_limit():
+        async with running_engine() as engine:
+            await engine.put_cron(cron_body(overlap_policy="allow"))
+            await trio.sleep_until(FIRST_MINUTE + 1.0)
+            assert len(enqueued(engine)) == 1
+
+            off = await engine.set_cron_enabled("tick", False)
+            assert (off.enabled, off.next_run_at, off.runs) == (False, None, 1)
+            assert off.to_wire()["next_run_at"] is None
+            await trio.sleep(10 * 60.0)
+            assert len(enqueued(engine)) == 1
+
+            on = await engine.set_cron_enabled("tick", True)
+            assert on.enabled and on.runs == 1
+            assert on.next_run_at is not None and on.next_run_at > wall()
+            assert on.next_run_at == BASE + FIRST_MINUTE + 11 * 60.0
+            await trio.sleep_until(FIRST_MINUTE + 11 * 60.0 + 1.0)
+            assert len(enqueued(engine)) == 2
+            assert (await engine.get_cron("tick")).runs == 2
+
+            with pytest.raises(InvalidRequest):
+                await engine.set_cron_enabled("tick", "no")
+            with pytest.raises(NotFound):
+                await engine.set_cron_enabled("nope", False)
+
+
 async def test_schedule_disabled_after_the_ticker_read_it_is_reported_skipped() -> None:
     """ojs-cron 9.2 ``disabled``: the ticker saw the schedule enabled (a stale list),
-    storage found it disabled when firing: no job, one cron.skipped."""
+    storage found it disabled when firing: no job, one cron.skipped.  (This server
+    gives a disabled schedule no next run, so the stored record here is one an
+    older server wrote: disabled, next run still planned.)"""
     now = [BASE]
     storage = MemoryStorage()
     async with running_engine(storage, clock=lambda: now[0]) as engine:
         await engine.put_cron(cron_body(overlap_policy="allow"))
         stale = await storage.list_crons()
-        await engine.put_cron(cron_body(overlap_policy="allow", enabled=False))
+        older = parse_cron_request(cron_body(overlap_policy="allow"), BASE)
+        older.enabled = False
+        await storage.put_cron(older)
 
         async def stale_view() -> list[CronRecord]:
             await trio.lowlevel.checkpoint()

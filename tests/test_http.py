@@ -47,6 +47,37 @@ async def enqueue(client: httpx.AsyncClient, job_type: str = "email.send", **bod
 # -- the happy path ----------------------------------------------------------------------
 
 
+async def test_cron_toggle_route() -> None:
+    """PATCH /ojs/v1/cron/{name} (ojs-cron 8.5): disabled has next_run_at null."""
+    async with http_server() as (_engine, client):
+        body = {
+            "name": "nightly",
+            "expression": "0 3 * * *",
+            "job_template": {"type": "report.build", "args": [], "options": {"queue": "cron"}},
+        }
+        response = await client.post("/ojs/v1/cron", json=body)
+        assert response.status_code == 201, response.text
+        assert response.json()["cron"]["next_run_at"] is not None
+
+        response = await client.patch("/ojs/v1/cron/nightly", json={"enabled": False})
+        assert response.status_code == 200, response.text
+        cron = response.json()["cron"]
+        assert (cron["name"], cron["enabled"], cron["next_run_at"]) == ("nightly", False, None)
+        cron = (await client.get("/ojs/v1/cron/nightly")).json()["cron"]
+        assert (cron["enabled"], cron["next_run_at"]) == (False, None)
+
+        response = await client.patch("/ojs/v1/cron/nightly", json={"enabled": True})
+        assert response.status_code == 200, response.text
+        assert response.json()["cron"]["next_run_at"] is not None
+
+        for bad in ({}, {"enabled": "yes"}, [True]):
+            response = await client.patch("/ojs/v1/cron/nightly", json=bad)
+            assert response.status_code == 400, (bad, response.text)
+            assert response.json()["error"]["code"] == "invalid_request"
+        response = await client.patch("/ojs/v1/cron/missing", json={"enabled": False})
+        assert response.status_code == 404, response.text
+
+
 async def test_quick_start() -> None:
     async with http_server() as (engine, client):
         response = await client.post(

@@ -301,9 +301,22 @@ def parse_cron_request(body: Any, now: float) -> CronRecord:
         description=description,
         created_at=now,
         updated_at=now,
-        next_run_at=next_occurrence(expression, timezone, now),
+        # ojs-cron 8.5: a disabled schedule has no next run.
+        next_run_at=next_occurrence(expression, timezone, now) if enabled else None,
         extra={k: v for k, v in body.items() if k not in known},
     )
+
+
+def set_enabled(record: CronRecord, enabled: Any, now: float) -> None:
+    """Toggle a schedule (ojs-cron 8.5): disabled has no ``next_run_at``; enabling
+    plans the next occurrence after ``now`` (none missed while disabled is run)."""
+    if not isinstance(enabled, bool):
+        raise InvalidRequest("'enabled' must be a boolean", details={"field": "enabled"})
+    record.enabled = enabled
+    record.next_run_at = (
+        next_occurrence(record.expression, record.timezone, now) if enabled else None
+    )
+    record.updated_at = now
 
 
 def job_for_occurrence(record: CronRecord, occurrence: float, now: float) -> Job:

@@ -24,7 +24,7 @@ from ojs_trio.actors.promoter import DelayPromoter
 from ojs_trio.actors.pruner import Pruner
 from ojs_trio.actors.reaper import Reaper
 from ojs_trio.actors.supervisor import Supervisor
-from ojs_trio.engine.cron import CronFire, CronRecord, parse_cron_request
+from ojs_trio.engine.cron import CronFire, CronRecord, parse_cron_request, set_enabled
 from ojs_trio.engine.errors import InvalidRequest, OjsError, ShuttingDown
 from ojs_trio.engine.events import EventBus, cron_event, workflow_event
 from ojs_trio.engine.job import Job
@@ -569,6 +569,19 @@ class Engine:
 
     async def get_cron(self, name: str) -> CronRecord:
         return await self.storage.get_cron(name)
+
+    async def set_cron_enabled(self, name: str, enabled: Any) -> CronRecord:
+        """Enable or disable a schedule without removing it (ojs-cron 8.5).
+
+        Written with ``put_cron``, which keeps the schedule's run history: a
+        firing that lands between the read and the write keeps its counts, and
+        the next run is planned after now either way.
+        """
+        record = await self.storage.get_cron(name)
+        set_enabled(record, enabled, self.clock())
+        stored = await self.storage.put_cron(record)
+        self.cron_ticker.notify_changed_nowait()
+        return stored
 
     async def delete_cron(self, name: str) -> CronRecord:
         record = await self.storage.delete_cron(name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from quart import Response
 from quart_trio import QuartTrio
 
+from ojs_trio.engine.errors import InvalidRequest
 from ojs_trio.http.common import ApiContext, json_body, ojs_response
 
 
@@ -28,6 +29,17 @@ def register(app: QuartTrio, ctx: ApiContext) -> None:
     @app.get("/ojs/v1/cron/<name>")
     async def get_cron(name: str) -> Response:
         return ojs_response({"cron": (await engine.get_cron(name)).to_wire()})
+
+    @app.patch("/ojs/v1/cron/<name>")
+    async def toggle_cron(name: str) -> Response:
+        body = await json_body()
+        if not isinstance(body, dict) or "enabled" not in body:
+            raise InvalidRequest(
+                'a toggle body is {"enabled": true|false}', details={"field": "enabled"}
+            )
+        return ojs_response(
+            {"cron": (await engine.set_cron_enabled(name, body["enabled"])).to_wire()}
+        )
 
     @app.delete("/ojs/v1/cron/<name>")
     async def delete_cron(name: str) -> Response:
