@@ -551,24 +551,20 @@ async def test_toggling_a_schedule_stops_and_resumes_it(
 
 async def test_schedule_disabled_after_the_ticker_read_it_is_reported_skipped() -> None:
     """ojs-cron 9.2 ``disabled``: the ticker saw the schedule enabled (a stale list),
-    storage found it disabled when firing: no job, one cron.skipped.  (This server
-    gives a disabled schedule no next run, so the stored record here is one an
-    older server wrote: disabled, next run still planned.)"""
+    storage found it disabled when firing: no job, one cron.skipped."""
     now = [BASE]
     storage = MemoryStorage()
     async with running_engine(storage, clock=lambda: now[0]) as engine:
         await engine.put_cron(cron_body(overlap_policy="allow"))
         stale = await storage.list_crons()
-        older = parse_cron_request(cron_body(overlap_policy="allow"), BASE)
-        older.enabled = False
-        await storage.put_cron(older)
+        await engine.set_cron_enabled("tick", False)
 
         async def stale_view() -> list[CronRecord]:
             await trio.lowlevel.checkpoint()
             return stale
 
         storage.list_crons = stale_view  # type: ignore[method-assign]
-        # Re-registering recomputed next_run_at from the same instant: still due.
+        # The stale view still has the occurrence due; storage finds it disabled.
         now[0] = BASE + FIRST_MINUTE + 0.5
         await engine.cron_ticker.tick()
         assert enqueued(engine) == []

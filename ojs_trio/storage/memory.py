@@ -603,11 +603,11 @@ class MemoryStorage:
         record = self._crons.get(name)
         if record is None:
             return CronFire(False, reason="missing")
+        if not record.enabled:  # disabled since the ticker read it: nothing to advance
+            return CronFire(False, reason="disabled", record=copy.deepcopy(record))
         if record.next_run_at != occurrence:
             return CronFire(False, reason="already_fired", record=copy.deepcopy(record))
         record.next_run_at = next_run_at
-        if not record.enabled:
-            return CronFire(False, reason="disabled", record=copy.deepcopy(record))
         previous = self._jobs.get(record.last_job_id) if record.last_job_id else None
         if previous is not None and not previous.state.is_terminal:
             if record.overlap_policy == "skip":

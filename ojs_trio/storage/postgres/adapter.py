@@ -1283,34 +1283,33 @@ class PostgresStorage:
             if row is None:
                 return CronFire(False, reason="missing")
             record = CronRecord.from_record(row[0])
+            if not record.enabled:  # disabled since the ticker read it: nothing to advance
+                return CronFire(False, reason="disabled", record=record)
             if record.next_run_at != occurrence:
                 return CronFire(False, reason="already_fired", record=record)
             record.next_run_at = next_run_at
             fired = False
             reason: str | None = None
             new = job.clone()
-            if not record.enabled:
-                reason = "disabled"
-            else:
-                previous = None
-                if record.last_job_id:
-                    cur = await conn.execute(q("lock_job"), (record.last_job_id,))
-                    prow = await cur.fetchone()
-                    previous = _job(prow) if prow else None
-                if previous is not None and not previous.state.is_terminal:
-                    if record.overlap_policy == "skip":
-                        record.skipped += 1
-                        reason = "overlap"
-                    elif record.overlap_policy == "cancel_previous":
-                        lifecycle.cancel(previous, now)
-                        await self._write(conn, previous, now)
-                if reason is None:
-                    await self._insert(conn, new, now)
-                    record.last_run_at = occurrence
-                    record.last_job_id = new.id
-                    record.runs += 1
-                    fired = True
-                    await self._notify(conn, [new])
+            previous = None
+            if record.last_job_id:
+                cur = await conn.execute(q("lock_job"), (record.last_job_id,))
+                prow = await cur.fetchone()
+                previous = _job(prow) if prow else None
+            if previous is not None and not previous.state.is_terminal:
+                if record.overlap_policy == "skip":
+                    record.skipped += 1
+                    reason = "overlap"
+                elif record.overlap_policy == "cancel_previous":
+                    lifecycle.cancel(previous, now)
+                    await self._write(conn, previous, now)
+            if reason is None:
+                await self._insert(conn, new, now)
+                record.last_run_at = occurrence
+                record.last_job_id = new.id
+                record.runs += 1
+                fired = True
+                await self._notify(conn, [new])
             await conn.execute(
                 q("advance_cron"),
                 {

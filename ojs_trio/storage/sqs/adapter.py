@@ -1857,6 +1857,8 @@ class SqsStorage:
             if found is None:
                 return CronFire(False, reason="missing")
             record, version = found
+            if not record.enabled:  # disabled since the ticker read it: nothing to advance
+                return CronFire(False, reason="disabled", record=record)
             if record.next_run_at != occurrence:
                 return CronFire(False, reason="already_fired", record=record)
             record.next_run_at = next_run_at
@@ -1871,9 +1873,6 @@ class SqsStorage:
     async def _fire_once(
         self, record: CronRecord, version: int, occurrence: float, job: Job, now: float
     ) -> CronFire:
-        if not record.enabled:
-            await self._write([{"Put": self._cron_put(record, version)}])
-            return CronFire(False, reason="disabled", record=record)
         rows: list[_Row] = []
         previous = await self._load_or_none(record.last_job_id) if record.last_job_id else None
         stale: tuple[str | None, str | None] = (None, None)
