@@ -27,9 +27,11 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Awaitable, Callable
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -40,6 +42,8 @@ from bench.scenarios import ALL, SCENARIOS, groupcommit, peers
 from bench.scenarios.common import Context
 from bench.targets import drop_database, open_target, postgres_version, recreate_database
 from ojs_trio.runtime import freeze_startup_heap
+
+T = TypeVar("T")
 
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/ojs_bench"
 STORAGES = ("memory", "postgres", "sqs")
@@ -200,37 +204,38 @@ async def run_all(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
             if storage == "postgres":
                 await trio.to_thread.run_sync(drop_database, url)
 
+    async def once_per_run(name: str, url: str, scenario: Callable[[], Awaitable[T]]) -> T | None:
+        """A scenario run once per harness run on a database of its own (dropped after)."""
+        t0 = time.monotonic()
+        try:
+            return await scenario()
+        except Exception as exc:
+            message = f"{name}: {type(exc).__name__}: {exc}"
+            errors.append(message)
+            progress.log("ERROR " + message)
+            traceback.print_exc()
+            return None
+        finally:
+            await trio.to_thread.run_sync(drop_database, url)
+            timings[name] = round(time.monotonic() - t0, 1)
+            progress.step(f"{name} done")
+
     peer_results: list[dict[str, Any]] = []
     if run_peers:
         peer_url = args.pg_url + "_peer"
-        t0 = time.monotonic()
-        try:
-            peer_results = await peers.run(peer_url, sizes, progress)
-        except Exception as exc:
-            message = f"peers: {type(exc).__name__}: {exc}"
-            errors.append(message)
-            progress.log("ERROR " + message)
-            traceback.print_exc()
-        finally:
-            await trio.to_thread.run_sync(drop_database, peer_url)
-        timings["peers"] = round(time.monotonic() - t0, 1)
-        progress.step("peers done")
+        peer_results = (
+            await once_per_run("peers", peer_url, partial(peers.run, peer_url, sizes, progress))
+            or []
+        )
+
+    async def run_groupcommit(url: str) -> dict[str, Any]:
+        freeze_startup_heap()
+        return await groupcommit.run(url, sizes, progress)
+
     group_commit: dict[str, Any] | None = None
     if run_gc:
         gc_url = args.pg_url + "_gc"
-        t0 = time.monotonic()
-        try:
-            freeze_startup_heap()
-            group_commit = await groupcommit.run(gc_url, sizes, progress)
-        except Exception as exc:
-            message = f"groupcommit: {type(exc).__name__}: {exc}"
-            errors.append(message)
-            progress.log("ERROR " + message)
-            traceback.print_exc()
-        finally:
-            await trio.to_thread.run_sync(drop_database, gc_url)
-        timings["groupcommit"] = round(time.monotonic() - t0, 1)
-        progress.step("groupcommit done")
+        group_commit = await once_per_run("groupcommit", gc_url, partial(run_groupcommit, gc_url))
     progress.close()
     meta = machine(args.pg_url, pg_version)
     meta["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
