@@ -9,6 +9,7 @@ turns a spinning actor (which would freeze the mock clock) into a failure.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from collections import Counter, defaultdict
@@ -29,7 +30,13 @@ from ojs_trio.engine.lifecycle import Failure
 from ojs_trio.engine.states import JobState
 from ojs_trio.engine.timeutil import format_ts
 from ojs_trio.engine.worker import JobContext
-from ojs_trio.engine.workflows import PARENT_RESULTS_MAX_BYTES, Workflow, parse_workflow
+from ojs_trio.engine.workflows import (
+    OMITTED_FROM_META,
+    PARENT_RESULTS_MAX_BYTES,
+    Workflow,
+    on_job_finished,
+    parse_workflow,
+)
 from ojs_trio.storage.memory import MemoryStorage
 
 BASE = 1_700_000_000.0
@@ -421,6 +428,95 @@ async def test_batch_failure_fires_on_complete_and_on_failure_once(
             assert (await engine.get_workflow(workflow.id)).state == "failed"
             await trio.sleep(60.0)
             assert await fetch_all(engine, "callbacks") == []
+
+
+def encoded_size(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":")))
+
+
+async def run_batch(engine: Engine, results: list[Any], order: list[int]) -> list[Job]:
+    """Run a batch with one member per result, acking them in ``order``; return its
+    callbacks (on_complete, on_success), checking the record's kept results as it goes."""
+    workflow = await engine.create_workflow(batch_body(len(results)))
+    jobs = sorted(await fetch_all(engine), key=lambda j: j.workflow_step or 0)
+    for n in order:
+        await engine.ack(jobs[n].id, results[n])
+        record = await engine.get_workflow(workflow.id)
+        kept = [record.results.get(i) for i in range(record.total)]
+        assert encoded_size(kept) <= PARENT_RESULTS_MAX_BYTES
+    done = await engine.get_workflow(workflow.id)
+    assert (done.state, done.results) == ("completed", {})  # passed on, then let go
+    callbacks = await fetch_all(engine, "callbacks")
+    assert sorted(c.type for c in callbacks) == ["cb.on_complete", "cb.on_success"]
+    return callbacks
+
+
+@pytest.mark.parametrize("order", ["forward", "backward", "shuffled"])
+async def test_batch_callbacks_get_results_in_member_order_while_they_fit(order: str) -> None:
+    """Results by member index while the list fits in 64 KiB, null from the first that
+    does not (also for smaller ones after it), whatever order the members finish in;
+    meta says where the omission starts."""
+    big = 20 * 1024
+    results: list[Any] = [blob("r0", big), "r1", blob("r2", big), blob("r3", big)]
+    results += [blob("r4", big), "r5", None]
+    acks = list(range(len(results)))
+    if order == "backward":
+        acks.reverse()
+    elif order == "shuffled":
+        random.Random(7).shuffle(acks)
+    async with running_engine() as engine:
+        callbacks = await run_batch(engine, results, acks)
+    # r0..r3 make about 60 KiB; with r4 the list would be about 80 KiB.
+    expected = [*results[:4], None, None, None]
+    assert encoded_size(expected) <= PARENT_RESULTS_MAX_BYTES < encoded_size(results)
+    for cb in callbacks:
+        assert cb.parent_results == expected
+        assert cb.meta is not None and cb.meta[OMITTED_FROM_META] == 4
+
+
+async def test_batch_callbacks_get_null_for_a_first_result_larger_than_the_bound() -> None:
+    results = [blob("r0", 70 * 1024), "r1"]
+    async with running_engine() as engine:
+        callbacks = await run_batch(engine, results, [1, 0])
+    for cb in callbacks:
+        assert cb.parent_results == [None, None]
+        assert cb.meta is not None and cb.meta[OMITTED_FROM_META] == 0
+
+
+async def test_batch_callbacks_whose_results_all_fit_have_no_omission_meta() -> None:
+    async with running_engine() as engine:
+        callbacks = await run_batch(engine, [blob("r0", 30 * 1024), "r1", None], [2, 0, 1])
+    for cb in callbacks:
+        assert cb.parent_results == [blob("r0", 30 * 1024), "r1", None]
+        assert cb.meta is not None and OMITTED_FROM_META not in cb.meta
+
+
+async def test_group_workflow_keeps_no_results() -> None:
+    """A group passes no results on: its record does not collect them."""
+    async with running_engine() as engine:
+        workflow = await engine.create_workflow({"type": "group", "jobs": [step(0), step(1)]})
+        for job in await fetch_all(engine):
+            await engine.ack(job.id, blob("r", 40 * 1024))
+            assert (await engine.get_workflow(workflow.id)).results == {}
+        assert (await engine.get_workflow(workflow.id)).state == "completed"
+
+
+def test_batch_record_of_an_older_server_is_trimmed_to_the_bound() -> None:
+    """A batch record written before the bound, holding more results than fit, gives
+    callbacks a bounded list all the same."""
+    workflow, members = parse_workflow(batch_body(3), BASE)
+    record = workflow.to_record()
+    del record["results_omitted_from"]
+    record["results"] = {"0": blob("r0", 40 * 1024), "1": blob("r1", 40 * 1024)}
+    older = Workflow.from_record(record)
+    assert older.results_omitted_from is None
+    last = members[2]
+    for member in members[:2]:
+        older.job_states[member.id] = "completed"
+    last.state = JobState.COMPLETED
+    callbacks = on_job_finished(older, last, BASE + 1)
+    assert [cb.parent_results for cb in callbacks] == [[blob("r0", 40 * 1024), None, None]] * 2
+    assert all(cb.meta is not None and cb.meta[OMITTED_FROM_META] == 1 for cb in callbacks)
 
 
 async def test_batch_with_a_cancelled_member_counts_it_as_failed() -> None:

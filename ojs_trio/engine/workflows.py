@@ -30,9 +30,14 @@ MAX_JOBS = 10_000
 #: A chain step's ``parent_results`` carries every earlier step's result while
 #: that list, as compact JSON (``json.dumps``, ASCII-escaped: what the SQS adapter
 #: measures), stays within this many bytes; beyond it, only the previous step's
-#: result (ojs-workflows 7.2's minimum).  64 KiB leaves a step room for its own
+#: result (ojs-workflows 7.2's minimum).  A batch callback's list never exceeds it:
+#: members' results in member order while they fit, ``null`` from the first that
+#: does not (:func:`_keep_batch_result`).  64 KiB leaves a job room for its own
 #: args and result within SQS's 256 KB job and DynamoDB's 400 KB item.
 PARENT_RESULTS_MAX_BYTES = 64 * 1024
+#: The ``meta`` key of a batch callback whose ``parent_results`` left results out:
+#: the index of the first member whose result is missing (``null`` from there on).
+OMITTED_FROM_META = "parent_results_omitted_from"
 
 
 @dataclass
@@ -47,7 +52,13 @@ class Workflow:
     # Envelopes of chain steps not yet enqueued (index -> body).
     pending_steps: dict[int, dict[str, Any]] = field(default_factory=dict)
     job_states: dict[str, str] = field(default_factory=dict)
+    # Results still to be passed on, by member index: a chain's while later
+    # steps may get them, a batch's while they fit its callbacks' list.  A group
+    # passes none on and keeps none.
     results: dict[int, Any] = field(default_factory=dict)
+    # Batch: results from this member index on no longer fit the callbacks'
+    # parent_results and are not kept (None: every result so far fits).
+    results_omitted_from: int | None = None
     callbacks: dict[str, dict[str, Any]] = field(default_factory=dict)
     fired_callbacks: dict[str, str] = field(default_factory=dict)  # name -> job id
     started_at: float | None = None
@@ -251,8 +262,12 @@ def on_job_finished(workflow: Workflow, job: Job, now: float) -> list[Job]:
     if not job.state.is_terminal or workflow.state in TERMINAL:
         return []
     index = workflow.index_of(job.id)
-    if job.state is JobState.COMPLETED:
+    if workflow.type == "group":
+        workflow.results.clear()  # passed on nowhere (records of older servers kept them)
+    elif job.state is JobState.COMPLETED:
         workflow.results[index] = job.result
+        if workflow.type == "batch":
+            _fit_batch_results(workflow)
     if workflow.type == "chain":
         if job.state is not JobState.COMPLETED:
             workflow.pending_steps.clear()
@@ -276,18 +291,46 @@ def on_job_finished(workflow: Workflow, job: Job, now: float) -> list[Job]:
     _finish(workflow, "completed" if all_ok else "failed", now, job.id)
     spawned: list[Job] = []
     if workflow.type == "batch":
+        _fit_batch_results(workflow)  # a no-op but for records of older servers
         results = [workflow.results.get(i) for i in range(workflow.total)]
+        meta: dict[str, Any] = {"workflow_id": workflow.id}
+        if workflow.results_omitted_from is not None:
+            meta[OMITTED_FROM_META] = workflow.results_omitted_from
         names = ["on_complete", "on_success" if all_ok else "on_failure"]
         for name in names:
             body = workflow.callbacks.get(name)
             if body is None or name in workflow.fired_callbacks:
                 continue
             cb = parse_job(body, now)
-            cb.parent_results = results
-            cb.meta = {**(cb.meta or {}), "workflow_id": workflow.id, "callback": name}
+            cb.parent_results = copy.deepcopy(results)
+            cb.meta = {**(cb.meta or {}), **meta, "callback": name}
             workflow.fired_callbacks[name] = cb.id
             spawned.append(cb)
+        workflow.results = {}  # passed on: nothing reads them again
     return spawned
+
+
+def _fit_batch_results(workflow: Workflow) -> None:
+    """Keep only the batch results its callbacks' ``parent_results`` will carry.
+
+    The callbacks get the members' results in member order while the list (``null``
+    for members without one) fits in :data:`PARENT_RESULTS_MAX_BYTES`, and ``null``
+    from the first result that does not fit on, whatever order the members finish
+    in.  Applied as each result comes, so the workflow record never holds more than
+    that: while the list is too large, the highest-indexed result goes (the newest
+    one, if it is the highest), and as results from the lowest index dropped on can
+    never be passed on, they are not kept from then on.
+    """
+    cut = workflow.results_omitted_from
+    if cut is not None:
+        for index in [i for i in workflow.results if i >= cut]:
+            del workflow.results[index]
+    size = _encoded_size([workflow.results.get(i) for i in range(workflow.total)])
+    while size > PARENT_RESULTS_MAX_BYTES and workflow.results:
+        highest = max(workflow.results)
+        # A dropped result leaves null (4 bytes) at its index.
+        size -= _encoded_size(workflow.results.pop(highest)) - len("null")
+        workflow.results_omitted_from = highest
 
 
 def _chain_parent_results(workflow: Workflow, step: int) -> list[Any]:

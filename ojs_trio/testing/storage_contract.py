@@ -37,7 +37,7 @@ from ojs_trio.engine.job import Job
 from ojs_trio.engine.lifecycle import Failure
 from ojs_trio.engine.states import JobState
 from ojs_trio.engine.validation import parse_job
-from ojs_trio.engine.workflows import Workflow, parse_workflow
+from ojs_trio.engine.workflows import OMITTED_FROM_META, Workflow, parse_workflow
 from ojs_trio.storage.port import AckRequest, ClaimRequest, Storage
 
 __all__ = [
@@ -1669,6 +1669,64 @@ async def check_chain_parent_results_stay_bounded_with_large_results(
         _expect_eq((final.state, final.completed_at), ("completed", T0 + 3.5), "the chain")
 
 
+async def _claim_all(storage: Storage, now: float, queue: str, count: int) -> list[Job]:
+    """Claim ``count`` jobs of ``queue`` (a claim may bring fewer than asked at once)."""
+    got: list[Job] = []
+    for _ in range(count):
+        got += await _claim(storage, now, queue, count=count - len(got))
+        if len(got) >= count:
+            break
+    _expect_eq(len(got), count, f"jobs claimed from {queue!r}")
+    return got
+
+
+def _result_markers(parent_results: list[Any] | None) -> list[Any] | None:
+    """The ``member`` marker of each large result in a list (None for a null)."""
+    if parent_results is None:
+        return None
+    return [r["member"] if isinstance(r, dict) else r for r in parent_results]
+
+
+async def check_large_member_results_stay_bounded_in_groups_and_batches(
+    factory: StorageFactory,
+) -> None:
+    """A group and a batch of 10 members returning 40 KB each run to the end, and the
+    batch's callbacks run too (on SQS every job and workflow item must stay within
+    DynamoDB's 400 KB): callbacks get the results in member order while the list
+    fits in PARENT_RESULTS_MAX_BYTES and null from the first that does not, whichever
+    order the members finish in, and say where the omission starts in their meta."""
+    size, members = 40 * 1024, 10
+    callbacks = {name: _member(queue) for name, queue in CALLBACK_QUEUES.items()}
+    async with factory() as storage:
+        for kind in ("group", "batch"):
+            queue = f"big-{kind}"
+            body: dict[str, Any] = {"type": kind, "jobs": [_member(queue)] * members}
+            if kind == "batch":
+                body["callbacks"] = callbacks
+            workflow = await _create_workflow(storage, body)
+            claimed = sorted(await _claim_all(storage, T0, queue, members), key=_step_of)
+            # Last member first: each result that arrives pushes out higher ones.
+            for n, job in enumerate(reversed(claimed)):
+                result = {"member": job.workflow_step, "pad": "x" * size}
+                await storage.ack(job.id, "w1", result, True, T0 + 1 + n)
+            summary = await _group_summary(storage, workflow.id)
+            expected = ("completed", T0 + members, members, 0)
+            _expect_eq(summary, expected, f"{kind} of large results (state, at, done, failed)")
+
+        # 40 KB results: one fits in 64 KiB beside nine nulls, two do not.
+        markers = [0] + [None] * (members - 1)
+        fired = await _claim_all(storage, T0 + 20, CALLBACK_QUEUES["on_complete"], 1)
+        fired += await _claim_all(storage, T0 + 20, CALLBACK_QUEUES["on_success"], 1)
+        for cb in fired:
+            what = f"batch callback {cb.queue}"
+            _expect_eq(_result_markers(cb.parent_results), markers, f"{what}: parent_results")
+            omitted_from = (cb.meta or {}).get(OMITTED_FROM_META)
+            _expect_eq(omitted_from, 1, f"{what}: meta {OMITTED_FROM_META}")
+            await storage.ack(cb.id, "w1", {"seen": len(cb.parent_results or [])}, True, T0 + 21)
+            _expect_eq(await _state(storage, cb.id), JobState.COMPLETED, f"{what} after its ack")
+        _expect_eq(await _claim(storage, T0 + 22, *CALLBACK_QUEUES.values()), [], "more callbacks")
+
+
 async def check_chain_stops_at_a_failed_step(factory: StorageFactory) -> None:
     async with factory() as storage:
         queues = ("fail-a", "fail-b", "fail-c")
@@ -2193,6 +2251,7 @@ CONTRACT_CHECKS: list[ContractCheck] = [
     # workflows
     check_chain_creates_each_step_on_ack,
     check_chain_parent_results_stay_bounded_with_large_results,
+    check_large_member_results_stay_bounded_in_groups_and_batches,
     check_chain_stops_at_a_failed_step,
     check_group_settles_when_every_member_is_terminal,
     check_batch_callbacks_fire_once_by_outcome,
