@@ -4,7 +4,7 @@ particular to SQS (message size, delays, FIFO queues, the storage URL)."""
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
@@ -15,9 +15,16 @@ import trio
 
 from ojs_trio.engine.errors import DuplicateJob, NotFound, PayloadTooLarge
 from ojs_trio.engine.job import Job
+from ojs_trio.engine.lifecycle import Failure
+from ojs_trio.engine.workflows import parse_workflow
 from ojs_trio.storage import open_storage
 from ojs_trio.storage.port import ClaimRequest
-from ojs_trio.storage.sqs.adapter import FINISHED_TTL_SECONDS, MAX_JOB_BYTES, SqsStorage
+from ojs_trio.storage.sqs.adapter import (
+    FINISHED_TTL_SECONDS,
+    MAX_JOB_BYTES,
+    MAX_WORKFLOW_BYTES,
+    SqsStorage,
+)
 from ojs_trio.storage.sqs.client import AwsSettings
 from ojs_trio.testing import CONTRACT_CHECKS, T0, ContractCheck, make_job, storage_factory
 
@@ -56,6 +63,30 @@ async def test_job_over_256_kb_is_refused_with_413(aws_settings: AwsSettings) ->
         assert raised.value.http_status == 413
         assert raised.value.details["max_bytes"] == MAX_JOB_BYTES
         assert await storage.list_queues() == []  # nothing of the batch was stored
+
+
+async def test_workflow_too_large_for_one_item_is_refused_with_413(
+    aws_settings: AwsSettings,
+) -> None:
+    """One DynamoDB item holds a workflow's members: past MAX_WORKFLOW_BYTES (about
+    3,150 group members, 4,800 chain steps) it is refused before anything is written."""
+    member = {"type": "m", "args": [], "options": {"queue": "huge"}}
+    async with opened(aws_settings) as storage:
+        for kind, members in (("group", 3_500), ("chain", 5_000)):
+            workflow, jobs = parse_workflow({"type": kind, "jobs": [member] * members}, T0)
+            with pytest.raises(PayloadTooLarge) as raised:
+                await storage.create_workflow(workflow, jobs, T0)
+            assert raised.value.http_status == 413
+            assert raised.value.details["max_bytes"] == MAX_WORKFLOW_BYTES
+            assert raised.value.details["size"] > MAX_WORKFLOW_BYTES
+            with pytest.raises(NotFound):
+                await storage.get_workflow(workflow.id)
+            with pytest.raises(NotFound):
+                await storage.get(jobs[0].id)
+        # Within the limit (a chain: one job to write): stored.
+        workflow, jobs = parse_workflow({"type": "chain", "jobs": [member] * 4_500}, T0)
+        stored = await storage.create_workflow(workflow, jobs, T0)
+        assert (await storage.get_workflow_record(stored.id)).total == 4_500
 
 
 async def test_delays_up_to_15_minutes_ride_on_sqs_longer_ones_wait_in_dynamodb(
@@ -271,3 +302,106 @@ async def test_large_enqueue_losing_a_key_race_writes_no_job(aws_settings: AwsSe
         with trio.fail_after(5):
             (again,) = await storage.enqueue(unique_jobs(range(0, 1)), T0 + 1)
         assert again.created
+
+
+# -- DynamoDB reads of workflow member settles ------------------------------------------
+
+
+class ItemReads:
+    """Counts the DynamoDB items a storage reads (GetItem, BatchGetItem keys, Query)."""
+
+    def __init__(self, storage: SqsStorage) -> None:
+        self.items = 0
+        storage.clients.dynamodb.meta.events.register("provide-client-params.dynamodb", self._count)
+
+    def _count(self, params: dict[str, Any], model: Any, **_: Any) -> None:
+        if model.name == "GetItem":
+            self.items += 1
+        elif model.name == "BatchGetItem":
+            self.items += sum(len(r["Keys"]) for r in params["RequestItems"].values())
+        elif model.name in ("Query", "Scan"):
+            raise AssertionError(f"a {model.name} while settling a member")
+
+    async def of(self, call: Awaitable[Any]) -> int:
+        before = self.items
+        await call
+        return self.items - before
+
+
+async def _member_settle_reads(storage: SqsStorage, members: int) -> list[int]:
+    """Settle every member of a batch (acks, a discard, a cancel last); for each, the
+    items read by the settle and by the workflow read the engine needs after it."""
+    queue = f"reads-{members}"
+    one_try = {"max_attempts": 1}
+    body: dict[str, Any] = {
+        "type": "batch",
+        "jobs": [{"type": "m", "args": [], "options": {"queue": queue, "retry": one_try}}]
+        * members,
+        "callbacks": {
+            name: {"type": "cb", "args": [], "options": {"queue": f"{queue}-cb"}}
+            for name in ("on_complete", "on_failure")
+        },
+    }
+    workflow, jobs = parse_workflow(body, T0)
+    await storage.create_workflow(workflow, jobs, T0)
+    claimed: list[Job] = []
+    while len(claimed) < members - 1:  # the last one is cancelled unclaimed
+        want = min(10, members - 1 - len(claimed))
+        (got,) = await storage.claim([ClaimRequest((queue,), want, "w1")], T0)
+        claimed += got
+    waiting = next(j.id for j in jobs if j.id not in {c.id for c in claimed})
+    reads = ItemReads(storage)
+    per_settle: list[int] = []
+    for n, job in enumerate(claimed):
+        now = T0 + 1 + n
+        if n == 0:
+            settle = storage.nack(job.id, "w1", Failure("boom", "discarded"), False, now)
+        else:
+            settle = storage.ack(job.id, "w1", {"n": n}, True, now)
+        count = await reads.of(settle)
+        per_settle.append(count + await reads.of(storage.get_workflow_record(workflow.id)))
+    count = await reads.of(storage.cancel(waiting, T0 + members + 1))
+    per_settle.append(count + await reads.of(storage.get_workflow_record(workflow.id)))
+    finished = await storage.get_workflow_record(workflow.id)
+    fired = set(finished.fired_callbacks)
+    assert (finished.state, fired) == ("failed", {"on_complete", "on_failure"})
+    # A finished workflow is read whole from its item: one read, the same answer.
+    assert await reads.of(storage.get_workflow(workflow.id)) == 1
+    assert await storage.get_workflow(workflow.id) == finished
+    return per_settle
+
+
+async def test_reads_per_member_settle_do_not_grow_with_the_workflow(
+    aws_settings: AwsSettings,
+) -> None:
+    """A member's ack, nack or cancel reads its job and the workflow item, and the
+    record read after it one more item, however many members the workflow has (before:
+    the engine's workflow read after each settle read every member, O(n²) a workflow)."""
+    async with opened(aws_settings) as storage:
+        small = await _member_settle_reads(storage, 10)
+        large = await _member_settle_reads(storage, 50)
+    assert set(small) == set(large) == {3}
+
+
+async def test_get_workflow_reads_only_members_not_recorded_finished(
+    aws_settings: AwsSettings,
+) -> None:
+    """The live view reads the members that may have been claimed since the item
+    recorded them (claims leave it alone), and only those."""
+    async with opened(aws_settings) as storage:
+        member = {"type": "m", "args": [], "options": {"queue": "live"}}
+        workflow, jobs = parse_workflow({"type": "group", "jobs": [member] * 6}, T0)
+        await storage.create_workflow(workflow, jobs, T0)
+        (claimed,) = await storage.claim([ClaimRequest(("live",), 4, "w1")], T0 + 1)
+        for job in claimed[:2]:
+            await storage.ack(job.id, "w1", None, False, T0 + 2)
+        reads = ItemReads(storage)
+        assert await reads.of(storage.get_workflow(workflow.id)) == 1 + 4
+        live = await storage.get_workflow(workflow.id)
+        assert (
+            sorted(live.job_states.values())
+            == ["active"] * 2 + ["available"] * 2 + ["completed"] * 2
+        )
+        assert live.started_at == T0 + 1
+        record = await storage.get_workflow_record(workflow.id)
+        assert sorted(record.job_states.values()) == ["available"] * 4 + ["completed"] * 2

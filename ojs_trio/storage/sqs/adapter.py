@@ -85,6 +85,11 @@ __all__ = ["MAX_JOB_BYTES", "SqsStorage"]
 #: SQS's message size limit, applied to the job envelope: a job must fit in one
 #: message on any SQS-based system, and DynamoDB items stop at 400 KB.
 MAX_JOB_BYTES: Final = 256 * 1024
+#: A workflow item at creation: DynamoDB's 400 KB item, less what the running
+#: workflow may add (the results it keeps for parent_results, up to 64 KiB) and a
+#: margin for the attribute overhead: about 3,150 group or batch members, or 4,800
+#: chain steps of minimal envelopes (each step's envelope counts until it starts).
+MAX_WORKFLOW_BYTES: Final = 350_000 - workflows.PARENT_RESULTS_MAX_BYTES
 MAX_DELAY_SECONDS: Final = 900  # SQS DelaySeconds limit
 MAX_VISIBILITY_SECONDS: Final = 43_200  # SQS visibility timeout limit (12 h)
 TRANSACT_MAX: Final = 100  # DynamoDB TransactWriteItems item limit
@@ -456,8 +461,13 @@ class SqsStorage:
                 flows[workflow_id] = found
             workflow = flows[workflow_id][0]
             touched.add(workflow_id)
-            if workflow.started_at is None and row.job.started_at is not None:
-                workflow.started_at = row.job.started_at
+            # The earliest start of a settled member: once every member has
+            # settled, the workflow's start, without reading any member.
+            started = row.job.started_at
+            if started is not None and (
+                workflow.started_at is None or started < workflow.started_at
+            ):
+                workflow.started_at = started
             for job in workflows.on_job_finished(workflow, row.job, now):
                 job.unique_key = unique.fingerprint(job)
                 spawned.append(_Row(job=job))
@@ -1713,6 +1723,19 @@ class SqsStorage:
     async def create_workflow(
         self, workflow: Workflow, jobs: Sequence[Job], now: float
     ) -> Workflow:
+        size = len(json.dumps(workflow.to_record(), separators=(",", ":")))
+        if size > MAX_WORKFLOW_BYTES:
+            # One DynamoDB item holds the workflow's member list: refused up front
+            # rather than failing mid-write (or later, as results come in).
+            raise PayloadTooLarge(
+                f"Workflow of {workflow.total} jobs needs a {size}-byte record; "
+                f"SQS-backed storage stores at most {MAX_WORKFLOW_BYTES}",
+                details={
+                    "job_count": workflow.total,
+                    "size": size,
+                    "max_bytes": MAX_WORKFLOW_BYTES,
+                },
+            )
         if await self._load_workflow(workflow.id) is not None:
             raise DuplicateJob(
                 f"A workflow with id {workflow.id} already exists",
@@ -1749,8 +1772,21 @@ class SqsStorage:
         return workflow.clone()
 
     async def get_workflow(self, workflow_id: str) -> Workflow:
+        """The workflow with its members' current states.
+
+        The workflow item holds every member's state as of its last settle-type
+        change (written in the same transaction), but not claims: a member whose
+        recorded state is not terminal may be active now, so those members, and
+        only those, are read.  A finished workflow costs one read (and one per
+        member retried from the dead letter queue since).
+        """
         workflow = (await self._workflow(workflow_id))[0]
-        rows = await self._load_many(workflow.job_states)
+        unfinished = [
+            job_id
+            for job_id, state in workflow.job_states.items()
+            if not JobState(state).is_terminal
+        ]
+        rows = await self._load_many(unfinished)
         for job_id, row in rows.items():
             workflow.job_states[job_id] = row.job.state.value
             started = row.job.started_at
@@ -1759,6 +1795,18 @@ class SqsStorage:
             ):
                 workflow.started_at = started
         return workflow
+
+    async def get_workflow_record(self, workflow_id: str) -> Workflow:
+        """The workflow as its item holds it: one read, whatever its size.
+
+        Exact for a finished workflow (state, ``finished_by``, ``completed_at``,
+        member states and counts, ``started_at``: everything a terminal workflow
+        event carries).  For a running one, members claimed since their last
+        settle-type change show their earlier state (claims leave the item
+        alone) and ``started_at`` is the earliest start of a settled member:
+        :meth:`get_workflow` reads those members for the live view.
+        """
+        return (await self._workflow(workflow_id))[0]
 
     async def cancel_workflow(self, workflow_id: str, now: float) -> tuple[Workflow, list[Job]]:
         for attempt in range(CAS_ATTEMPTS):
