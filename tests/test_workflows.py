@@ -689,18 +689,18 @@ async def test_last_members_acked_together_complete_the_group_once() -> None:
 
 
 class CountingStorage(MemoryStorage):
-    """Memory storage that counts get_workflow calls, or fails them on request."""
+    """Memory storage that counts workflow reads, or fails them on request."""
 
     def __init__(self) -> None:
         super().__init__()
         self.workflow_reads: Counter[str] = Counter()
         self.fail_workflow_reads = False
 
-    async def get_workflow(self, workflow_id: str) -> Workflow:
+    async def get_workflow_record(self, workflow_id: str) -> Workflow:
         self.workflow_reads[workflow_id] += 1
         if self.fail_workflow_reads:
             raise BackendUnavailable("workflow reads are failing (test)")
-        return await super().get_workflow(workflow_id)
+        return await super().get_workflow_record(workflow_id)
 
 
 async def test_reaper_reads_each_workflow_once_per_pass(

@@ -208,7 +208,8 @@ class Engine:
                 members.setdefault(job.workflow_id, {})[job.id] = job
         for workflow_id, settled in members.items():
             try:
-                workflow = await self.storage.get_workflow(workflow_id)
+                # One read: a finished workflow's record is exact on every adapter.
+                workflow = await self.storage.get_workflow_record(workflow_id)
             except OjsError as exc:
                 log.warning(
                     "could not read workflow %s after %d of its jobs settled; "

@@ -544,6 +544,9 @@ class MemoryStorage:
             )
         return workflow
 
+    async def get_workflow_record(self, workflow_id: str) -> Workflow:
+        return await self.get_workflow(workflow_id)  # the record is the live view here
+
     async def get_workflow(self, workflow_id: str) -> Workflow:
         await trio.lowlevel.checkpoint()
         return self._workflow(workflow_id).clone()

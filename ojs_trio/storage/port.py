@@ -208,6 +208,12 @@ class Storage(Protocol):
 
     async def get_workflow(self, workflow_id: str) -> Workflow: ...
 
+    async def get_workflow_record(self, workflow_id: str) -> Workflow:
+        """The workflow as stored, in one read: exact once it has finished (its
+        state, the member that ended it, counts), which is all the engine reads
+        after a member settles.  A running workflow's member states may lag
+        claims; :meth:`get_workflow` is the live view."""
+
     async def cancel_workflow(self, workflow_id: str, now: float) -> tuple[Workflow, list[Job]]:
         """Cancel the workflow and its non-terminal jobs atomically; returns both."""
 

@@ -1933,6 +1933,31 @@ async def check_workflow_reports_current_member_states(factory: StorageFactory) 
         _expect_eq(await states(), ["available", "available"], "after promoting the retry")
 
 
+async def check_workflow_record_is_exact_once_finished(factory: StorageFactory) -> None:
+    """get_workflow_record (the engine's one read after a member settles) agrees with
+    get_workflow on everything a finished workflow's terminal event carries."""
+    async with factory() as storage:
+        with _raises(NotFound, "get_workflow_record of an unknown id"):
+            await storage.get_workflow_record(uuid7())
+        for outcome, queue in (("completed", "wr-ok"), ("failed", "wr-fail")):
+            once = {"max_attempts": 1}  # a nack fails the member for good
+            members = [_member(queue, retry=once) for _ in range(3)]
+            group = await _create_workflow(storage, {"type": "group", "jobs": members})
+            claimed = await _claim(storage, T0, queue, count=3)
+            for job in claimed[:-1]:
+                await storage.ack(job.id, "w1", None, False, T0 + 1)
+            if outcome == "completed":
+                await storage.ack(claimed[-1].id, "w1", None, False, T0 + 2)
+            else:
+                await storage.nack(claimed[-1].id, "w1", FAILURE, False, T0 + 2)
+            live = await storage.get_workflow(group.id)
+            record = await storage.get_workflow_record(group.id)
+            got = (record.state, record.finished_by, record.completed_at)
+            want = (live.state, live.finished_by, live.completed_at)
+            _expect_eq(got, want, f"{outcome} workflow: record vs live (state, ender, time)")
+            _expect_eq(record.state, outcome, "finished workflow's state")
+
+
 # -- cron ------------------------------------------------------------------------
 
 
@@ -2257,6 +2282,7 @@ CONTRACT_CHECKS: list[ContractCheck] = [
     check_batch_callbacks_fire_once_by_outcome,
     check_cancel_workflow_cancels_unfinished_members,
     check_workflow_reports_current_member_states,
+    check_workflow_record_is_exact_once_finished,
     # cron
     check_cron_records_put_get_list_delete,
     check_fire_cron_fires_each_occurrence_once,

@@ -1176,6 +1176,9 @@ class PostgresStorage:
             await self._notify(conn, stored)
         return workflow.clone()
 
+    async def get_workflow_record(self, workflow_id: str) -> Workflow:
+        return await self.get_workflow(workflow_id)  # one row either way
+
     async def get_workflow(self, workflow_id: str) -> Workflow:
         if not _is_uuid(workflow_id):
             raise NotFound(
