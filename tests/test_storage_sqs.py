@@ -7,11 +7,13 @@ import random
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import aws_fixtures
 import pytest
 import trio
+import trio.testing
 
 from ojs_trio.engine.errors import DuplicateJob, NotFound, PayloadTooLarge
 from ojs_trio.engine.job import Job
@@ -405,3 +407,30 @@ async def test_get_workflow_reads_only_members_not_recorded_finished(
         assert live.started_at == T0 + 1
         record = await storage.get_workflow_record(workflow.id)
         assert sorted(record.job_states.values()) == ["available"] * 4 + ["completed"] * 2
+
+
+async def test_requests_are_limited_to_the_connection_pool(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A wide fan-out (the messages of a large enqueue) waits for a pooled connection
+    in our own limiter, not in the HTTP pool, whose waits time out."""
+    storage = SqsStorage(AwsSettings(max_pool_connections=3), rng=random.Random(0))
+    running = peak = calls = 0
+
+    class FakeSqs:
+        async def send_message_batch(self, **kwargs: Any) -> dict[str, Any]:
+            nonlocal running, peak, calls
+            running += 1
+            calls += 1
+            peak = max(peak, running)
+            await trio.sleep(0.01)
+            running -= 1
+            return {"Successful": [], "Failed": []}
+
+    fake: Any = type("Clients", (), {"sqs": FakeSqs(), "dynamodb": None})()
+    storage._clients = fake
+    send = partial(storage._sqs, "send_message_batch", QueueUrl="q", Entries=[])
+    async with trio.open_nursery() as nursery:
+        for _ in range(20):
+            nursery.start_soon(send)
+    assert (calls, peak) == (20, 3)

@@ -222,6 +222,10 @@ class SqsStorage:
         self._known_tiers: dict[str, set[int]] = {}  # tiers registered in QUEUES
         self._expired_unreported: list[Job] = []
         self._table = self.settings.dynamodb_table
+        # At most one request per pooled connection and client: a wide fan-out (the
+        # messages of a 3,000-job enqueue) otherwise waits on the HTTP pool and times out.
+        self._ddb_slots = trio.CapacityLimiter(self.settings.max_pool_connections)
+        self._sqs_slots = trio.CapacityLimiter(self.settings.max_pool_connections)
 
     # -- adapter lifecycle ---------------------------------------------------------
 
@@ -248,12 +252,22 @@ class SqsStorage:
         return self._clients
 
     async def _ddb(self, operation: str, **kwargs: Any) -> Any:
-        method = getattr(self.clients.dynamodb, operation)
-        return await retry_throttled(lambda: method(**kwargs))
+        return await self._request(self.clients.dynamodb, self._ddb_slots, operation, kwargs)
 
     async def _sqs(self, operation: str, **kwargs: Any) -> Any:
-        method = getattr(self.clients.sqs, operation)
-        return await retry_throttled(lambda: method(**kwargs))
+        return await self._request(self.clients.sqs, self._sqs_slots, operation, kwargs)
+
+    @staticmethod
+    async def _request(
+        client: Any, slots: trio.CapacityLimiter, operation: str, kwargs: dict[str, Any]
+    ) -> Any:
+        method = getattr(client, operation)
+
+        async def once() -> Any:
+            async with slots:  # held for the request only, not across retry back-offs
+                return await method(**kwargs)
+
+        return await retry_throttled(once)
 
     async def ping(self) -> dict[str, Any]:
         await self._ddb("get_item", TableName=self._table, Key=self._key("PING", "PING"))
@@ -596,7 +610,7 @@ class SqsStorage:
         if url is None or receipt is None:
             return
         try:
-            async with map_errors():
+            async with map_errors(), self._sqs_slots:
                 await self.clients.sqs.delete_message(QueueUrl=url, ReceiptHandle=receipt)
         except OjsError:
             pass  # the message then comes back stale and is deleted on receipt
@@ -606,7 +620,7 @@ class SqsStorage:
             return
         seconds = max(0, min(MAX_VISIBILITY_SECONDS, seconds))
         try:
-            async with map_errors():
+            async with map_errors(), self._sqs_slots:
                 await self.clients.sqs.change_message_visibility(
                     QueueUrl=url, ReceiptHandle=receipt, VisibilityTimeout=seconds
                 )
@@ -1417,7 +1431,7 @@ class SqsStorage:
             for i, (receipt, seconds) in enumerate(changes)
         ]
         try:
-            async with map_errors():
+            async with map_errors(), self._sqs_slots:
                 await self.clients.sqs.change_message_visibility_batch(
                     QueueUrl=url, Entries=entries
                 )
