@@ -549,14 +549,17 @@ async def test_toggling_a_schedule_stops_and_resumes_it(
                 await engine.set_cron_enabled("nope", False)
 
 
-async def test_schedule_disabled_after_the_ticker_read_it_is_reported_skipped() -> None:
-    """ojs-cron 9.2 ``disabled``: the ticker saw the schedule enabled (a stale list),
-    storage found it disabled when firing: no job, one cron.skipped."""
+async def test_disabling_a_due_occurrence_reports_it_once() -> None:
+    """ojs-cron 9.2 ``disabled``: the occurrence was due but not fired when the
+    schedule was disabled.  The disabling call reports it, once; tickers that
+    still saw the schedule enabled (stale lists, as on other servers) fire
+    nothing and report nothing."""
     now = [BASE]
     storage = MemoryStorage()
     async with running_engine(storage, clock=lambda: now[0]) as engine:
         await engine.put_cron(cron_body(overlap_policy="allow"))
         stale = await storage.list_crons()
+        now[0] = BASE + FIRST_MINUTE + 0.5  # due, not fired yet
         await engine.set_cron_enabled("tick", False)
 
         async def stale_view() -> list[CronRecord]:
@@ -564,8 +567,8 @@ async def test_schedule_disabled_after_the_ticker_read_it_is_reported_skipped() 
             return stale
 
         storage.list_crons = stale_view  # type: ignore[method-assign]
-        # The stale view still has the occurrence due; storage finds it disabled.
-        now[0] = BASE + FIRST_MINUTE + 0.5
+        # Two ticks on the stale view (two servers): storage finds it disabled.
+        await engine.cron_ticker.tick()
         await engine.cron_ticker.tick()
         assert enqueued(engine) == []
         (event,) = engine.events.query(types=["cron.skipped"])
@@ -576,7 +579,19 @@ async def test_schedule_disabled_after_the_ticker_read_it_is_reported_skipped() 
             "reason": "disabled",
             "scheduled_time": format_ts(BASE + FIRST_MINUTE),
         }
-        assert engine.cron_ticker.skipped == 1
+        assert engine.cron_ticker.skipped == 0  # the ticker reported nothing
+
+
+async def test_disabling_before_the_occurrence_is_due_reports_nothing() -> None:
+    now = [BASE]
+    storage = MemoryStorage()
+    async with running_engine(storage, clock=lambda: now[0]) as engine:
+        await engine.put_cron(cron_body(overlap_policy="allow"))
+        await engine.set_cron_enabled("tick", False)
+        now[0] = BASE + 10 * 60.0
+        await engine.cron_ticker.tick()
+        assert enqueued(engine) == []
+        assert engine.events.query(types=["cron.skipped", "cron.triggered"]) == []
 
 
 async def test_missed_occurrences_fire_one_catch_up_not_a_burst(

@@ -87,9 +87,10 @@ class CronTicker:
             except OjsError as exc:
                 log.error("cron %s could not fire: %s", record.name, exc.message)
                 continue
-            if fire.fired or fire.reason in ("overlap", "disabled"):
+            if fire.fired or fire.reason == "overlap":
                 # This server advanced the schedule past ``occurrence``: it reports
                 # the occurrence, and the wall times DST removed just before it.
+                # (Disabled since our read: the disabling call reported it.)
                 self._report_dst_gap(fire, occurrence)
                 self._report(replace(fire, occurrence=occurrence))
             earliest = following if earliest is None else min(earliest, following)
@@ -103,8 +104,6 @@ class CronTicker:
             name = fire.record.name if fire.record is not None else None
             if fire.reason == "overlap":
                 log.info("cron %s skipped: previous run still in progress", name)
-            elif fire.reason == "disabled":
-                log.info("cron %s skipped: disabled meanwhile", name)
         self._on_fired(fire)
 
     def _report_dst_gap(self, fire: CronFire, occurrence: float) -> None:

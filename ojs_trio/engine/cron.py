@@ -307,16 +307,22 @@ def parse_cron_request(body: Any, now: float) -> CronRecord:
     )
 
 
-def set_enabled(record: CronRecord, enabled: Any, now: float) -> None:
-    """Toggle a schedule (ojs-cron 8.5): disabled has no ``next_run_at``; enabling
-    plans the next occurrence after ``now`` (none missed while disabled is run)."""
+def set_enabled(record: CronRecord, enabled: Any, now: float) -> bool:
+    """Toggle a schedule (ojs-cron 8.5); returns whether it changed.
+
+    Disabled has no ``next_run_at``; enabling plans the next occurrence after
+    ``now`` (none missed while disabled is run).  Asking for the state it is in
+    changes nothing, so a repeated enable does not move a due occurrence."""
     if not isinstance(enabled, bool):
         raise InvalidRequest("'enabled' must be a boolean", details={"field": "enabled"})
+    if record.enabled == enabled:
+        return False
     record.enabled = enabled
     record.next_run_at = (
         next_occurrence(record.expression, record.timezone, now) if enabled else None
     )
     record.updated_at = now
+    return True
 
 
 def job_for_occurrence(record: CronRecord, occurrence: float, now: float) -> Job:

@@ -24,7 +24,7 @@ from ojs_trio.actors.promoter import DelayPromoter
 from ojs_trio.actors.pruner import Pruner
 from ojs_trio.actors.reaper import Reaper
 from ojs_trio.actors.supervisor import Supervisor
-from ojs_trio.engine.cron import CronFire, CronRecord, parse_cron_request, set_enabled
+from ojs_trio.engine.cron import CronFire, CronRecord, parse_cron_request
 from ojs_trio.engine.errors import InvalidRequest, OjsError, ShuttingDown
 from ojs_trio.engine.events import EventBus, cron_event, workflow_event
 from ojs_trio.engine.job import Job
@@ -574,15 +574,23 @@ class Engine:
     async def set_cron_enabled(self, name: str, enabled: Any) -> CronRecord:
         """Enable or disable a schedule without removing it (ojs-cron 8.5).
 
-        Written with ``put_cron``, which keeps the schedule's run history: a
-        firing that lands between the read and the write keeps its counts, and
-        the next run is planned after now either way.
+        One atomic storage step: a deleted schedule is not recreated, a
+        re-registration is not undone, and asking for the state it is in changes
+        nothing.  Disabling a schedule whose occurrence was due but not yet
+        fired skips that occurrence: this call reports it (``cron.skipped``,
+        reason ``disabled``), once, since only the call that changed the record
+        sees it go.
         """
-        record = await self.storage.get_cron(name)
-        set_enabled(record, enabled, self.clock())
-        stored = await self.storage.put_cron(record)
+        if not isinstance(enabled, bool):
+            raise InvalidRequest("'enabled' must be a boolean", details={"field": "enabled"})
+        now = self.clock()
+        before, after = await self.storage.set_cron_enabled(name, enabled, now)
+        due = before.next_run_at
+        if before.enabled and not after.enabled and due is not None and due <= now:
+            skipped = CronFire(False, reason="disabled", record=after, occurrence=due)
+            self.events.publish(cron_event("cron.skipped", skipped, now))
         self.cron_ticker.notify_changed_nowait()
-        return stored
+        return after
 
     async def delete_cron(self, name: str) -> CronRecord:
         record = await self.storage.delete_cron(name)

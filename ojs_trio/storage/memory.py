@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 from ojs_trio.engine import lifecycle, unique, workflows
-from ojs_trio.engine.cron import CronFire, CronRecord
+from ojs_trio.engine.cron import CronFire, CronRecord, set_enabled
 from ojs_trio.engine.errors import DuplicateJob, NotFound, OjsError
 from ojs_trio.engine.job import DEFAULT_VISIBILITY_MS, Job
 from ojs_trio.engine.lifecycle import Failure
@@ -598,6 +598,15 @@ class MemoryStorage:
         record = self._cron(name)
         del self._crons[name]
         return copy.deepcopy(record)
+
+    async def set_cron_enabled(
+        self, name: str, enabled: bool, now: float
+    ) -> tuple[CronRecord, CronRecord]:
+        await trio.lowlevel.checkpoint()
+        record = self._cron(name)
+        before = copy.deepcopy(record)
+        set_enabled(record, enabled, now)
+        return before, copy.deepcopy(record)
 
     async def fire_cron(
         self, name: str, occurrence: float, next_run_at: float | None, job: Job, now: float

@@ -228,6 +228,17 @@ class Storage(Protocol):
 
     async def delete_cron(self, name: str) -> CronRecord: ...
 
+    async def set_cron_enabled(
+        self, name: str, enabled: bool, now: float
+    ) -> tuple[CronRecord, CronRecord]:
+        """Enable or disable a schedule in one atomic step (``cron.set_enabled``
+        under the record's lock or version check): the record before and after.
+
+        ``NotFound`` if there is none (a toggle never recreates a deleted
+        schedule); nothing changes when it already is as asked.  Its history
+        (runs, last run) and definition stay as stored.
+        """
+
     async def fire_cron(
         self, name: str, occurrence: float, next_run_at: float | None, job: Job, now: float
     ) -> CronFire:

@@ -2123,6 +2123,42 @@ async def check_fire_cron_applies_overlap_policy(factory: StorageFactory) -> Non
         _expect_eq(await _state(storage, job.id), JobState.AVAILABLE, "cancel_previous: new job")
 
 
+async def check_set_cron_enabled_toggles_in_place(factory: StorageFactory) -> None:
+    """set_cron_enabled: one atomic step that keeps the schedule's history, never
+    recreates a deleted schedule and changes nothing when asked for its state."""
+    async with factory() as storage:
+        with _raises(NotFound, "set_cron_enabled of an unknown name"):
+            await storage.set_cron_enabled("nobody", False, T0)
+        record = _cron("toggle")
+        await storage.put_cron(record)
+        fire, _ = await _fire(storage, record, T0 + 60)
+        _expect(fire.fired, f"the first occurrence fires: {fire.reason}")
+
+        before, after = await storage.set_cron_enabled("toggle", False, T0 + 70)
+        _expect_eq((before.enabled, before.next_run_at), (True, T0 + 120), "before disabling")
+        _expect_eq((after.enabled, after.next_run_at), (False, None), "after disabling")
+        _expect_eq((after.runs, after.last_run_at), (1, T0 + 60), "history kept when disabled")
+        _expect_eq(await storage.get_cron("toggle"), after, "stored vs returned (disabled)")
+        again = await storage.set_cron_enabled("toggle", False, T0 + 80)
+        _expect_eq(again, (after, after), "disabling a disabled schedule changes nothing")
+
+        before, after = await storage.set_cron_enabled("toggle", True, T0 + 200)
+        _expect_eq(before.enabled, False, "before enabling")
+        _expect(
+            after.enabled and after.next_run_at is not None and after.next_run_at > T0 + 200,
+            f"enabled again, the next run is after now: {after.next_run_at}",
+        )
+        _expect_eq(await storage.get_cron("toggle"), after, "stored vs returned (enabled)")
+        again = await storage.set_cron_enabled("toggle", True, T0 + 210)
+        _expect_eq(again, (after, after), "enabling an enabled schedule changes nothing")
+
+        await storage.delete_cron("toggle")
+        with _raises(NotFound, "set_cron_enabled of a deleted schedule"):
+            await storage.set_cron_enabled("toggle", False, T0 + 220)
+        with _raises(NotFound, "a deleted schedule stays deleted after a toggle"):
+            await storage.get_cron("toggle")
+
+
 async def check_fire_cron_refuses_disabled_and_missing(factory: StorageFactory) -> None:
     async with factory() as storage:
         ghost = _cron("ghost")
@@ -2287,6 +2323,7 @@ CONTRACT_CHECKS: list[ContractCheck] = [
     check_cron_records_put_get_list_delete,
     check_fire_cron_fires_each_occurrence_once,
     check_fire_cron_applies_overlap_policy,
+    check_set_cron_enabled_toggles_in_place,
     check_fire_cron_refuses_disabled_and_missing,
     check_listener_hears_jobs_the_adapter_creates,
 ]

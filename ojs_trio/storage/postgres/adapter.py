@@ -28,7 +28,7 @@ from psycopg.types.json import Jsonb, set_json_dumps, set_json_loads
 
 from ojs_trio import jsoncodec
 from ojs_trio.engine import lifecycle, unique, workflows
-from ojs_trio.engine.cron import CronFire, CronRecord
+from ojs_trio.engine.cron import CronFire, CronRecord, set_enabled
 from ojs_trio.engine.errors import BackendError, DuplicateJob, NotFound, OjsError
 from ojs_trio.engine.job import DEFAULT_VISIBILITY_MS, Job
 from ojs_trio.engine.lifecycle import Failure
@@ -1261,6 +1261,27 @@ class PostgresStorage:
         if row is None:
             raise NotFound(f"Cron schedule {name!r} not found", details={"name": name})
         return CronRecord.from_record(row[0])
+
+    async def set_cron_enabled(
+        self, name: str, enabled: bool, now: float
+    ) -> tuple[CronRecord, CronRecord]:
+        return await self._retry(lambda: self._set_cron_enabled_once(name, enabled, now))
+
+    async def _set_cron_enabled_once(
+        self, name: str, enabled: bool, now: float
+    ) -> tuple[CronRecord, CronRecord]:
+        async with self._tx() as conn:
+            cur = await conn.execute(q("lock_cron"), (name,))
+            row = await cur.fetchone()
+            if row is None:
+                raise NotFound(f"Cron schedule {name!r} not found", details={"name": name})
+            before = CronRecord.from_record(row[0])
+            after = CronRecord.from_record(row[0])
+            if set_enabled(after, enabled, now):
+                await conn.execute(
+                    q("upsert_cron"), (after.name, after.next_run_at, Jsonb(after.to_record()))
+                )
+        return before, after
 
     async def delete_cron(self, name: str) -> CronRecord:
         async with self._tx() as conn:

@@ -41,7 +41,7 @@ from typing import Any, Final
 import trio
 
 from ojs_trio.engine import lifecycle, unique, workflows
-from ojs_trio.engine.cron import CronFire, CronRecord
+from ojs_trio.engine.cron import CronFire, CronRecord, set_enabled
 from ojs_trio.engine.errors import (
     BackendUnavailable,
     DuplicateJob,
@@ -1885,6 +1885,22 @@ class SqsStorage:
                 continue
             return stored
         raise BackendUnavailable(f"Cron schedule {record.name!r} kept changing; try again")
+
+    async def set_cron_enabled(
+        self, name: str, enabled: bool, now: float
+    ) -> tuple[CronRecord, CronRecord]:
+        for attempt in range(CAS_ATTEMPTS):
+            before, version = await self._cron(name)  # NotFound: never recreated
+            after = CronRecord.from_record(before.to_record())
+            if not set_enabled(after, enabled, now):
+                return before, after
+            try:
+                await self._write([{"Put": self._cron_put(after, version)}])
+            except ConditionFailed:
+                await self._backoff(attempt)
+                continue
+            return before, after
+        raise BackendUnavailable(f"Cron schedule {name!r} kept changing; try again")
 
     async def list_crons(self) -> list[CronRecord]:
         items = await self._query(
