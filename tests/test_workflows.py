@@ -115,7 +115,7 @@ async def test_chain_runs_strictly_in_order_passing_parent_results() -> None:
         assert done.state == "completed"
         assert done.completed_at is not None
         assert all(done.job_states[j] == "completed" for j in done.job_ids if j)
-        assert done.results == {n: {"step": n, "out": (n + 1) * 10} for n in range(3)}
+        assert done.results == {}  # passed on: the finished record keeps none
         wire = done.to_wire()
         assert (wire["steps_total"], wire["steps_completed"]) == (3, 3)
         assert workflow_events(engine, workflow.id) == ["workflow.started", "workflow.completed"]
@@ -190,10 +190,37 @@ async def test_chain_workflow_keeps_only_the_results_still_passed_on() -> None:
             (job,) = await fetch_all(engine)
             await engine.ack(job.id, blob(f"r{n}", 40 * 1024))
             kept.append(set((await engine.get_workflow(workflow.id)).results))
-    # Step 2's list [r0, r1] (80 KiB) did not fit: from then on, each ack that
-    # creates the next step keeps only the result that step got (the last ack
-    # creates none).
-    assert kept == [{0}, {1}, {2}, {3}, {3, 4}]
+    # Step 2's list [r0, r1] (80 KiB) did not fit: from then on the record keeps
+    # no result once the next step has its own (the next list needs only the
+    # result of the step running, which its ack adds), nor any once finished.
+    assert kept == [{0}, set(), set(), set(), set()]
+
+
+@pytest.mark.parametrize("first_result_kib", [60, 200])
+async def test_chain_record_keeps_at_most_64_kib_of_results_while_a_step_runs(
+    first_result_kib: int,
+) -> None:
+    """A result larger than the bound is passed to the next step whole but not kept:
+    the record (one DynamoDB item on SQS) stays small whatever one result's size."""
+    first = blob("r0", first_result_kib * 1024)
+    async with running_engine() as engine:
+        workflow = await engine.create_workflow(
+            {"type": "chain", "steps": [step(n) for n in range(4)]}
+        )
+        fetched: list[Job] = []
+        for result in (first, "r1", "r2", blob("r3", 200 * 1024)):
+            (job,) = await fetch_all(engine)
+            fetched.append(job)
+            await engine.ack(job.id, result)
+            record = await engine.get_workflow(workflow.id)
+            kept = [record.results.get(i) for i in sorted(record.results)]
+            assert encoded_size(kept) <= PARENT_RESULTS_MAX_BYTES
+        assert record.state == "completed"
+    parents = [job.parent_results for job in fetched]
+    if first_result_kib < 64:  # fits: every earlier result, as before
+        assert parents[1:] == [[first], [first, "r1"], [first, "r1", "r2"]]
+    else:
+        assert parents[1:] == [[first], [None, "r1"], [None, None, "r2"]]
 
 
 async def test_chain_steps_never_overlap_with_many_workers(

@@ -271,12 +271,14 @@ def on_job_finished(workflow: Workflow, job: Job, now: float) -> list[Job]:
     if workflow.type == "chain":
         if job.state is not JobState.COMPLETED:
             workflow.pending_steps.clear()
+            workflow.results = {}  # no later step gets them
             state = "failed" if job.state is JobState.DISCARDED else "cancelled"
             _finish(workflow, state, now, job.id)
             return []
         nxt = index + 1
         body = workflow.pending_steps.pop(nxt, None)
         if body is None:
+            workflow.results = {}  # the last step's result, whatever its size: read by no one
             _finish(workflow, "completed", now, job.id)
             return []
         step = _member(parse_job(body, now), workflow.id, nxt)
@@ -343,17 +345,24 @@ def _chain_parent_results(workflow: Workflow, step: int) -> list[Any]:
     conformance case reads ``parent_results[0]`` (docs/workflows.md).
 
     Once the results no longer fit they never will again (later lists only add
-    results), so the workflow then keeps only the previous step's result: its
-    record stays small however long the chain.  That is also how a later step
-    knows: an index missing from ``results`` below the previous step.
+    results), so the workflow then keeps none: the next step's list needs only
+    the result of the step created here, which its ack adds.  A later step
+    knows the earlier ones were cut because index 0 is missing from
+    ``results``.  So the record keeps at most 64 KiB of results while a step
+    runs, whatever the size of one result (DynamoDB items stop at 400 KB).
     """
     previous = step - 1
     if all(i in workflow.results for i in range(previous)):
         earlier = [workflow.results.get(i) for i in range(step)]
-        if step <= 1 or _encoded_size(earlier) <= PARENT_RESULTS_MAX_BYTES:
+        if _encoded_size(earlier) <= PARENT_RESULTS_MAX_BYTES:
+            return earlier
+        if step <= 1:
+            # The first result alone is too large: passed on whole (the MUST), but
+            # not kept, and the next step's list is cut (index 0 missing).
+            workflow.results = {}
             return earlier
     last = workflow.results.get(previous)
-    workflow.results = {previous: last} if previous in workflow.results else {}
+    workflow.results = {}
     return [None] * previous + [last]
 
 

@@ -24,6 +24,7 @@ schedules are built with the engine's own parsers (``parse_workflow``,
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Any, Generic, TypeVar
@@ -37,7 +38,12 @@ from ojs_trio.engine.job import Job
 from ojs_trio.engine.lifecycle import Failure
 from ojs_trio.engine.states import JobState
 from ojs_trio.engine.validation import parse_job
-from ojs_trio.engine.workflows import OMITTED_FROM_META, Workflow, parse_workflow
+from ojs_trio.engine.workflows import (
+    OMITTED_FROM_META,
+    PARENT_RESULTS_MAX_BYTES,
+    Workflow,
+    parse_workflow,
+)
 from ojs_trio.storage.port import AckRequest, ClaimRequest, Storage
 
 __all__ = [
@@ -1669,6 +1675,34 @@ async def check_chain_parent_results_stay_bounded_with_large_results(
         _expect_eq((final.state, final.completed_at), ("completed", T0 + 3.5), "the chain")
 
 
+async def check_chain_keeps_no_oversized_result_in_its_record(factory: StorageFactory) -> None:
+    """A chain whose waiting steps fill most of its record (10 steps of 25 KB) and
+    whose first step returns 250 KB runs to the end: the result is passed on whole
+    but the record keeps none larger than PARENT_RESULTS_MAX_BYTES (on SQS the
+    record is one DynamoDB item of at most 400 KB; keeping the result there made
+    every ack of that step fail)."""
+    async with factory() as storage:
+        queue = "chain-big-first"
+        step = {**_member(queue), "args": ["x" * (25 * 1024)]}
+        chain = await _create_workflow(storage, {"type": "chain", "steps": [step] * 10})
+        first = {"step": 0, "pad": "y" * (250 * 1024)}
+        for n in range(10):
+            now = T0 + n
+            (job,) = await _claim(storage, now, queue)
+            _expect_eq(job.workflow_step, n, "step claimed")
+            if n == 1:
+                _expect(job.parent_results == [first], "step 1 gets the large result whole")
+            elif n == 2:
+                _expect(job.parent_results == [None, {"step": 1}], "step 2's parent_results")
+            result = first if n == 0 else {"step": n}
+            await storage.ack(job.id, "w1", result, True, now + 0.5)
+            record = await storage.get_workflow_record(chain.id)
+            kept = [record.results[i] for i in sorted(record.results)]
+            size = len(json.dumps(kept, separators=(",", ":")))
+            _expect(size <= PARENT_RESULTS_MAX_BYTES, f"results kept after step {n}: {size} B")
+        _expect_eq(record.state, "completed", "the chain")
+
+
 async def _claim_all(storage: Storage, now: float, queue: str, count: int) -> list[Job]:
     """Claim ``count`` jobs of ``queue`` (a claim may bring fewer than asked at once)."""
     got: list[Job] = []
@@ -2312,6 +2346,7 @@ CONTRACT_CHECKS: list[ContractCheck] = [
     # workflows
     check_chain_creates_each_step_on_ack,
     check_chain_parent_results_stay_bounded_with_large_results,
+    check_chain_keeps_no_oversized_result_in_its_record,
     check_large_member_results_stay_bounded_in_groups_and_batches,
     check_chain_stops_at_a_failed_step,
     check_group_settles_when_every_member_is_terminal,
