@@ -3,7 +3,9 @@ particular to SQS (message size, delays, FIFO queues, the storage URL)."""
 
 from __future__ import annotations
 
+import json
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -15,17 +17,21 @@ import pytest
 import trio
 import trio.testing
 
-from ojs_trio.engine.errors import DuplicateJob, NotFound, PayloadTooLarge
+from ojs_trio.engine import unique
+from ojs_trio.engine.errors import BackendUnavailable, DuplicateJob, NotFound, PayloadTooLarge
 from ojs_trio.engine.job import Job
 from ojs_trio.engine.lifecycle import Failure
-from ojs_trio.engine.workflows import parse_workflow
+from ojs_trio.engine.states import JobState
+from ojs_trio.engine.workflows import Workflow, parse_workflow
 from ojs_trio.storage import open_storage
 from ojs_trio.storage.port import ClaimRequest
 from ojs_trio.storage.sqs.adapter import (
+    CAS_ATTEMPTS,
     FINISHED_TTL_SECONDS,
     MAX_JOB_BYTES,
     MAX_WORKFLOW_BYTES,
     SqsStorage,
+    _Row,
 )
 from ojs_trio.storage.sqs.client import AwsSettings
 from ojs_trio.testing import CONTRACT_CHECKS, T0, ContractCheck, make_job, storage_factory
@@ -304,6 +310,262 @@ async def test_large_enqueue_losing_a_key_race_writes_no_job(aws_settings: AwsSe
         with trio.fail_after(5):
             (again,) = await storage.enqueue(unique_jobs(range(0, 1)), T0 + 1)
         assert again.created
+
+
+def job_ids_created(items: list[dict[str, Any]]) -> list[str]:
+    """Ids of the jobs a transaction creates (Puts of new job items)."""
+    puts = [i["Put"] for i in items if "Put" in i]
+    return [
+        put["Item"]["pk"]["S"].removeprefix("JOB#")
+        for put in puts
+        if put["Item"]["pk"]["S"].startswith("JOB#")
+        and put.get("ConditionExpression") == "attribute_not_exists(pk)"
+    ]
+
+
+async def test_large_enqueue_sends_each_chunks_messages_right_before_writing_it(
+    aws_settings: AwsSettings,
+) -> None:
+    """Messages go chunk by chunk, each right before its chunk's write: none waits
+    for the key items and earlier chunks (a receive deletes an item-less message
+    older than ORPHAN_GRACE_SECONDS as an orphan)."""
+    async with opened(aws_settings) as storage:
+        await storage.reset()
+        events: list[tuple[str, set[str]]] = []
+        real_write, real_send = storage._write, storage._send_tokens
+
+        async def recording_write(items: list[dict[str, Any]]) -> None:
+            await real_write(items)
+            events.append(("write", set(job_ids_created(items))))
+
+        async def recording_send(sends: Any) -> None:
+            events.append(("send", {s.row.job.id for s in sends}))
+            await real_send(sends)
+
+        storage._write = recording_write  # type: ignore[method-assign]
+        storage._send_tokens = recording_send  # type: ignore[method-assign]
+        jobs = unique_jobs(range(150))  # 300 items: 2 of keys, 3 of jobs
+        await storage.enqueue(jobs, T0)
+        kinds = [kind for kind, _ in events]
+        key_writes = kinds.index("send")
+        assert key_writes == 2 and events[0] == ("write", set())
+        assert kinds[key_writes:-2] == ["send", "write"] * 3  # then the folds of the keys
+        chunks = events[key_writes:-2]
+        for (_, sent), (_, written) in zip(chunks[::2], chunks[1::2], strict=True):
+            assert sent == written
+        assert set().union(*(ids for _, ids in chunks)) == {j.id for j in jobs}
+
+
+async def test_large_enqueue_folds_its_pending_ids_once_written(
+    aws_settings: AwsSettings,
+) -> None:
+    """Once its jobs are written, a large enqueue's ids become ordinary holders of
+    their key items: nothing is left pending or bearing the call's mark."""
+    async with opened(aws_settings) as storage:
+        await storage.reset()
+        jobs = unique_jobs(range(60))
+        await storage.enqueue(jobs, T0)
+        for job in jobs:
+            item = await storage._get_item(f"UNIQUE#{unique.fingerprint(job)}", "UNIQUE")
+            assert item is not None
+            assert json.loads(item["ids"]["S"]) == [job.id]
+            assert not {"pend", "pend_until", "pend_by"} & set(item)
+
+
+def _group_of_unique_members(queue: str, count: int) -> tuple[Workflow, list[Job]]:
+    member = {"type": UNIQUE_TYPE, "options": {"queue": queue, "unique": BY_ARGS}}
+    body = {"type": "group", "jobs": [{**member, "args": [k]} for k in range(count)]}
+    return parse_workflow(body, T0)
+
+
+async def warm_queue(storage: SqsStorage, queue: str) -> None:
+    """Use ``queue`` once, so that its tier is known and new jobs are claimable at once."""
+    warm = make_job(queue=queue)
+    await storage.enqueue([warm], T0)
+    await storage.cancel(warm.id, T0)
+
+
+async def test_large_create_workflow_losing_a_key_race_recreates_no_member(
+    aws_settings: AwsSettings,
+) -> None:
+    """A workflow too large for one transaction writes its members' unique keys first:
+    losing a race for one fails before any member exists and is decided again, and a
+    member a worker claimed is never deleted and created again (delivered twice)."""
+    async with opened(aws_settings) as storage:
+        await storage.reset()
+        await warm_queue(storage, "wf")
+        workflow, members = _group_of_unique_members("wf", 60)  # 121 items
+        (rival,) = unique_jobs(range(59, 60), queue="rival")
+        written: list[str] = []
+        claimed: list[Job] = []
+        real_write = storage._write
+        raced = False
+
+        async def racing_write(items: list[dict[str, Any]]) -> None:
+            nonlocal raced
+            if not raced:  # before the call's first write, an enqueue takes key 59
+                raced = True
+                await storage.enqueue([rival], T0)
+            await real_write(items)
+            ids = job_ids_created(items)
+            written.extend(i for i in ids if i != rival.id)
+            if ids and not claimed and rival.id not in ids:  # a worker is quick
+                (got,) = await storage.claim([ClaimRequest(("wf",), 1, "w1")], T0)
+                claimed.extend(got)
+
+        storage._write = racing_write  # type: ignore[method-assign]
+        await storage.create_workflow(workflow, members, T0)
+        storage._write = real_write  # type: ignore[method-assign]
+        assert sorted(written) == sorted(m.id for m in members)  # each member written once
+        (first,) = claimed
+        held = await storage.get(first.id)
+        assert (held.state, held.attempt, held.worker_id) == (JobState.ACTIVE, 1, "w1")
+        # Member 59 and the rival both hold key 59 (members do not look for a holder).
+        holders = await storage._unique_key(unique.fingerprint(rival))
+        assert sorted(holders.ids) == sorted([rival.id, members[59].id])
+        assert (holders.pending, holders.mark) == ([], None)
+
+
+async def test_enqueue_waits_by_time_for_a_key_reserved_by_a_large_write(
+    aws_settings: AwsSettings,
+) -> None:
+    """A key listing a pending job that does not exist yet is waited for by time, up
+    to the reservation's end, however many reads that takes; the job appears and the
+    waiting enqueue sees it as the holder."""
+    async with opened(aws_settings) as storage:
+        await storage.reset()
+        (writing,) = unique_jobs(range(1))  # a large write has its key, not yet the job
+        (rival,) = unique_jobs(range(1), queue="rival")
+        key = await storage._unique_key(unique.fingerprint(rival))
+        key.pending, key.pending_until, key.mark = [writing.id], storage._wall() + 30, "x"
+        await storage._write([storage._unique_put(key, T0)])
+        reads = 0
+        waited_long = trio.Event()
+        real_unique_key = storage._unique_key
+
+        async def counting_unique_key(name: str) -> Any:
+            nonlocal reads
+            reads += 1
+            if reads > CAS_ATTEMPTS + 5:
+                waited_long.set()
+            return await real_unique_key(name)
+
+        storage._unique_key = counting_unique_key  # type: ignore[method-assign]
+        outcome: list[Exception | None] = []
+
+        async def enqueue_rival() -> None:
+            try:
+                await storage.enqueue([rival], T0)
+            except Exception as exc:  # the outcome is asserted below
+                outcome.append(exc)
+            else:
+                outcome.append(None)
+            waited_long.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(enqueue_rival)
+            with trio.fail_after(20):
+                await waited_long.wait()
+            assert outcome == []  # still waiting, after more reads than retries of a race
+            row = _Row(job=writing.clone())  # the large write gets to the job
+            row.job.unique_key = key.key
+            await storage._write([{"Put": storage._put(row)}])
+        (error,) = outcome
+        assert isinstance(error, DuplicateJob)
+        assert error.details["existing_job_id"] == writing.id
+
+
+async def test_enqueue_gives_up_at_the_reservation_it_saw_naming_the_key(
+    aws_settings: AwsSettings,
+) -> None:
+    """An enqueue waits for a pending key up to the end of the reservation it saw;
+    reserved anew by then, the key gets a 503 that names it and the pending jobs."""
+    offset = 0.0
+    storage = SqsStorage(aws_settings, rng=random.Random(0), wall=lambda: time.time() + offset)
+    await storage.open()
+    try:
+        await storage.reset()
+        (rival,) = unique_jobs(range(1))
+        name = unique.fingerprint(rival)
+        real_unique_key = storage._unique_key
+
+        async def reserve(job_id: str) -> None:
+            key = await real_unique_key(name)
+            key.pending, key.pending_until, key.mark = [job_id], storage._wall() + 30, job_id
+            await storage._write([storage._unique_put(key, T0)])
+
+        await reserve("first-writer")
+        reads = 0
+
+        async def renewing_unique_key(key: str) -> Any:
+            nonlocal reads, offset
+            reads += 1
+            if reads == 2:  # the first reservation ends; another call has the key now
+                offset += 31
+                await reserve("second-writer")
+            return await real_unique_key(key)
+
+        storage._unique_key = renewing_unique_key  # type: ignore[method-assign]
+        with trio.fail_after(20), pytest.raises(BackendUnavailable) as raised:
+            await storage.enqueue([rival], T0)
+        assert raised.value.details["unique_key"] == name
+        assert raised.value.details["job_ids"] == ["second-writer"]
+        assert name in raised.value.message
+        assert reads == 2
+    finally:
+        await storage.aclose()
+
+
+async def test_large_replace_reports_no_replaced_job_that_ended_first(
+    aws_settings: AwsSettings,
+) -> None:
+    """A large ``replace`` cancels the jobs it displaces after writing its keys; one
+    that completed meanwhile is left alone and not reported replaced (the engine
+    would publish job.cancelled for it)."""
+    async with opened(aws_settings) as storage:
+        await storage.reset()
+        (old,) = unique_jobs(range(1), queue="rep")
+        await storage.enqueue([old], T0)
+        (got,) = await storage.claim([ClaimRequest(("rep",), 1, "w1")], T0)
+        assert [j.id for j in got] == [old.id]
+        real_write = storage._write
+        acked = False
+
+        async def finishing_write(items: list[dict[str, Any]]) -> None:
+            nonlocal acked
+            await real_write(items)
+            if not acked and not is_job_write(items):  # the keys are written: old ends
+                acked = True
+                await storage.ack(old.id, "w1", None, False, T0 + 1)
+
+        storage._write = finishing_write  # type: ignore[method-assign]
+        large = unique_jobs(range(60), queue="rep", on_conflict="replace")
+        results = await storage.enqueue(large, T0 + 1)
+        assert acked
+        assert [(r.created, r.replaced) for r in results] == [(True, None)] * 60
+        assert (await storage.get(old.id)).state is JobState.COMPLETED
+
+
+async def test_replace_of_a_batch_member_whose_callback_holds_the_same_key(
+    aws_settings: AwsSettings,
+) -> None:
+    """A replace that ends a batch fires its callback in the same transaction; when the
+    callback holds the enqueue's unique key, that key item is written once (DynamoDB
+    refuses two writes of one item in a transaction)."""
+    async with opened(aws_settings) as storage:
+        await storage.reset()
+        member = {"type": UNIQUE_TYPE, "args": [7], "options": {"queue": "same", "unique": BY_ARGS}}
+        body = {"type": "batch", "jobs": [member], "callbacks": {"on_complete": member}}
+        workflow, members = parse_workflow(body, T0)
+        await storage.create_workflow(workflow, members, T0)
+        (new,) = unique_jobs(range(7, 8), queue="same", on_conflict="replace")
+        (result,) = await storage.enqueue([new], T0 + 1)
+        assert result.created and result.replaced is not None
+        assert result.replaced.id == members[0].id
+        record = await storage.get_workflow_record(workflow.id)
+        callback = record.fired_callbacks["on_complete"]
+        holders = await storage._unique_key(unique.fingerprint(new))
+        assert set(holders.ids) == {members[0].id, new.id, callback}
 
 
 # -- DynamoDB reads of workflow member settles ------------------------------------------

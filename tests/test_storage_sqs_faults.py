@@ -7,11 +7,17 @@ errors (DynamoDB ``ProvisionedThroughputExceededException``, a throttled
 transaction, SQS ``RequestThrottled``). No job may be handed to two holders, and a
 throttled call must be retried with backoff until it succeeds or, when AWS keeps
 throttling, fail as a 503 ``backend_unavailable``.
+
+A write too large for one DynamoDB transaction that fails part way (a transaction
+that committed but reported an error, a Trio cancel in flight, AWS unreachable, a
+step too slow for the window its unique keys are reserved for) is undone without
+deleting what a worker claimed already, and is never written again.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
@@ -22,8 +28,12 @@ import pytest
 import trio
 from botocore.exceptions import ClientError
 
+from ojs_trio.engine.errors import BackendUnavailable, DuplicateJob, NotFound
+from ojs_trio.engine.job import Job
 from ojs_trio.engine.states import JobState
+from ojs_trio.engine.workflows import parse_workflow
 from ojs_trio.storage.port import ClaimRequest, Storage
+from ojs_trio.storage.sqs import adapter as sqs_adapter
 from ojs_trio.storage.sqs import client as sqs_client
 from ojs_trio.storage.sqs.adapter import SqsStorage, _Message
 from ojs_trio.storage.sqs.client import AwsSettings, Throttled
@@ -219,3 +229,155 @@ async def test_persistent_throttling_fails_as_backend_unavailable(
             assert raised.value.to_wire()["code"] == "backend_unavailable"
             assert refused() == 6  # the first try and five retries
             assert len(sleeps) == 5
+
+
+# -- failures part way through a write too large for one transaction ---------------------
+
+UNIQUE_TYPE = "faults.unique"
+BY_ARGS = {"keys": ["type", "args"]}
+
+
+def unique_jobs(keys: range, queue: str) -> list[Job]:
+    return [make_job(queue=queue, job_type=UNIQUE_TYPE, args=[k], unique=BY_ARGS) for k in keys]
+
+
+def job_ids_created(items: list[dict[str, Any]]) -> list[str]:
+    """Ids of the jobs a transaction creates (Puts of new job items)."""
+    puts = [i["Put"] for i in items if "Put" in i]
+    return [
+        put["Item"]["pk"]["S"].removeprefix("JOB#")
+        for put in puts
+        if put["Item"]["pk"]["S"].startswith("JOB#")
+        and put.get("ConditionExpression") == "attribute_not_exists(pk)"
+    ]
+
+
+async def _exists(storage: SqsStorage, job_id: str) -> bool:
+    return await storage._load_or_none(job_id) is not None
+
+
+@pytest.mark.parametrize("failure", ["error", "cancelled"])
+async def test_job_chunk_that_committed_then_failed_is_undone_with_the_rest(
+    aws_settings: AwsSettings, failure: str
+) -> None:
+    """A job chunk whose transaction committed but whose call failed (a read timeout,
+    a Trio cancel in flight) counts as written: the undo deletes its jobs too, so no
+    job of the failed call is left without its unique key."""
+    jobs = unique_jobs(range(120), "ambiguous")  # 240 items: 2 of keys, 3 of jobs
+    with trio.fail_after(DEADLINE):
+        storage = SqsStorage(aws_settings, rng=random.Random(0))
+        async with opened(storage):
+            real_write = storage._write
+            failed = False
+            with trio.CancelScope() as scope:
+
+                async def committing_then_failing(items: list[dict[str, Any]]) -> None:
+                    nonlocal failed
+                    await real_write(items)
+                    if job_ids_created(items) and not failed:
+                        failed = True
+                        if failure == "error":
+                            raise BackendUnavailable("AWS is unreachable (ReadTimeoutError)")
+                        scope.cancel()
+                        await trio.lowlevel.checkpoint()
+
+                storage._write = committing_then_failing  # type: ignore[method-assign]
+                if failure == "error":
+                    with pytest.raises(BackendUnavailable):
+                        await storage.enqueue(jobs, T0)
+                else:
+                    await storage.enqueue(jobs, T0)
+            storage._write = real_write  # type: ignore[method-assign]
+            assert failed and scope.cancelled_caught == (failure == "cancelled")
+            assert [j.id for j in jobs if await _exists(storage, j.id)] == []
+            # Every key is free again: the same keys can be taken, by one large call.
+            again = await storage.enqueue(unique_jobs(range(120), "again"), T0 + 1)
+            assert all(r.created for r in again)
+
+
+async def test_failed_large_create_workflow_keeps_claimed_members_and_is_not_retried(
+    aws_settings: AwsSettings,
+) -> None:
+    """A workflow written in chunks whose second job chunk fails is undone without
+    touching what a worker claimed from the first: the claimed member stays active
+    with its unique key, the other members and the workflow go, and nothing is
+    written again (a retry would deliver the claimed member twice)."""
+    with trio.fail_after(DEADLINE):
+        storage = SqsStorage(aws_settings, rng=random.Random(0))
+        async with opened(storage):
+            warm = make_job(queue="wf")  # the tier is known: members are claimable at once
+            await storage.enqueue([warm], T0)
+            await storage.cancel(warm.id, T0)
+            member = {"type": UNIQUE_TYPE, "options": {"queue": "wf", "unique": BY_ARGS}}
+            body = {"type": "group", "jobs": [{**member, "args": [k]} for k in range(60)]}
+            workflow, members = parse_workflow(body, T0)
+            created: list[str] = []
+            claimed: list[Job] = []
+            real_write = storage._write
+
+            async def failing_second_job_chunk(items: list[dict[str, Any]]) -> None:
+                ids = job_ids_created(items)
+                if ids and created:
+                    raise BackendUnavailable("AWS is unreachable (EndpointConnectionError)")
+                await real_write(items)
+                created.extend(ids)
+                if ids:
+                    (got,) = await storage.claim([ClaimRequest(("wf",), 1, "w1")], T0)
+                    claimed.extend(got)
+
+            storage._write = failing_second_job_chunk  # type: ignore[method-assign]
+            with pytest.raises(BackendUnavailable) as raised:
+                await storage.create_workflow(workflow, members, T0)
+            storage._write = real_write  # type: ignore[method-assign]
+            assert len(created) == len(set(created)) < len(members)  # never written again
+            (kept,) = claimed
+            assert raised.value.details["kept_job_ids"] == [kept.id]
+            held = await storage.get(kept.id)
+            assert (held.state, held.attempt, held.worker_id) == (JobState.ACTIVE, 1, "w1")
+            assert [m.id for m in members if await _exists(storage, m.id)] == [kept.id]
+            with pytest.raises(NotFound):
+                await storage.get_workflow(workflow.id)
+            # The kept member holds its key; the others' keys are free.
+            step = kept.workflow_step
+            assert step is not None
+            with pytest.raises(DuplicateJob) as raised:
+                await storage.enqueue(unique_jobs(range(step, step + 1), "other"), T0 + 1)
+            assert raised.value.details["existing_job_id"] == kept.id
+            other = (step + 1) % len(members)
+            (free,) = await storage.enqueue(unique_jobs(range(other, other + 1), "other"), T0 + 1)
+            assert free.created
+            # It runs to the end as a plain job.
+            done = await storage.ack(kept.id, "w1", None, False, T0 + 2)
+            assert done.state is JobState.COMPLETED
+
+
+async def test_large_enqueue_gives_up_before_its_keys_reservation_ends(
+    aws_settings: AwsSettings,
+) -> None:
+    """A large enqueue whose key items took most of the window they reserve the keys
+    for (a concurrent enqueue stops waiting for its jobs then) writes no job: it
+    undoes the keys and fails with 503."""
+    offset = 0.0
+    with trio.fail_after(DEADLINE):
+        storage = SqsStorage(aws_settings, rng=random.Random(0), wall=lambda: time.time() + offset)
+        async with opened(storage):
+            real_write = storage._write
+            created: list[str] = []
+
+            async def slow_key_write(items: list[dict[str, Any]]) -> None:
+                nonlocal offset
+                await real_write(items)
+                created.extend(job_ids_created(items))
+                if not job_ids_created(items):  # AWS throttled the keys for a while
+                    window = sqs_adapter.PENDING_SECONDS - sqs_adapter.PENDING_MARGIN_SECONDS
+                    offset += window + 1
+
+            storage._write = slow_key_write  # type: ignore[method-assign]
+            jobs = unique_jobs(range(60), "slow")
+            with pytest.raises(BackendUnavailable) as raised:
+                await storage.enqueue(jobs, T0)
+            storage._write = real_write  # type: ignore[method-assign]
+            assert "reserved" in raised.value.message
+            assert created == []
+            again = await storage.enqueue(unique_jobs(range(60), "again"), T0 + 1)
+            assert all(r.created for r in again)

@@ -33,7 +33,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
@@ -100,6 +100,17 @@ UNIQUE_IDS_KEPT: Final = 200
 #: An item-less message younger than this may belong to an enqueue still writing its
 #: items (messages go first); older ones are orphans of a failed enqueue.
 ORPHAN_GRACE_SECONDS: Final = 30.0
+#: How long a write too large for one transaction reserves its unique keys: until
+#: then, an id the key item lists as pending whose job does not exist yet is a job
+#: still being written, which a concurrent enqueue of that key waits for.
+PENDING_SECONDS: Final = 30.0
+#: Such a write starts a step only while this much of its window is left, and gives
+#: up a write that takes longer (STEP_SECONDS): every write lands within the window,
+#: and within ORPHAN_GRACE_SECONDS of the messages sent for it.
+PENDING_MARGIN_SECONDS: Final = 10.0
+STEP_SECONDS: Final = PENDING_MARGIN_SECONDS
+#: How often an enqueue waiting for a pending key reads it again.
+PENDING_POLL_SECONDS: Final = 0.1
 #: Finished jobs (dead letters excepted) get a DynamoDB TTL this far out: a retention
 #: backstop behind pruning.
 FINISHED_TTL_SECONDS: Final = 30 * 86400
@@ -169,10 +180,12 @@ class _Message:
 class _UniqueKey:
     """A unique key's item: the ids of the jobs that hold it, newest last.
 
-    ``pending`` holds ids that an enqueue too large for one transaction registered
-    before writing their jobs (:meth:`SqsStorage._write_enqueue_in_chunks`): until
-    ``pending_until`` (wall time) such an id without a job is an enqueue still
-    writing, not a job that is gone, and whoever reads the key waits for it.
+    ``pending`` holds ids that a write too large for one transaction registered
+    before writing their jobs (:meth:`SqsStorage._write_in_chunks`): until
+    ``pending_until`` (wall time) such an id without a job is a job still being
+    written, not a job that is gone, and an enqueue that reads the key waits for it.
+    ``mark`` (``pend_by``) names that write: its job chunks commit only while the
+    item still bears it.
     """
 
     key: str
@@ -182,10 +195,33 @@ class _UniqueKey:
     stored_pending: list[str] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)
     pending_until: float = 0.0
+    stored_mark: str | None = None
+    mark: str | None = None
 
     @property
     def changed(self) -> bool:
-        return self.ids != self.stored or self.pending != self.stored_pending
+        return (
+            self.ids != self.stored
+            or self.pending != self.stored_pending
+            or self.mark != self.stored_mark
+        )
+
+
+class _StillWriting(BackendUnavailable):
+    """A unique key lists pending ids of a call still writing their jobs.
+
+    The enqueue that meets it waits (:meth:`SqsStorage._wait_for_writer`); it
+    reaches the client (503, naming the key) only when the wait runs out.
+    """
+
+    def __init__(self, key: str, job_ids: list[str], until: float) -> None:
+        super().__init__(
+            f"Unique key {key} is reserved by a call still writing its jobs; try again",
+            details={"unique_key": key, "job_ids": job_ids[:10], "pending_until": until},
+        )
+        self.key = key
+        self.job_ids = job_ids
+        self.until = until
 
 
 @dataclass
@@ -449,6 +485,7 @@ class SqsStorage:
         *,
         extra: Sequence[dict[str, Any]] = (),
         loaded: dict[str, tuple[Workflow, int]] | None = None,
+        keys: dict[str, _UniqueKey] | None = None,
     ) -> list[_Row]:
         """Write changed job rows in one step, advancing their workflows with them.
 
@@ -456,7 +493,9 @@ class SqsStorage:
         existing yet). A row of a workflow member also updates the workflow and
         inserts the jobs the workflow rules spawn, in the same transaction: a crash
         can neither lose nor duplicate a step. Raises :class:`ConditionFailed` when
-        anything changed since it was read; callers re-read and retry.
+        anything changed since it was read; callers re-read and retry.  ``keys``:
+        unique key items the caller read and changed, written here with the
+        created jobs' registrations (one write per item).
         """
         flows: dict[str, tuple[Workflow, int]] = dict(loaded or {})
         spawned: list[_Row] = []
@@ -493,7 +532,7 @@ class SqsStorage:
         # Jobs created here (chain steps, callbacks, a cron run) hold their unique
         # keys like enqueued ones; they take the key without looking for a holder.
         created = [r for r in [*rows, *spawned] if r.version == 0]
-        items += await self._key_registrations(created, now)
+        items += await self._key_registrations(created, now, keys)
         items.extend(extra)
         if len(items) > TRANSACT_MAX:
             raise OjsError(f"one step would write {len(items)} items (limit {TRANSACT_MAX})")
@@ -675,9 +714,13 @@ class SqsStorage:
                     f"Job is {size} bytes; SQS-backed storage takes at most {MAX_JOB_BYTES}",
                     details={"job_id": job.id, "size": size, "max_bytes": MAX_JOB_BYTES},
                 )
-        for attempt in range(CAS_ATTEMPTS):
+        lost = 0
+        waiting_until: float | None = None
+        while True:
             try:
                 return await self._enqueue_once(jobs, now)
+            except _StillWriting as exc:
+                waiting_until = await self._wait_for_writer(exc, waiting_until)
             except ConditionFailed as exc:
                 duplicate = await self._first_existing([j.id for j in jobs])
                 if duplicate is not None:
@@ -685,8 +728,27 @@ class SqsStorage:
                         f"A job with id {duplicate} already exists",
                         details={"existing_job_id": duplicate},
                     ) from exc
-                await self._backoff(attempt)  # lost a race on a unique key: decide again
-        raise BackendUnavailable("Unique keys kept changing concurrently; try again")
+                lost += 1
+                if lost >= CAS_ATTEMPTS:
+                    raise BackendUnavailable(
+                        "Unique keys kept changing concurrently; try again"
+                    ) from exc
+                await self._backoff(lost - 1)  # lost a race on a unique key: decide again
+
+    async def _wait_for_writer(self, exc: _StillWriting, deadline: float | None) -> float:
+        """Wait a moment for a call still writing the jobs a unique key lists as pending.
+
+        Waits by time, up to the end of the first reservation seen (``deadline``,
+        returned for the next round): past it an id without a job is no longer
+        waited for.  A key reserved anew by then (another call) is not waited for
+        again: ``exc`` (503, naming the key and the pending jobs) is raised.
+        """
+        if deadline is None:
+            deadline = exc.until
+        if exc.until > deadline and self._wall() >= deadline:
+            raise exc
+        await trio.sleep(max(0.0, min(PENDING_POLL_SECONDS, exc.until - self._wall())))
+        return deadline
 
     async def _first_existing(self, job_ids: list[str]) -> str | None:
         found = await self._load_many(job_ids)
@@ -755,24 +817,30 @@ class SqsStorage:
                 delay = math.floor(row.job.scheduled_at - now)
                 if delay <= MAX_DELAY_SECONDS:
                     sends.append(_Send(row, max(0, delay)))
-        await self._send_tokens(sends)
 
-        jobs_items: list[dict[str, Any]] = [{"Put": self._put(r)} for r in batch.values()]
+        rows = list(batch.values())
         changed_keys = [k for k in keys.values() if k.changed]
-        key_items = [self._unique_put(k, now) for k in changed_keys]
         cancels = list(replaced.values())
         flows = {r.job.workflow_id for r in cancels if r.job.workflow_id is not None}
         # One transaction when it fits.  A replaced workflow member's workflow
         # advances in it too (_commit), which may spawn up to three batch callbacks,
         # each with a unique key item: room is kept for that.
-        needed = len(jobs_items) + len(key_items) + len(cancels) + 7 * len(flows)
+        needed = len(rows) + len(changed_keys) + len(cancels) + 7 * len(flows)
         if needed > TRANSACT_MAX:
-            await self._write_enqueue_in_chunks(changed_keys, jobs_items, cancels, now)
-        elif flows:
-            await self._commit(cancels, now, extra=jobs_items + key_items)
+            cancelled = await self._write_in_chunks(rows, changed_keys, sends, now, cancels=cancels)
         else:
-            await self._write(jobs_items + [{"Put": self._put(r)} for r in cancels] + key_items)
-        for row in batch.values():
+            await self._send_tokens(sends)
+            jobs_items: list[dict[str, Any]] = [{"Put": self._put(r)} for r in rows]
+            if flows:
+                # The call's key items go through _commit, merged with those of the
+                # callbacks it spawns: one write per item, even when both hold a key.
+                await self._commit(cancels, now, extra=jobs_items, keys=keys)
+            else:
+                cancel_items = [{"Put": self._put(r)} for r in cancels]
+                key_items = [self._unique_put(k, now) for k in changed_keys]
+                await self._write(jobs_items + cancel_items + key_items)
+            cancelled = {r.job.id: r.job for r in cancels}
+        for row in rows:
             row.version += 1
             await self._register_tier(row.job.queue, row.job.priority, now)
         for job in limits:
@@ -785,129 +853,348 @@ class SqsStorage:
             elif kind == "twin":
                 out.append(EnqueueResult(batch[job_id].job.clone(), False))
             else:
+                if other is not None and other.id not in batch:
+                    # Only a job actually cancelled was replaced (it may have ended
+                    # before a large call got to it).
+                    other = cancelled.get(other.id)
                 out.append(
                     EnqueueResult(batch[job_id].job.clone(), True, other.clone() if other else None)
                 )
         return out
 
-    async def _write_enqueue_in_chunks(
-        self,
-        keys: list[_UniqueKey],
-        jobs_items: list[dict[str, Any]],
-        cancels: list[_Row],
-        now: float,
-    ) -> None:
-        """An enqueue too large for one transaction: keys first, then cancels, then jobs.
+    # -- writes too large for one transaction --------------------------------------------
 
-        The unique key items are written first, each conditional on the version
-        read, with this call's ids *pending* for ORPHAN_GRACE_SECONDS: an enqueue
-        that reads such a key meanwhile waits for those jobs instead of taking
-        them for pruned ones (:meth:`_find_duplicate`).  So a call that loses a
-        race for a key fails before any of its jobs exists, and a winner's keys
-        hold from the start.  Jobs a ``replace`` cancels are cancelled next (with
-        their workflows), before the new jobs exist, so the two never coexist.
-        If writing the jobs fails, the ones written are deleted and the keys put
-        back (the cancels stay: the replace had started).
+    async def _write_in_chunks(
+        self,
+        rows: list[_Row],
+        keys: list[_UniqueKey],
+        sends: Sequence[_Send],
+        now: float,
+        *,
+        workflow: Workflow | None = None,
+        cancels: Sequence[_Row] = (),
+    ) -> dict[str, Job]:
+        """Write new jobs (an enqueue's, or a workflow's first members) in several
+        transactions of at most TRANSACT_MAX items; returns the ``cancels`` cancelled.
+
+        1. The unique key items (``keys``, each conditional on the version read), with
+           this call's job ids *pending* until PENDING_SECONDS from now and the call's
+           mark (``pend_by``).  A call that loses a race for a key fails here, before
+           any of its jobs exists, and may decide again.
+        2. The jobs a ``replace`` displaces are cancelled (with their workflows), so
+           the old and the new holder of a key never coexist.
+        3. The jobs, each chunk's messages sent right before its write (a message is
+           never older than ORPHAN_GRACE_SECONDS while its job is still to come), the
+           workflow item with the first chunk.  Each chunk also bumps the version of
+           its jobs' key items, conditional on the mark still being this call's: a job
+           commits only while its key waits for it, and a concurrent enqueue that read
+           the key before cannot write it after.
+        4. The pending ids become ordinary holders and the mark goes.
+
+        Each step starts only while PENDING_MARGIN_SECONDS of the pending window are
+        left and is abandoned after STEP_SECONDS, so every write lands within the
+        window.  If anything fails, the call is undone (:meth:`_undo_chunks`) and the
+        error raised; once a job chunk was sent it is never retried.  Cancels stay.
         """
-        job_ids = [i["Put"]["Item"]["pk"]["S"].removeprefix("JOB#") for i in jobs_items]
+        job_ids = [r.job.id for r in rows]
         duplicate = await self._first_existing(job_ids)
         if duplicate is not None:
             raise DuplicateJob(
                 f"A job with id {duplicate} already exists", details={"existing_job_id": duplicate}
             )
         own = set(job_ids)
-        until = self._wall() + ORPHAN_GRACE_SECONDS
+        token = uuid.uuid4().hex
+        marked: dict[str, _UniqueKey] = {}  # key items that will list this call's ids pending
         for key in keys:
-            key.pending = [i for i in key.ids if i in own]
-            key.ids = [i for i in key.ids if i not in own]
+            await self._settle_pending(key, own)
+            mine = [i for i in key.ids if i in own]
+            if mine:
+                key.ids = [i for i in key.ids if i not in own]
+                key.pending, key.mark = mine, token
+                marked[key.key] = key
+        until = self._wall() + PENDING_SECONDS if marked else math.inf
+        for key in marked.values():
             key.pending_until = until
-        claimed: list[_UniqueKey] = []
-        written: list[dict[str, Any]] = []
+        key_of = {r.job.id: r.job.unique_key for r in rows if r.job.unique_key in marked}
+        send_of = {s.row.job.id: s for s in sends}
+        written_keys: list[_UniqueKey] = []
+        attempted: set[str] = set()  # ids of jobs whose chunk was sent (it may have committed)
         try:
-            for chunk in _chunks(keys, TRANSACT_MAX):
-                await self._write([self._unique_put(k, now) for k in chunk])
-                claimed.extend(chunk)
-            for row in cancels:
-                await self._cancel_replaced(row.job.id, now)
-            for chunk in _chunks(jobs_items, TRANSACT_MAX):
-                await self._write(chunk)
-                written.extend(chunk)
-        except BaseException:
+            for key_chunk in _chunks(keys, TRANSACT_MAX):
+                self._check_window(until)
+                written_keys.extend(key_chunk)  # counted before: it may commit, then raise
+                await self._write_step([self._unique_put(k, now) for k in key_chunk])
+            versions = {name: key.version + 1 for name, key in marked.items()}
+            cancelled = await self._cancel_replaced(cancels, now, until) if cancels else {}
+            room = 1 if workflow is not None else 0
+            for chunk in self._job_chunks(rows, key_of, room):
+                self._check_window(until)
+                await self._send_tokens([send_of[r.job.id] for r in chunk if r.job.id in send_of])
+                names = list(dict.fromkeys(key_of[r.job.id] for r in chunk if r.job.id in key_of))
+                items: list[dict[str, Any]] = []
+                if workflow is not None and not attempted:
+                    items.append({"Put": self._workflow_put(workflow, 0)})
+                items += [{"Put": self._put(r)} for r in chunk]
+                items += [self._still_marked(name, token) for name in names]
+                attempted.update(r.job.id for r in chunk)  # before: it may commit, then raise
+                await self._write_step(items)
+                for name in names:
+                    versions[name] += 1
+        except BaseException as exc:
             with trio.CancelScope(shield=True):
-                await self._undo_enqueue(claimed, written, now)
+                kept = await self._undo_chunks(
+                    token,
+                    written_keys,
+                    attempted,
+                    workflow.id if workflow is not None and attempted else None,
+                    now,
+                )
+            if kept and isinstance(exc, OjsError):
+                exc.details["kept_job_ids"] = kept[:100]
+            if attempted and isinstance(exc, ConditionFailed):
+                # Not a lost race to decide again: jobs of this call were out.
+                raise BackendUnavailable(
+                    "A step of a large write failed after some of its jobs were written; "
+                    "it was undone (jobs a worker had claimed already were kept)",
+                    details={"kept_job_ids": kept[:100]},
+                ) from exc
             raise
-        for key in claimed:
-            key.version += 1
+        await self._fold_pending(list(marked.values()), versions, token, own, now)
+        return cancelled
 
-    async def _undo_enqueue(
-        self, claimed: list[_UniqueKey], written: list[dict[str, Any]], now: float
+    def _check_window(self, until: float) -> None:
+        """Refuse to start a step too late to finish within the pending window."""
+        if self._wall() > until - PENDING_MARGIN_SECONDS:
+            raise BackendUnavailable(
+                f"Writing the jobs took longer than the {PENDING_SECONDS:.0f} s their "
+                "unique keys are reserved for; nothing was kept but jobs a worker had "
+                "claimed already; try again",
+                details={"reserved_seconds": PENDING_SECONDS},
+            )
+
+    async def _write_step(self, items: list[dict[str, Any]]) -> None:
+        """One write of a chunked call, abandoned (counted as possibly committed by the
+        caller) when it takes longer than STEP_SECONDS."""
+        with trio.move_on_after(STEP_SECONDS) as scope:
+            await self._write(items)
+        if scope.cancelled_caught:
+            raise BackendUnavailable(
+                f"A DynamoDB write took longer than {STEP_SECONDS:.0f} s",
+                details={"items": len(items)},
+            )
+
+    @staticmethod
+    def _job_chunks(rows: list[_Row], key_of: dict[str, str], room: int) -> list[list[_Row]]:
+        """Rows in transactions of at most TRANSACT_MAX items: a row, plus its key
+        item's version bump once per chunk, plus ``room`` items in the first."""
+        chunks: list[list[_Row]] = []
+        current: list[_Row] = []
+        names: set[str] = set()
+        used = room
+        for row in rows:
+            name = key_of.get(row.job.id)
+            need = 1 + (1 if name is not None and name not in names else 0)
+            if current and used + need > TRANSACT_MAX:
+                chunks.append(current)
+                current, names, used = [], set(), 0
+            current.append(row)
+            used += need
+            if name is not None:
+                names.add(name)
+        if current:
+            chunks.append(current)
+        return chunks
+
+    def _still_marked(self, key: str, token: str) -> dict[str, Any]:
+        """A transaction item: bump the key item's version if it still bears ``token``."""
+        return {
+            "Update": {
+                "TableName": self._table,
+                "Key": self._key(f"UNIQUE#{key}", "UNIQUE"),
+                "UpdateExpression": "SET v = v + :one",
+                "ConditionExpression": "pend_by = :mark",
+                "ExpressionAttributeValues": {":one": _n(1), ":mark": _s(token)},
+            }
+        }
+
+    async def _settle_pending(self, key: _UniqueKey, own: set[str]) -> None:
+        """Ready ``key`` for this call's pending ids.  Another call's pending ids become
+        ordinary holders once their jobs exist or their window has passed (an id
+        without a job holds nothing); while that call may still write them, raises
+        :class:`_StillWriting`."""
+        foreign = [i for i in key.pending if i not in own]
+        if foreign and key.pending_until > self._wall():
+            found = await self._load_many(foreign)
+            missing = [i for i in foreign if i not in found]
+            if missing:
+                raise _StillWriting(key.key, missing, key.pending_until)
+        key.ids += [i for i in foreign if i not in key.ids]
+        key.pending, key.mark = [], None
+
+    async def _undo_chunks(
+        self,
+        token: str,
+        keys: list[_UniqueKey],
+        attempted: set[str],
+        workflow_id: str | None,
+        now: float,
+    ) -> list[str]:
+        """Undo a failed :meth:`_write_in_chunks`; returns the ids of the jobs kept.
+
+        First the key items bearing this call's mark: the pending ids of jobs whose
+        chunk was sent become ordinary holders (a job that exists holds its key, an
+        id without a job holds nothing), the others go, and so does the mark, after
+        which no job chunk of the call can commit.  Then each job still as written
+        (version 1: no worker claimed it) is deleted, and the workflow item.  A job a
+        worker claimed stays, holding its key, and runs as usual.
+        """
+        async with trio.open_nursery() as nursery:
+            for name in dict.fromkeys(k.key for k in keys if k.mark == token):
+                nursery.start_soon(self._release_pending, name, token, attempted, now)
+        async with trio.open_nursery() as nursery:
+            for job_id in attempted:
+                nursery.start_soon(self._delete_unclaimed, job_id)
+        if workflow_id is not None:
+            await self._delete_workflow_item(workflow_id)
+        try:
+            return sorted(await self._load_many(attempted))
+        except OjsError:
+            return []
+
+    async def _release_pending(
+        self, name: str, token: str, holders: Collection[str], now: float
     ) -> None:
-        """Delete the jobs a failed chunked enqueue wrote; take its ids off the keys."""
-        doomed = [{"pk": i["Put"]["Item"]["pk"], "sk": i["Put"]["Item"]["sk"]} for i in written]
-        for chunk in _chunks(doomed, 25):
-            await self._batch_delete(chunk)
-        for key in claimed:
-            try:
-                async with map_errors():
-                    if key.version == 0:
-                        await self.clients.dynamodb.delete_item(
-                            TableName=self._table,
-                            Key=self._key(f"UNIQUE#{key.key}", "UNIQUE"),
-                            ConditionExpression="v = :v",
-                            ExpressionAttributeValues={":v": _n(1)},
-                        )
-                    else:
-                        restored = replace(key, version=key.version + 1, pending=[])
-                        await self._write([self._unique_put(restored, now)])
-            except OjsError:
-                pass  # changed meanwhile: the pending ids lapse at pending_until
-
-    async def _cancel_replaced(self, job_id: str, now: float) -> None:
-        """Cancel a job a ``replace`` displaced, unless it ended meanwhile."""
+        """Take this call's mark off a key item: its pending ids in ``holders`` become
+        ordinary holders, the others go (read, then written conditionally; retried)."""
         for attempt in range(CAS_ATTEMPTS):
-            row = await self._load_or_none(job_id)
-            if row is None or row.job.state.is_terminal:
-                return
-            new = row.copy()
-            lifecycle.cancel(new.job, now)
-            new.drop_token()  # its message is deleted as stale when received
             try:
-                await self._commit([new], now)
+                key = await self._unique_key(name)
+                if key.mark != token:
+                    return  # released already, or taken over once the window had passed
+                key.ids += [i for i in key.pending if i in holders and i not in key.ids]
+                key.pending, key.mark = [], None
+                if key.ids:
+                    await self._write([self._unique_put(key, now)])
+                else:
+                    await self._ddb(
+                        "delete_item",
+                        TableName=self._table,
+                        Key=self._key(f"UNIQUE#{name}", "UNIQUE"),
+                        ConditionExpression="v = :v",
+                        ExpressionAttributeValues={":v": _n(key.version)},
+                    )
+                return
             except ConditionFailed:
                 await self._backoff(attempt)
-                continue
-            return
+            except OjsError:
+                return  # the mark stays: its pending ids lapse at pending_until
+
+    async def _delete_unclaimed(self, job_id: str) -> None:
+        """Delete a job a failed call wrote, unless it changed since (a worker claimed it)."""
+        try:
+            await self._ddb(
+                "delete_item",
+                TableName=self._table,
+                Key=self._job_key(job_id),
+                ConditionExpression="v = :v",
+                ExpressionAttributeValues={":v": _n(1)},
+            )
+        except OjsError:
+            pass  # claimed (kept), or never written
+
+    async def _delete_workflow_item(self, workflow_id: str) -> None:
+        """Delete the item of a workflow whose creation failed, whatever members
+        that a worker had claimed wrote to it since (they finish as plain jobs)."""
+        for attempt in range(CAS_ATTEMPTS):
+            try:
+                found = await self._load_workflow(workflow_id)
+                if found is None:
+                    return
+                await self._ddb(
+                    "delete_item",
+                    TableName=self._table,
+                    Key=self._key(f"WF#{workflow_id}", "WF"),
+                    ConditionExpression="v = :v",
+                    ExpressionAttributeValues={":v": _n(found[1])},
+                )
+                return
+            except ConditionFailed:
+                await self._backoff(attempt)
+            except OjsError:
+                return
+
+    async def _fold_pending(
+        self,
+        keys: list[_UniqueKey],
+        versions: dict[str, int],
+        token: str,
+        own: set[str],
+        now: float,
+    ) -> None:
+        """After the last job chunk: this call's pending ids become ordinary holders
+        and its mark goes.  Each key item is written at the version the call left it
+        at; one changed since (a chain step taking the key) is read again.  A failure
+        changes nothing that matters: pending ids whose jobs exist hold the key."""
+        for key in keys:
+            key.version = versions[key.key]
+            key.ids += [i for i in key.pending if i not in key.ids]
+            key.pending, key.mark = [], None
+        for chunk in _chunks(keys, TRANSACT_MAX):
+            try:
+                await self._write([self._unique_put(k, now) for k in chunk])
+            except ConditionFailed:
+                async with trio.open_nursery() as nursery:
+                    for key in chunk:
+                        nursery.start_soon(self._release_pending, key.key, token, own, now)
+            except OjsError:
+                pass
+
+    async def _cancel_replaced(
+        self, rows: Sequence[_Row], now: float, until: float
+    ) -> dict[str, Job]:
+        """Cancel the jobs a large ``replace`` displaces, with their workflows, in as few
+        transactions as fit; returns the jobs cancelled, by id.  A job that ended
+        meanwhile is left alone (and not reported replaced)."""
+        cancelled: dict[str, Job] = {}
+        remaining = [r.job.id for r in rows]
+        for attempt in range(CAS_ATTEMPTS):
+            fresh = await self._load_many(remaining)
+            todo: list[_Row] = []
+            for job_id in remaining:
+                row = fresh.get(job_id)
+                if row is None or row.job.state.is_terminal:
+                    continue
+                lifecycle.cancel(row.job, now)
+                row.drop_token()  # its message is deleted as stale when received
+                todo.append(row)
+            remaining = []
+            for chunk in _commit_chunks(todo):
+                self._check_window(until)
+                try:
+                    await self._commit(chunk, now)
+                except ConditionFailed:
+                    remaining += [r.job.id for r in chunk]  # changed meanwhile: read again
+                else:
+                    cancelled.update((r.job.id, r.job.clone()) for r in chunk)
+            if not remaining:
+                return cancelled
+            await self._backoff(attempt)
         raise BackendUnavailable(
-            f"Job {job_id} kept changing concurrently; try again", details={"job_id": job_id}
+            "Jobs to replace kept changing concurrently; try again",
+            details={"job_ids": remaining[:10]},
         )
 
-    async def _write_in_chunks(self, items: list[dict[str, Any]], job_ids: list[str]) -> None:
-        """Write more than one transaction's worth: check ids first, undo on failure."""
-        duplicate = await self._first_existing(job_ids)
-        if duplicate is not None:
-            raise DuplicateJob(
-                f"A job with id {duplicate} already exists", details={"existing_job_id": duplicate}
-            )
-        written: list[dict[str, Any]] = []
-        try:
-            for chunk in _chunks(items, TRANSACT_MAX):
-                await self._write(chunk)
-                written.extend(chunk)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                keys = [
-                    {"pk": i["Put"]["Item"]["pk"], "sk": i["Put"]["Item"]["sk"]}
-                    for i in written
-                    if "Put" in i and i["Put"].get("ConditionExpression", "").startswith("attr")
-                ]
-                for chunk in _chunks(keys, 25):
-                    await self._batch_delete(chunk)
-            raise
+    # -- unique keys ------------------------------------------------------------------------
 
-    async def _key_registrations(self, rows: Sequence[_Row], now: float) -> list[dict[str, Any]]:
+    async def _key_registrations(
+        self, rows: Sequence[_Row], now: float, keys: dict[str, _UniqueKey] | None = None
+    ) -> list[dict[str, Any]]:
         """Writes that add new ``rows`` to the items of the unique keys they hold
-        (conditional on each item's version: a concurrent change fails the step)."""
-        keys: dict[str, _UniqueKey] = {}
+        (conditional on each item's version: a concurrent change fails the step).
+
+        ``keys`` (filled in here) may hold key items read and changed already, by an
+        enqueue: the result then writes those too, one write per item."""
+        keys = {} if keys is None else keys
         for row in rows:
             key = row.job.unique_key
             if key is None:
@@ -925,8 +1212,19 @@ class SqsStorage:
         stored = json.loads(item["ids"]["S"])
         pending = json.loads(item["pend"]["S"]) if "pend" in item else []
         until = float(item["pend_until"]["N"]) if "pend_until" in item else 0.0
+        mark = item["pend_by"]["S"] if "pend_by" in item else None
         version = int(item["v"]["N"])
-        return _UniqueKey(key, version, stored, list(stored), pending, list(pending), until)
+        return _UniqueKey(
+            key,
+            version,
+            stored,
+            list(stored),
+            stored_pending=pending,
+            pending=list(pending),
+            pending_until=until,
+            stored_mark=mark,
+            mark=mark,
+        )
 
     def _unique_put(self, key: _UniqueKey, now: float) -> dict[str, Any]:
         """Write the key's job ids (newest last), conditional on the version read."""
@@ -938,6 +1236,8 @@ class SqsStorage:
         if key.pending:
             item["pend"] = _s(json.dumps(key.pending))
             item["pend_until"] = _n(key.pending_until)
+            if key.mark is not None:
+                item["pend_by"] = _s(key.mark)
         return {"Put": self._versioned_put(item, key.version)}
 
     async def _find_duplicate(
@@ -945,21 +1245,18 @@ class SqsStorage:
     ) -> _Row | None:
         """The newest job holding ``key`` that blocks ``job`` under its policy.
 
-        Raises :class:`ConditionFailed` (the caller reads again and decides again)
-        while the key has pending ids of an enqueue still writing its jobs.
+        Raises :class:`_StillWriting` (the caller waits, then decides again) while the
+        key has pending ids of a call still writing its jobs.
         """
         pending = [i for i in key.pending if i not in key.ids]
         rows = await self._load_many(i for i in [*key.ids, *pending] if i not in batch)
         if key.pending:
             writing = [i for i in pending if i not in rows and i not in batch]
             if writing and key.pending_until > self._wall():
-                raise ConditionFailed(
-                    "an enqueue holding this unique key is still writing its jobs",
-                    details={"unique_key": key.key, "job_ids": writing},
-                )
+                raise _StillWriting(key.key, writing, key.pending_until)
             # Pending jobs that exist hold the key like any; the others never will.
             key.ids.extend(pending)
-            key.pending = []
+            key.pending, key.mark = [], None
         # Ids of jobs that are gone (pruned) can no longer block anyone.
         alive = [i for i in key.ids if i in rows or i in batch]
         if alive != key.ids:
@@ -1758,19 +2055,33 @@ class SqsStorage:
         rows = [_Row(job=job.clone()) for job in jobs]
         for row in rows:
             row.job.unique_key = unique.fingerprint(row.job)
-        await self._send_tokens([_Send(r) for r in rows if r.job.state is JobState.AVAILABLE])
-        for attempt in range(CAS_ATTEMPTS):
-            items = [{"Put": self._workflow_put(workflow, 0)}]
-            items += [{"Put": self._put(r)} for r in rows]
+        sends = [_Send(r) for r in rows if r.job.state is JobState.AVAILABLE]
+        # The workflow, its members and one item per unique key they hold.
+        key_count = len({r.job.unique_key for r in rows if r.job.unique_key is not None})
+        in_one = 1 + len(rows) + key_count <= TRANSACT_MAX
+        if in_one:
+            await self._send_tokens(sends)
+        lost = 0
+        waiting_until: float | None = None
+        while True:
             # Members hold their unique keys like enqueued jobs (without looking for
             # a holder first, as on every adapter).
-            items += await self._key_registrations(rows, now)
+            keys: dict[str, _UniqueKey] = {}
+            registrations = await self._key_registrations(rows, now, keys)
             try:
-                if len(items) <= TRANSACT_MAX:
-                    await self._write(items)
+                if in_one:
+                    items = [{"Put": self._workflow_put(workflow, 0)}]
+                    items += [{"Put": self._put(r)} for r in rows]
+                    await self._write(items + registrations)
                 else:
-                    await self._write_in_chunks(items, [r.job.id for r in rows])
+                    # Keys first, then the members (the workflow item with the
+                    # first ones): a lost key race fails before any member exists,
+                    # and nothing is retried once a member may have been claimed.
+                    changed = [k for k in keys.values() if k.changed]
+                    await self._write_in_chunks(rows, changed, sends, now, workflow=workflow)
                 break
+            except _StillWriting as exc:
+                waiting_until = await self._wait_for_writer(exc, waiting_until)
             except ConditionFailed as exc:
                 duplicate = await self._first_existing([r.job.id for r in rows])
                 if duplicate is not None or await self._load_workflow(workflow.id) is not None:
@@ -1778,9 +2089,12 @@ class SqsStorage:
                         "A job or workflow with the same id already exists",
                         details={"existing_job_id": duplicate, "workflow_id": workflow.id},
                     ) from exc
-                await self._backoff(attempt)  # a unique key changed meanwhile: again
-        else:
-            raise BackendUnavailable("Unique keys kept changing concurrently; try again")
+                lost += 1
+                if lost >= CAS_ATTEMPTS:
+                    raise BackendUnavailable(
+                        "Unique keys kept changing concurrently; try again"
+                    ) from exc
+                await self._backoff(lost - 1)  # a unique key changed meanwhile: again
         for row in rows:
             await self._register_tier(row.job.queue, row.job.priority, now)
         return workflow.clone()
@@ -2002,3 +2316,25 @@ def _sort_time(job: Job) -> float:
 
 def _chunks(items: Sequence[Any], size: int) -> list[Any]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _commit_chunks(rows: Sequence[_Row]) -> list[list[_Row]]:
+    """Rows in groups that :meth:`SqsStorage._commit` writes in one transaction each:
+    a row, plus for each workflow its item, up to three callbacks and their keys."""
+    chunks: list[list[_Row]] = []
+    current: list[_Row] = []
+    flows: set[str] = set()
+    used = 0
+    for row in rows:
+        workflow_id = row.job.workflow_id
+        need = 1 + (7 if workflow_id is not None and workflow_id not in flows else 0)
+        if current and used + need > TRANSACT_MAX:
+            chunks.append(current)
+            current, flows, used = [], set(), 0
+        current.append(row)
+        used += need
+        if workflow_id is not None:
+            flows.add(workflow_id)
+    if current:
+        chunks.append(current)
+    return chunks
