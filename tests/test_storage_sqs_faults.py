@@ -381,3 +381,61 @@ async def test_large_enqueue_gives_up_before_its_keys_reservation_ends(
             assert created == []
             again = await storage.enqueue(unique_jobs(range(60), "again"), T0 + 1)
             assert all(r.created for r in again)
+
+
+def _refuse_sends(storage: SqsStorage) -> Callable[[], None]:
+    """Make SQS refuse every message batch (``Failed`` entries, as SQS reports them);
+    returns a function that puts the real sends back."""
+    sqs = storage.clients.sqs
+    original = sqs.send_message_batch
+
+    async def refusing(**kwargs: Any) -> Any:
+        failed = [
+            {"Id": e["Id"], "Code": "InternalError", "SenderFault": False}
+            for e in kwargs["Entries"]
+        ]
+        return {"Successful": [], "Failed": failed}
+
+    sqs.send_message_batch = refusing
+
+    def restore() -> None:
+        sqs.send_message_batch = original
+
+    return restore
+
+
+async def test_refused_messages_fail_as_backend_unavailable_not_a_group(
+    aws_settings: AwsSettings,
+) -> None:
+    """SQS refusing a send reaches the caller as a 503 (not as Trio's ExceptionGroup,
+    a 500), and a large write it stops part way reports the jobs it kept."""
+    with trio.fail_after(DEADLINE):
+        storage = SqsStorage(aws_settings, rng=random.Random(0))
+        async with opened(storage):
+            warm = make_job(queue="refused")  # the tier is known: jobs are claimable at once
+            await storage.enqueue([warm], T0)
+            await storage.cancel(warm.id, T0)
+            restore = _refuse_sends(storage)
+            with pytest.raises(BackendUnavailable):
+                await storage.enqueue([make_job(queue="refused")], T0)
+            restore()
+            # A large enqueue: a worker claims a job of the first job chunk, then SQS
+            # refuses the second chunk's messages.
+            jobs = unique_jobs(range(60), "refused")  # 120 items: 2 job chunks
+            claimed: list[Job] = []
+            real_write = storage._write
+
+            async def claiming_write(items: list[dict[str, Any]]) -> None:
+                await real_write(items)
+                if job_ids_created(items) and not claimed:
+                    (got,) = await storage.claim([ClaimRequest(("refused",), 1, "w1")], T0)
+                    claimed.extend(got)
+                    _refuse_sends(storage)
+
+            storage._write = claiming_write  # type: ignore[method-assign]
+            with pytest.raises(BackendUnavailable) as raised:
+                await storage.enqueue(jobs, T0)
+            storage._write = real_write  # type: ignore[method-assign]
+            (kept,) = claimed
+            assert raised.value.details["kept_job_ids"] == [kept.id]
+            assert [j.id for j in jobs if await _exists(storage, j.id)] == [kept.id]

@@ -33,8 +33,8 @@ import math
 import random
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterable, Sequence
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
@@ -615,7 +615,7 @@ class SqsStorage:
             row.visible_at = None  # set once SQS has the message
             row.receipt = None
             by_url.setdefault(url, []).append(send)
-        async with trio.open_nursery() as nursery:
+        async with _open_nursery() as nursery:
             for url, group in by_url.items():
                 for chunk in _chunks(group, 10):
                     nursery.start_soon(self._send_batch, url, chunk)
@@ -1048,10 +1048,10 @@ class SqsStorage:
         (version 1: no worker claimed it) is deleted, and the workflow item.  A job a
         worker claimed stays, holding its key, and runs as usual.
         """
-        async with trio.open_nursery() as nursery:
+        async with _open_nursery() as nursery:
             for name in dict.fromkeys(k.key for k in keys if k.mark == token):
                 nursery.start_soon(self._release_pending, name, token, attempted, now)
-        async with trio.open_nursery() as nursery:
+        async with _open_nursery() as nursery:
             for job_id in attempted:
                 nursery.start_soon(self._delete_unclaimed, job_id)
         if workflow_id is not None:
@@ -1143,7 +1143,7 @@ class SqsStorage:
             try:
                 await self._write([self._unique_put(k, now) for k in chunk])
             except ConditionFailed:
-                async with trio.open_nursery() as nursery:
+                async with _open_nursery() as nursery:
                     for key in chunk:
                         nursery.start_soon(self._release_pending, key.key, token, own, now)
             except OjsError:
@@ -1536,7 +1536,7 @@ class SqsStorage:
         async def settle(index: int, message: _Message) -> None:
             claimed[index] = await self._take(message, rows.get(message.job_id or ""), request, now)
 
-        async with trio.open_nursery() as nursery:
+        async with _open_nursery() as nursery:
             for index, message in enumerate(messages):
                 row = rows.get(message.job_id or "")
                 if row is None or chosen[row.job.id] == index:
@@ -1633,7 +1633,7 @@ class SqsStorage:
 
         seen: set[str] = set()
         repeats: list[int] = []
-        async with trio.open_nursery() as nursery:
+        async with _open_nursery() as nursery:
             for k, ack in enumerate(acks):
                 if ack.job_id in seen:
                     repeats.append(k)
@@ -1708,10 +1708,10 @@ class SqsStorage:
                 return
 
         visibility: dict[str, list[tuple[str, int]]] = {}  # queue URL -> (receipt, s)
-        async with trio.open_nursery() as nursery:
+        async with _open_nursery() as nursery:
             for job_id in dict.fromkeys(job_ids):
                 nursery.start_soon(extend, job_id)
-        async with trio.open_nursery() as nursery:
+        async with _open_nursery() as nursery:
             for url, changes in visibility.items():
                 for chunk in _chunks(changes, 10):
                     nursery.start_soon(self._set_visibility_batch, url, chunk)
@@ -2312,6 +2312,32 @@ def _sort_time(job: Job) -> float:
     if state is JobState.DISCARDED:
         return job.discarded_at or job.created_at
     return job.enqueued_at or job.created_at
+
+
+@asynccontextmanager
+async def _open_nursery() -> AsyncIterator[trio.Nursery]:
+    """A nursery whose failure of only storage errors surfaces as the first of them.
+
+    Trio wraps a nursery's errors in an ExceptionGroup, which callers catching
+    OjsError (undo bookkeeping, the HTTP error mapping: 503, not 500) would miss.
+    Anything else (a bug, a Cancelled) is left in its group.
+    """
+    try:
+        async with trio.open_nursery() as nursery:
+            yield nursery
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        if all(isinstance(leaf, OjsError) for leaf in leaves):
+            raise leaves[0] from None
+        raise
+
+
+def _leaves(exc: BaseException) -> Iterable[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            yield from _leaves(sub)
+    else:
+        yield exc
 
 
 def _chunks(items: Sequence[Any], size: int) -> list[Any]:
