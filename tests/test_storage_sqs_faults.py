@@ -439,3 +439,48 @@ async def test_refused_messages_fail_as_backend_unavailable_not_a_group(
             (kept,) = claimed
             assert raised.value.details["kept_job_ids"] == [kept.id]
             assert [j.id for j in jobs if await _exists(storage, j.id)] == [kept.id]
+
+
+@pytest.mark.parametrize("call", ["enqueue", "create_workflow"])
+async def test_undo_never_deletes_what_a_retry_wrote_at_the_same_ids(
+    aws_settings: AwsSettings, call: str
+) -> None:
+    """A client retries a large call that is slow to write; the retry writes the same
+    job ids (and workflow id) first, so the first call's job chunk is refused.  Its
+    undo deletes nothing of the retry's, which reported success."""
+    with trio.fail_after(DEADLINE):
+        storage = SqsStorage(aws_settings, rng=random.Random(0))
+        async with opened(storage):
+            if call == "enqueue":
+                jobs = [make_job(queue="retried") for _ in range(150)]  # 2 job chunks
+
+                async def run() -> None:
+                    await storage.enqueue(jobs, T0)
+
+            else:
+                member = {"type": "faults.plain", "args": [], "options": {"queue": "retried"}}
+                body = {"type": "group", "jobs": [member] * 120}  # 121 items: 2 chunks
+                workflow, jobs = parse_workflow(body, T0)
+
+                async def run() -> None:
+                    await storage.create_workflow(workflow, jobs, T0)
+
+            real_write = storage._write
+            retried = False
+
+            async def write_after_the_retry(items: list[dict[str, Any]]) -> None:
+                nonlocal retried
+                if job_ids_created(items) and not retried:  # the first call's first chunk
+                    retried = True
+                    await run()  # the retry runs to the end first
+                await real_write(items)
+
+            storage._write = write_after_the_retry  # type: ignore[method-assign]
+            with pytest.raises((BackendUnavailable, DuplicateJob)):
+                await run()
+            storage._write = real_write  # type: ignore[method-assign]
+            assert retried
+            assert [j.id for j in jobs if not await _exists(storage, j.id)] == []
+            if call == "create_workflow":
+                got = await storage.get_workflow(workflow.id)
+                assert sorted(got.job_states) == sorted(j.id for j in jobs)

@@ -146,6 +146,9 @@ class _Row:
     receipt: str | None = None  # receipt handle of the holder's receive
     receives: int = 0  # SQS receive count at the last claim
     expires_ttl: float | None = None  # DynamoDB TTL (wall time)
+    # The large write that created the job (``wby``): its undo deletes only its own
+    # jobs, never those another call wrote at the same ids meanwhile.
+    writer: str | None = None
 
     def copy(self) -> _Row:
         return replace(self, job=self.job.clone())
@@ -222,6 +225,11 @@ class _StillWriting(BackendUnavailable):
         self.key = key
         self.job_ids = job_ids
         self.until = until
+
+
+#: A workflow item as read: the workflow, its version and its ``wby`` (the large
+#: write that created it, if one did).
+_Flow = tuple[Workflow, int, str | None]
 
 
 @dataclass
@@ -384,6 +392,8 @@ class SqsStorage:
             item["vis"] = _n(row.visible_at if row.visible_at is not None else 0.0)
         if row.receipt is not None:
             item["rcpt"] = _s(row.receipt)
+        if row.writer is not None:
+            item["wby"] = _s(row.writer)
         if state is JobState.DISCARDED and job.dead_letter:
             item["gsi2pk"] = _s(f"DLQ#{job.queue}")
             item["gsi2sk"] = _s(f"{_ts(job.discarded_at or 0.0)}#{job.id}")
@@ -414,6 +424,7 @@ class SqsStorage:
             receipt=item["rcpt"]["S"] if "rcpt" in item else None,
             receives=int(item.get("rc", {"N": "0"})["N"]),
             expires_ttl=float(ttl["N"]) if ttl is not None else None,
+            writer=item["wby"]["S"] if "wby" in item else None,
         )
 
     def _versioned_put(self, item: dict[str, Any], version: int) -> dict[str, Any]:
@@ -475,6 +486,8 @@ class SqsStorage:
             await self._ddb("put_item", **items[0]["Put"])
         elif len(items) == 1 and "Delete" in items[0]:
             await self._ddb("delete_item", **items[0]["Delete"])
+        elif len(items) == 1 and "Update" in items[0]:
+            await self._ddb("update_item", **items[0]["Update"])
         elif items:
             await self._ddb("transact_write_items", TransactItems=items)
 
@@ -484,7 +497,7 @@ class SqsStorage:
         now: float,
         *,
         extra: Sequence[dict[str, Any]] = (),
-        loaded: dict[str, tuple[Workflow, int]] | None = None,
+        loaded: dict[str, _Flow] | None = None,
         keys: dict[str, _UniqueKey] | None = None,
     ) -> list[_Row]:
         """Write changed job rows in one step, advancing their workflows with them.
@@ -497,7 +510,7 @@ class SqsStorage:
         unique key items the caller read and changed, written here with the
         created jobs' registrations (one write per item).
         """
-        flows: dict[str, tuple[Workflow, int]] = dict(loaded or {})
+        flows: dict[str, _Flow] = dict(loaded or {})
         spawned: list[_Row] = []
         touched: set[str] = set(loaded or {})
         for row in rows:
@@ -526,9 +539,9 @@ class SqsStorage:
                 spawned.append(_Row(job=job))
         await self._send_tokens([_Send(r) for r in spawned if r.job.state is JobState.AVAILABLE])
         items = [{"Put": self._put(r)} for r in [*rows, *spawned]]
-        for workflow_id, (workflow, version) in flows.items():
+        for workflow_id, (workflow, version, writer) in flows.items():
             if workflow_id in touched:
-                items.append({"Put": self._workflow_put(workflow, version)})
+                items.append(self._workflow_put(workflow, version, writer=writer))
         # Jobs created here (chain steps, callbacks, a cron run) hold their unique
         # keys like enqueued ones; they take the key without looking for a holder.
         created = [r for r in [*rows, *spawned] if r.version == 0]
@@ -904,6 +917,8 @@ class SqsStorage:
             )
         own = set(job_ids)
         token = uuid.uuid4().hex
+        for row in rows:
+            row.writer = token  # the undo deletes what bears it, nothing else
         marked: dict[str, _UniqueKey] = {}  # key items that will list this call's ids pending
         for key in keys:
             await self._settle_pending(key, own)
@@ -933,7 +948,7 @@ class SqsStorage:
                 names = list(dict.fromkeys(key_of[r.job.id] for r in chunk if r.job.id in key_of))
                 items: list[dict[str, Any]] = []
                 if workflow is not None and not attempted:
-                    items.append({"Put": self._workflow_put(workflow, 0)})
+                    items.append(self._workflow_put(workflow, 0, writer=token))
                 items += [{"Put": self._put(r)} for r in chunk]
                 items += [self._still_marked(name, token) for name in names]
                 attempted.update(r.job.id for r in chunk)  # before: it may commit, then raise
@@ -1053,13 +1068,15 @@ class SqsStorage:
                 nursery.start_soon(self._release_pending, name, token, attempted, now)
         async with _open_nursery() as nursery:
             for job_id in attempted:
-                nursery.start_soon(self._delete_unclaimed, job_id)
+                nursery.start_soon(self._delete_unclaimed, job_id, token)
         if workflow_id is not None:
-            await self._delete_workflow_item(workflow_id)
+            await self._delete_workflow_item(workflow_id, token)
         try:
-            return sorted(await self._load_many(attempted))
+            found = await self._load_many(attempted)
         except OjsError:
             return []
+        # Another call's jobs at the same ids (a client's retry) are not ours to report.
+        return sorted(i for i, row in found.items() if row.writer == token)
 
     async def _release_pending(
         self, name: str, token: str, holders: Collection[str], now: float
@@ -1089,39 +1106,37 @@ class SqsStorage:
             except OjsError:
                 return  # the mark stays: its pending ids lapse at pending_until
 
-    async def _delete_unclaimed(self, job_id: str) -> None:
-        """Delete a job a failed call wrote, unless it changed since (a worker claimed it)."""
+    async def _delete_unclaimed(self, job_id: str, token: str) -> None:
+        """Delete a job the failed call ``token`` wrote, unless it changed since (a
+        worker claimed it).  The id alone is not enough: a chunk refused because
+        another call wrote the same ids first (a client's retry) must not delete that
+        call's jobs, and a refusal's reason does not tell (a botocore retry of a
+        committed write is refused too)."""
         try:
             await self._ddb(
                 "delete_item",
                 TableName=self._table,
                 Key=self._job_key(job_id),
-                ConditionExpression="v = :v",
-                ExpressionAttributeValues={":v": _n(1)},
+                ConditionExpression="v = :v AND wby = :token",
+                ExpressionAttributeValues={":v": _n(1), ":token": _s(token)},
             )
         except OjsError:
-            pass  # claimed (kept), or never written
+            pass  # claimed (kept), another call's, or never written
 
-    async def _delete_workflow_item(self, workflow_id: str) -> None:
-        """Delete the item of a workflow whose creation failed, whatever members
-        that a worker had claimed wrote to it since (they finish as plain jobs)."""
-        for attempt in range(CAS_ATTEMPTS):
-            try:
-                found = await self._load_workflow(workflow_id)
-                if found is None:
-                    return
-                await self._ddb(
-                    "delete_item",
-                    TableName=self._table,
-                    Key=self._key(f"WF#{workflow_id}", "WF"),
-                    ConditionExpression="v = :v",
-                    ExpressionAttributeValues={":v": _n(found[1])},
-                )
-                return
-            except ConditionFailed:
-                await self._backoff(attempt)
-            except OjsError:
-                return
+    async def _delete_workflow_item(self, workflow_id: str, token: str) -> None:
+        """Delete the item of a workflow whose creation (``token``) failed, whatever
+        members that a worker had claimed wrote to it since (they finish as plain
+        jobs), but never another call's item at the same id."""
+        try:
+            await self._ddb(
+                "delete_item",
+                TableName=self._table,
+                Key=self._key(f"WF#{workflow_id}", "WF"),
+                ConditionExpression="wby = :token",
+                ExpressionAttributeValues={":token": _s(token)},
+            )
+        except OjsError:
+            pass  # another call's (or never written)
 
     async def _fold_pending(
         self,
@@ -2012,18 +2027,31 @@ class SqsStorage:
 
     # -- workflows ------------------------------------------------------------------------------
 
-    def _workflow_put(self, workflow: Workflow, version: int) -> dict[str, Any]:
+    def _workflow_put(
+        self, workflow: Workflow, version: int, *, writer: str | None = None
+    ) -> dict[str, Any]:
+        """A transaction item writing the workflow as version ``version + 1``,
+        conditional on the stored version (0: on the item not existing yet).
+
+        ``writer``: the large write that created the item (``wby``), kept by every
+        later version: its undo deletes the item by it, whatever members claimed
+        meanwhile wrote to it, and never another call's item at the same id.  (An
+        Update of the body alone would keep it, but moto counts the old body
+        against the 400 KB limit too.)"""
         body = json.dumps(workflow.to_record(), separators=(",", ":"))
         item = {**self._key(f"WF#{workflow.id}", "WF"), "body": _s(body)}
-        return self._versioned_put(item, version)
+        if writer is not None:
+            item["wby"] = _s(writer)
+        return {"Put": self._versioned_put(item, version)}
 
-    async def _load_workflow(self, workflow_id: str) -> tuple[Workflow, int] | None:
+    async def _load_workflow(self, workflow_id: str) -> _Flow | None:
         item = await self._get_item(f"WF#{workflow_id}", "WF")
         if not item:
             return None
-        return Workflow.from_record(json.loads(item["body"]["S"])), int(item["v"]["N"])
+        workflow = Workflow.from_record(json.loads(item["body"]["S"]))
+        return workflow, int(item["v"]["N"]), item["wby"]["S"] if "wby" in item else None
 
-    async def _workflow(self, workflow_id: str) -> tuple[Workflow, int]:
+    async def _workflow(self, workflow_id: str) -> _Flow:
         found = await self._load_workflow(workflow_id)
         if found is None:
             raise NotFound(
@@ -2070,7 +2098,7 @@ class SqsStorage:
             registrations = await self._key_registrations(rows, now, keys)
             try:
                 if in_one:
-                    items = [{"Put": self._workflow_put(workflow, 0)}]
+                    items = [self._workflow_put(workflow, 0)]
                     items += [{"Put": self._put(r)} for r in rows]
                     await self._write(items + registrations)
                 else:
@@ -2138,7 +2166,7 @@ class SqsStorage:
 
     async def cancel_workflow(self, workflow_id: str, now: float) -> tuple[Workflow, list[Job]]:
         for attempt in range(CAS_ATTEMPTS):
-            workflow, version = await self._workflow(workflow_id)
+            workflow, version, writer = await self._workflow(workflow_id)
             to_cancel = workflows.cancel(workflow, now)
             rows = list((await self._load_many(to_cancel)).values())
             stale: list[tuple[str | None, str | None]] = []
@@ -2148,10 +2176,12 @@ class SqsStorage:
                 row.drop_token()
             try:
                 for chunk in _chunks(rows, TRANSACT_MAX - 1):
-                    await self._commit(chunk, now, loaded={workflow_id: (workflow, version)})
+                    await self._commit(
+                        chunk, now, loaded={workflow_id: (workflow, version, writer)}
+                    )
                     version += 1
                 if not rows:
-                    await self._write([{"Put": self._workflow_put(workflow, version)}])
+                    await self._write([self._workflow_put(workflow, version, writer=writer)])
             except ConditionFailed:
                 await self._backoff(attempt)
                 continue
