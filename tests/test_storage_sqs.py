@@ -429,9 +429,9 @@ async def test_large_create_workflow_losing_a_key_race_recreates_no_member(
 async def test_enqueue_waits_by_time_for_a_key_reserved_by_a_large_write(
     aws_settings: AwsSettings,
 ) -> None:
-    """A key listing a pending job that does not exist yet is waited for by time, up
-    to the reservation's end, however many reads that takes; the job appears and the
-    waiting enqueue sees it as the holder."""
+    """A key listing a pending job of a call still writing is waited for by time, up
+    to the reservation's end, however many reads that takes; the job appears, the
+    call finishes and the waiting enqueue sees it as the holder."""
     async with opened(aws_settings) as storage:
         await storage.reset()
         (writing,) = unique_jobs(range(1))  # a large write has its key, not yet the job
@@ -470,6 +470,10 @@ async def test_enqueue_waits_by_time_for_a_key_reserved_by_a_large_write(
             row = _Row(job=writing.clone())  # the large write gets to the job
             row.job.unique_key = key.key
             await storage._write([{"Put": storage._put(row)}])
+            # ... and, done, makes it an ordinary holder (until then it might undo it)
+            done = await real_unique_key(key.key)
+            done.ids, done.pending, done.mark = [writing.id], [], None
+            await storage._write([storage._unique_put(done, T0)])
         (error,) = outcome
         assert isinstance(error, DuplicateJob)
         assert error.details["existing_job_id"] == writing.id

@@ -484,3 +484,78 @@ async def test_undo_never_deletes_what_a_retry_wrote_at_the_same_ids(
             if call == "create_workflow":
                 got = await storage.get_workflow(workflow.id)
                 assert sorted(got.job_states) == sorted(j.id for j in jobs)
+
+
+@pytest.mark.parametrize("moment", ["writing", "undoing"])
+async def test_no_enqueue_is_told_of_a_job_the_undo_then_deletes(
+    aws_settings: AwsSettings, moment: str
+) -> None:
+    """An enqueue of a key whose job a large call has written, while that call may
+    still fail (between two job chunks) or is undoing, waits: it is never refused
+    naming (nor handed) a job the undo deletes next.  Once the undo is done, the key
+    is free and the enqueue creates its job."""
+    with trio.fail_after(DEADLINE):
+        storage = SqsStorage(aws_settings, rng=random.Random(0))
+        async with opened(storage):
+            large = unique_jobs(range(60), "large")  # 2 job chunks; key 5's job in the first
+            (rival,) = unique_jobs(range(5, 6), "rival")
+            at_risk = trio.Event()  # large[5] exists and may be deleted
+            rival_seen = trio.Event()  # the rival decided, or read the key again: waiting
+            go = trio.Event()
+            chunks = 0
+            reads = 0
+            outcome: list[BaseException | None] = []
+            real_write, real_delete = storage._write, storage._delete_unclaimed
+            real_unique_key = storage._unique_key
+
+            async def failing_second_chunk(items: list[dict[str, Any]]) -> None:
+                nonlocal chunks
+                if not job_ids_created(items):
+                    return await real_write(items)
+                chunks += 1
+                if chunks == 2:
+                    raise BackendUnavailable("AWS is unreachable (EndpointConnectionError)")
+                await real_write(items)
+                if moment == "writing":
+                    at_risk.set()
+                    await go.wait()
+
+            async def pausing_delete(job_id: str, token: str) -> None:
+                if moment == "undoing":
+                    at_risk.set()
+                    await go.wait()
+                await real_delete(job_id, token)
+
+            async def counting_unique_key(name: str) -> Any:
+                nonlocal reads
+                if at_risk.is_set() and not go.is_set():  # the large call is paused
+                    reads += 1
+                    if reads >= 2:
+                        rival_seen.set()
+                return await real_unique_key(name)
+
+            async def enqueue_rival() -> None:
+                try:
+                    await storage.enqueue([rival], T0)
+                except DuplicateJob as exc:
+                    outcome.append(exc)
+                else:
+                    outcome.append(None)
+                rival_seen.set()
+
+            async def enqueue_large() -> None:
+                with pytest.raises(BackendUnavailable):
+                    await storage.enqueue(large, T0)
+
+            storage._write = failing_second_chunk  # type: ignore[method-assign]
+            storage._delete_unclaimed = pausing_delete  # type: ignore[method-assign]
+            storage._unique_key = counting_unique_key  # type: ignore[method-assign]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(enqueue_large)
+                await at_risk.wait()
+                nursery.start_soon(enqueue_rival)
+                await rival_seen.wait()
+                go.set()
+            assert not await _exists(storage, large[5].id)  # undone
+            assert outcome == [None]  # not refused naming large[5]
+            assert (await storage.get(rival.id)).state is JobState.AVAILABLE

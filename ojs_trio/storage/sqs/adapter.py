@@ -1034,11 +1034,13 @@ class SqsStorage:
 
     async def _settle_pending(self, key: _UniqueKey, own: set[str]) -> None:
         """Ready ``key`` for this call's pending ids.  Another call's pending ids become
-        ordinary holders once their jobs exist or their window has passed (an id
-        without a job holds nothing); while that call may still write them, raises
-        :class:`_StillWriting`."""
+        ordinary holders once its mark has gone or its window has passed (an id
+        without a job holds nothing); while that call may still write or undo them,
+        raises :class:`_StillWriting`."""
         foreign = [i for i in key.pending if i not in own]
         if foreign and key.pending_until > self._wall():
+            if key.mark is not None:  # that call may still undo jobs that exist already
+                raise _StillWriting(key.key, foreign, key.pending_until)
             found = await self._load_many(foreign)
             missing = [i for i in foreign if i not in found]
             if missing:
@@ -1056,16 +1058,31 @@ class SqsStorage:
     ) -> list[str]:
         """Undo a failed :meth:`_write_in_chunks`; returns the ids of the jobs kept.
 
-        First the key items bearing this call's mark: the pending ids of jobs whose
-        chunk was sent become ordinary holders (a job that exists holds its key, an
-        id without a job holds nothing), the others go, and so does the mark, after
-        which no job chunk of the call can commit.  Then each job still as written
-        (version 1: no worker claimed it) is deleted, and the workflow item.  A job a
-        worker claimed stays, holding its key, and runs as usual.
+        1. Each key item bearing this call's mark gets the call's *undoing* mark
+           instead (its window renewed), after which no job chunk of the call can
+           commit, while concurrent enqueues of the key still wait: a job that exists
+           now may be deleted next.  A key none of whose jobs was sent is released
+           at once.
+        2. Each job still as written (version 1: no worker claimed it) is deleted,
+           and the workflow item; only what bears this call's token.
+        3. The kept jobs' ids become ordinary holders, the other pending ids and the
+           undoing mark go.
+
+        A job a worker claimed stays, holding its key, and runs as usual.  If the
+        undo stops part way (a crash), the marks lapse at their window's end: pending
+        ids whose jobs exist then hold their keys, the others nothing.
         """
+        undoing = f"{token}:undo"
+        names = list(dict.fromkeys(k.key for k in keys if k.mark == token))
+        swapped: list[str] = []
+
+        async def swap(name: str) -> None:
+            if await self._swap_mark(name, token, undoing, attempted, now):
+                swapped.append(name)
+
         async with _open_nursery() as nursery:
-            for name in dict.fromkeys(k.key for k in keys if k.mark == token):
-                nursery.start_soon(self._release_pending, name, token, attempted, now)
+            for name in names:
+                nursery.start_soon(swap, name)
         async with _open_nursery() as nursery:
             for job_id in attempted:
                 nursery.start_soon(self._delete_unclaimed, job_id, token)
@@ -1074,19 +1091,54 @@ class SqsStorage:
         try:
             found = await self._load_many(attempted)
         except OjsError:
-            return []
+            return []  # the marks lapse at their window's end (see above)
         # Another call's jobs at the same ids (a client's retry) are not ours to report.
-        return sorted(i for i, row in found.items() if row.writer == token)
+        kept = sorted(i for i, row in found.items() if row.writer == token)
+        async with _open_nursery() as nursery:
+            for name in swapped:
+                nursery.start_soon(self._release_pending, name, (token, undoing), kept, now)
+        return kept
 
-    async def _release_pending(
-        self, name: str, token: str, holders: Collection[str], now: float
-    ) -> None:
-        """Take this call's mark off a key item: its pending ids in ``holders`` become
-        ordinary holders, the others go (read, then written conditionally; retried)."""
+    async def _swap_mark(
+        self, name: str, token: str, undoing: str, attempted: Collection[str], now: float
+    ) -> bool:
+        """Undo step 1 for one key item; False when it needs no step 3 (released
+        already, or none of its pending jobs was sent)."""
         for attempt in range(CAS_ATTEMPTS):
             try:
                 key = await self._unique_key(name)
                 if key.mark != token:
+                    return False  # taken over once the window had passed
+                if not any(i in attempted for i in key.pending):
+                    await self._release_pending(name, (token,), (), now, key=key)
+                    return False
+                key.mark = undoing
+                key.pending_until = self._wall() + PENDING_SECONDS
+                await self._write([self._unique_put(key, now)])
+                return True
+            except ConditionFailed:
+                await self._backoff(attempt)
+            except OjsError:
+                return True  # the call's own mark may stay: released in step 3 if possible
+        return True
+
+    async def _release_pending(
+        self,
+        name: str,
+        marks: Collection[str],
+        holders: Collection[str],
+        now: float,
+        *,
+        key: _UniqueKey | None = None,
+    ) -> None:
+        """Take this call's mark (any of ``marks``) off a key item: its pending ids in
+        ``holders`` become ordinary holders, the others go (read, unless ``key`` is
+        the item just read, then written conditionally; retried)."""
+        for attempt in range(CAS_ATTEMPTS):
+            try:
+                if key is None:
+                    key = await self._unique_key(name)
+                if key.mark not in marks:
                     return  # released already, or taken over once the window had passed
                 key.ids += [i for i in key.pending if i in holders and i not in key.ids]
                 key.pending, key.mark = [], None
@@ -1102,6 +1154,7 @@ class SqsStorage:
                     )
                 return
             except ConditionFailed:
+                key = None
                 await self._backoff(attempt)
             except OjsError:
                 return  # the mark stays: its pending ids lapse at pending_until
@@ -1160,7 +1213,7 @@ class SqsStorage:
             except ConditionFailed:
                 async with _open_nursery() as nursery:
                     for key in chunk:
-                        nursery.start_soon(self._release_pending, key.key, token, own, now)
+                        nursery.start_soon(self._release_pending, key.key, (token,), own, now)
             except OjsError:
                 pass
 
@@ -1261,8 +1314,12 @@ class SqsStorage:
         """The newest job holding ``key`` that blocks ``job`` under its policy.
 
         Raises :class:`_StillWriting` (the caller waits, then decides again) while the
-        key has pending ids of a call still writing its jobs.
+        key bears the live mark of a call still writing (or undoing) its pending jobs.
         """
+        if key.mark is not None and key.pending_until > self._wall():
+            # A call is still writing (or undoing) its pending jobs: even those that
+            # exist are not holders yet, its undo may delete them.
+            raise _StillWriting(key.key, key.stored_pending, key.pending_until)
         pending = [i for i in key.pending if i not in key.ids]
         rows = await self._load_many(i for i in [*key.ids, *pending] if i not in batch)
         if key.pending:
