@@ -28,6 +28,7 @@ import pytest
 import trio
 from botocore.exceptions import ClientError
 
+from ojs_trio.engine import unique
 from ojs_trio.engine.errors import BackendUnavailable, DuplicateJob, NotFound
 from ojs_trio.engine.job import Job
 from ojs_trio.engine.states import JobState
@@ -369,8 +370,8 @@ async def test_large_enqueue_gives_up_before_its_keys_reservation_ends(
                 await real_write(items)
                 created.extend(job_ids_created(items))
                 if not job_ids_created(items):  # AWS throttled the keys for a while
-                    window = sqs_adapter.PENDING_SECONDS - sqs_adapter.PENDING_MARGIN_SECONDS
-                    offset += window + 1
+                    until = float(items[0]["Put"]["Item"]["pend_until"]["N"])
+                    offset += until - storage._wall() - sqs_adapter.PENDING_MARGIN_SECONDS + 1
 
             storage._write = slow_key_write  # type: ignore[method-assign]
             jobs = unique_jobs(range(60), "slow")
@@ -559,3 +560,41 @@ async def test_no_enqueue_is_told_of_a_job_the_undo_then_deletes(
             assert not await _exists(storage, large[5].id)  # undone
             assert outcome == [None]  # not refused naming large[5]
             assert (await storage.get(rival.id)).state is JobState.AVAILABLE
+
+
+async def test_large_enqueue_of_many_steps_gets_a_window_to_match(
+    aws_settings: AwsSettings,
+) -> None:
+    """A batch of many keys takes many steps: at a steady pace slower than moto's (3 s
+    a write), 250 keys take longer than PENDING_SECONDS, yet the call is not given
+    up: its window grows with its steps (and stays bounded, for a crashed writer)."""
+    offset = 0.0
+    with trio.fail_after(DEADLINE):
+        storage = SqsStorage(aws_settings, rng=random.Random(0), wall=lambda: time.time() + offset)
+        async with opened(storage):
+            real_write = storage._write
+            windows: list[float] = []
+
+            async def steady_write(items: list[dict[str, Any]]) -> None:
+                nonlocal offset
+                marked = [
+                    i["Put"]["Item"] for i in items if "pend_by" in i.get("Put", {}).get("Item", {})
+                ]
+                if marked and not windows:
+                    windows.append(float(marked[0]["pend_until"]["N"]) - storage._wall())
+                await real_write(items)
+                offset += 3.0
+
+            storage._write = steady_write  # type: ignore[method-assign]
+            jobs = unique_jobs(range(250), "steady")  # 3 key steps, 5 job chunks
+            results = await storage.enqueue(jobs, T0)
+            storage._write = real_write  # type: ignore[method-assign]
+            assert all(r.created for r in results)
+            assert offset > sqs_adapter.PENDING_SECONDS
+            (window,) = windows
+            steps = 3 + 5
+            assert window == pytest.approx(
+                sqs_adapter.PENDING_SECONDS + sqs_adapter.STEP_ALLOWANCE_SECONDS * steps, abs=1
+            )
+            holders = await storage._unique_key(unique.fingerprint(results[-1].job))
+            assert (holders.ids, holders.pending, holders.mark) == ([jobs[-1].id], [], None)

@@ -100,10 +100,13 @@ UNIQUE_IDS_KEPT: Final = 200
 #: An item-less message younger than this may belong to an enqueue still writing its
 #: items (messages go first); older ones are orphans of a failed enqueue.
 ORPHAN_GRACE_SECONDS: Final = 30.0
-#: How long a write too large for one transaction reserves its unique keys: until
-#: then, an id the key item lists as pending whose job does not exist yet is a job
-#: still being written, which a concurrent enqueue of that key waits for.
+#: How long a write too large for one transaction reserves its unique keys, plus
+#: STEP_ALLOWANCE_SECONDS per step it takes (a 10,000-key batch: ~300 steps): until
+#: then, the ids the key item lists as pending are jobs still being written (or
+#: undone), which a concurrent enqueue of that key waits for (PENDING_SECONDS at most,
+#: then 503).  Past it, a crashed writer's pending ids are ordinary ones.
 PENDING_SECONDS: Final = 30.0
+STEP_ALLOWANCE_SECONDS: Final = 2.0
 #: Such a write starts a step only while this much of its window is left, and gives
 #: up a write that takes longer (STEP_SECONDS): every write lands within the window,
 #: and within ORPHAN_GRACE_SECONDS of the messages sent for it.
@@ -751,13 +754,15 @@ class SqsStorage:
     async def _wait_for_writer(self, exc: _StillWriting, deadline: float | None) -> float:
         """Wait a moment for a call still writing the jobs a unique key lists as pending.
 
-        Waits by time, up to the end of the first reservation seen (``deadline``,
-        returned for the next round): past it an id without a job is no longer
-        waited for.  A key reserved anew by then (another call) is not waited for
-        again: ``exc`` (503, naming the key and the pending jobs) is raised.
+        Waits by time, up to the end of the first reservation seen but at most
+        PENDING_SECONDS (``deadline``, returned for the next round): past its end a
+        reservation is no longer waited for.  A key still reserved at the deadline
+        (by a large write still going, or anew by another call) is not waited for
+        longer: ``exc`` (503, naming the key and the pending jobs) is raised.
         """
         if deadline is None:
-            deadline = exc.until
+            # A large write's window grows with its size: a waiter gives up sooner.
+            deadline = min(exc.until, self._wall() + PENDING_SECONDS)
         if exc.until > deadline and self._wall() >= deadline:
             raise exc
         await trio.sleep(max(0.0, min(PENDING_POLL_SECONDS, exc.until - self._wall())))
@@ -891,9 +896,10 @@ class SqsStorage:
         transactions of at most TRANSACT_MAX items; returns the ``cancels`` cancelled.
 
         1. The unique key items (``keys``, each conditional on the version read), with
-           this call's job ids *pending* until PENDING_SECONDS from now and the call's
-           mark (``pend_by``).  A call that loses a race for a key fails here, before
-           any of its jobs exists, and may decide again.
+           this call's job ids *pending* for a window of PENDING_SECONDS plus
+           STEP_ALLOWANCE_SECONDS per step, and the call's mark (``pend_by``).  A
+           call that loses a race for a key fails here, before any of its jobs
+           exists, and may decide again.
         2. The jobs a ``replace`` displaces are cancelled (with their workflows), so
            the old and the new holder of a key never coexist.
         3. The jobs, each chunk's messages sent right before its write (a message is
@@ -927,23 +933,28 @@ class SqsStorage:
                 key.ids = [i for i in key.ids if i not in own]
                 key.pending, key.mark = mine, token
                 marked[key.key] = key
-        until = self._wall() + PENDING_SECONDS if marked else math.inf
+        key_of = {r.job.id: r.job.unique_key for r in rows if r.job.unique_key in marked}
+        room = 1 if workflow is not None else 0
+        job_chunks = self._job_chunks(rows, key_of, room)
+        # The window grows with the steps: one fixed window, never renewed, would fail
+        # every retry of a batch of thousands of keys; still bounded (a crash frees).
+        steps = len(_chunks(keys, TRANSACT_MAX)) + len(_commit_chunks(cancels)) + len(job_chunks)
+        window = PENDING_SECONDS + STEP_ALLOWANCE_SECONDS * steps
+        until = self._wall() + window if marked else math.inf
         for key in marked.values():
             key.pending_until = until
-        key_of = {r.job.id: r.job.unique_key for r in rows if r.job.unique_key in marked}
         send_of = {s.row.job.id: s for s in sends}
         written_keys: list[_UniqueKey] = []
         attempted: set[str] = set()  # ids of jobs whose chunk was sent (it may have committed)
         try:
             for key_chunk in _chunks(keys, TRANSACT_MAX):
-                self._check_window(until)
+                self._check_window(until, window)
                 written_keys.extend(key_chunk)  # counted before: it may commit, then raise
                 await self._write_step([self._unique_put(k, now) for k in key_chunk])
             versions = {name: key.version + 1 for name, key in marked.items()}
-            cancelled = await self._cancel_replaced(cancels, now, until) if cancels else {}
-            room = 1 if workflow is not None else 0
-            for chunk in self._job_chunks(rows, key_of, room):
-                self._check_window(until)
+            cancelled = await self._cancel_replaced(cancels, now, until, window) if cancels else {}
+            for chunk in job_chunks:
+                self._check_window(until, window)
                 await self._send_tokens([send_of[r.job.id] for r in chunk if r.job.id in send_of])
                 names = list(dict.fromkeys(key_of[r.job.id] for r in chunk if r.job.id in key_of))
                 items: list[dict[str, Any]] = []
@@ -977,14 +988,14 @@ class SqsStorage:
         await self._fold_pending(list(marked.values()), versions, token, own, now)
         return cancelled
 
-    def _check_window(self, until: float) -> None:
+    def _check_window(self, until: float, window: float) -> None:
         """Refuse to start a step too late to finish within the pending window."""
         if self._wall() > until - PENDING_MARGIN_SECONDS:
             raise BackendUnavailable(
-                f"Writing the jobs took longer than the {PENDING_SECONDS:.0f} s their "
-                "unique keys are reserved for; nothing was kept but jobs a worker had "
-                "claimed already; try again",
-                details={"reserved_seconds": PENDING_SECONDS},
+                f"Writing the jobs took longer than the {window:.0f} s their unique keys "
+                "are reserved for; nothing was kept but jobs a worker had claimed "
+                "already; try again",
+                details={"reserved_seconds": window},
             )
 
     async def _write_step(self, items: list[dict[str, Any]]) -> None:
@@ -1218,7 +1229,7 @@ class SqsStorage:
                 pass
 
     async def _cancel_replaced(
-        self, rows: Sequence[_Row], now: float, until: float
+        self, rows: Sequence[_Row], now: float, until: float, window: float
     ) -> dict[str, Job]:
         """Cancel the jobs a large ``replace`` displaces, with their workflows, in as few
         transactions as fit; returns the jobs cancelled, by id.  A job that ended
@@ -1237,7 +1248,7 @@ class SqsStorage:
                 todo.append(row)
             remaining = []
             for chunk in _commit_chunks(todo):
-                self._check_window(until)
+                self._check_window(until, window)
                 try:
                     await self._commit(chunk, now)
                 except ConditionFailed:
