@@ -16,6 +16,7 @@ deleting what a worker claimed already, and is never written again.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Callable
@@ -598,3 +599,40 @@ async def test_large_enqueue_of_many_steps_gets_a_window_to_match(
             )
             holders = await storage._unique_key(unique.fingerprint(results[-1].job))
             assert (holders.ids, holders.pending, holders.mark) == ([jobs[-1].id], [], None)
+
+
+async def test_large_jobs_are_written_in_transactions_under_4_mb(
+    aws_settings: AwsSettings,
+) -> None:
+    """22 jobs of 200 KB fit 100 items but not DynamoDB's 4 MB per transaction (moto
+    does not enforce it; checked here): written in several transactions, not refused."""
+    with trio.fail_after(DEADLINE):
+        storage = SqsStorage(aws_settings, rng=random.Random(0))
+        async with opened(storage):
+            ddb = storage.clients.dynamodb
+            real_transact = ddb.transact_write_items
+            sizes: list[int] = []
+
+            async def limited(**kwargs: Any) -> Any:
+                size = len(json.dumps(kwargs["TransactItems"]))
+                sizes.append(size)
+                if size > 4 * 1024 * 1024:
+                    raise ClientError(
+                        {
+                            "Error": {
+                                "Code": "ValidationException",
+                                "Message": "Transaction request cannot be larger than 4 MB",
+                            },
+                            "ResponseMetadata": {"HTTPStatusCode": 400},
+                        },
+                        "TransactWriteItems",
+                    )
+                return await real_transact(**kwargs)
+
+            ddb.transact_write_items = limited
+            jobs = [make_job(queue="heavy", args=["x" * 200_000]) for _ in range(22)]
+            results = await storage.enqueue(jobs, T0)
+            assert all(r.created for r in results)
+            assert len(sizes) >= 2 and max(sizes) <= 4 * 1024 * 1024
+            for job in jobs[::5]:
+                assert (await storage.get(job.id)).args == job.args

@@ -93,6 +93,10 @@ MAX_WORKFLOW_BYTES: Final = 350_000 - workflows.PARENT_RESULTS_MAX_BYTES
 MAX_DELAY_SECONDS: Final = 900  # SQS DelaySeconds limit
 MAX_VISIBILITY_SECONDS: Final = 43_200  # SQS visibility timeout limit (12 h)
 TRANSACT_MAX: Final = 100  # DynamoDB TransactWriteItems item limit
+#: DynamoDB's 4 MB transaction limit, less headroom: 17 jobs of 256 KB exceed it.
+TRANSACT_MAX_BYTES: Final = 3_500_000
+#: A job item's size beyond its body (keys, index and bookkeeping attributes), high.
+ITEM_OVERHEAD_BYTES: Final = 1_024
 CAS_ATTEMPTS: Final = 25
 MAX_WASTED_RECEIVES: Final = 3  # receives in a row that brought no job, per tier
 #: Job ids kept per unique key (newest); older holders are long finished in practice.
@@ -844,7 +848,8 @@ class SqsStorage:
         # advances in it too (_commit), which may spawn up to three batch callbacks,
         # each with a unique key item: room is kept for that.
         needed = len(rows) + len(changed_keys) + len(cancels) + 7 * len(flows)
-        if needed > TRANSACT_MAX:
+        size = sum(_row_bytes(r) for r in [*rows, *cancels])
+        if needed > TRANSACT_MAX or size > TRANSACT_MAX_BYTES:
             cancelled = await self._write_in_chunks(rows, changed_keys, sends, now, cancels=cancels)
         else:
             await self._send_tokens(sends)
@@ -935,7 +940,8 @@ class SqsStorage:
                 marked[key.key] = key
         key_of = {r.job.id: r.job.unique_key for r in rows if r.job.unique_key in marked}
         room = 1 if workflow is not None else 0
-        job_chunks = self._job_chunks(rows, key_of, room)
+        room_bytes = len(json.dumps(workflow.to_record())) if workflow is not None else 0
+        job_chunks = self._job_chunks(rows, key_of, room, room_bytes)
         # The window grows with the steps: one fixed window, never renewed, would fail
         # every retry of a batch of thousands of keys; still bounded (a crash frees).
         steps = len(_chunks(keys, TRANSACT_MAX)) + len(_commit_chunks(cancels)) + len(job_chunks)
@@ -1010,21 +1016,26 @@ class SqsStorage:
             )
 
     @staticmethod
-    def _job_chunks(rows: list[_Row], key_of: dict[str, str], room: int) -> list[list[_Row]]:
-        """Rows in transactions of at most TRANSACT_MAX items: a row, plus its key
-        item's version bump once per chunk, plus ``room`` items in the first."""
+    def _job_chunks(
+        rows: list[_Row], key_of: dict[str, str], room: int, room_bytes: int = 0
+    ) -> list[list[_Row]]:
+        """Rows in transactions of at most TRANSACT_MAX items and TRANSACT_MAX_BYTES:
+        a row, plus its key item's version bump once per chunk, plus ``room`` items
+        (``room_bytes``) in the first."""
         chunks: list[list[_Row]] = []
         current: list[_Row] = []
         names: set[str] = set()
-        used = room
+        used, size = room, room_bytes
         for row in rows:
             name = key_of.get(row.job.id)
             need = 1 + (1 if name is not None and name not in names else 0)
-            if current and used + need > TRANSACT_MAX:
+            weight = _row_bytes(row)
+            if current and (used + need > TRANSACT_MAX or size + weight > TRANSACT_MAX_BYTES):
                 chunks.append(current)
-                current, names, used = [], set(), 0
+                current, names, used, size = [], set(), 0, 0
             current.append(row)
             used += need
+            size += weight
             if name is not None:
                 names.add(name)
         if current:
@@ -2154,7 +2165,10 @@ class SqsStorage:
         sends = [_Send(r) for r in rows if r.job.state is JobState.AVAILABLE]
         # The workflow, its members and one item per unique key they hold.
         key_count = len({r.job.unique_key for r in rows if r.job.unique_key is not None})
-        in_one = 1 + len(rows) + key_count <= TRANSACT_MAX
+        in_one = (
+            1 + len(rows) + key_count <= TRANSACT_MAX
+            and size + sum(_row_bytes(r) for r in rows) <= TRANSACT_MAX_BYTES
+        )
         if in_one:
             await self._send_tokens(sends)
         lost = 0
@@ -2438,6 +2452,11 @@ def _leaves(exc: BaseException) -> Iterable[BaseException]:
         yield exc
 
 
+def _row_bytes(row: _Row) -> int:
+    """About what a job's item weighs in a transaction (DynamoDB's 4 MB limit)."""
+    return len(json.dumps(row.job.to_record(), separators=(",", ":"))) + ITEM_OVERHEAD_BYTES
+
+
 def _chunks(items: Sequence[Any], size: int) -> list[Any]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -2448,15 +2467,22 @@ def _commit_chunks(rows: Sequence[_Row]) -> list[list[_Row]]:
     chunks: list[list[_Row]] = []
     current: list[_Row] = []
     flows: set[str] = set()
-    used = 0
+    used = size = 0
     for row in rows:
         workflow_id = row.job.workflow_id
         need = 1 + (7 if workflow_id is not None and workflow_id not in flows else 0)
-        if current and used + need > TRANSACT_MAX:
+        # A workflow item (up to ~350 KB) and its callbacks count with the first member.
+        weight = _row_bytes(row) + (
+            350_000 + 3 * workflows.PARENT_RESULTS_MAX_BYTES
+            if workflow_id is not None and workflow_id not in flows
+            else 0
+        )
+        if current and (used + need > TRANSACT_MAX or size + weight > TRANSACT_MAX_BYTES):
             chunks.append(current)
-            current, flows, used = [], set(), 0
+            current, flows, used, size = [], set(), 0, 0
         current.append(row)
         used += need
+        size += weight
         if workflow_id is not None:
             flows.add(workflow_id)
     if current:
