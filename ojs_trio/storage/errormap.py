@@ -8,7 +8,7 @@ can nest.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Generic, Literal, TypeVar
 
@@ -51,3 +51,12 @@ class ErrorMapper(Generic[E]):
         tb: TracebackType | None,
     ) -> Literal[False]:
         return self.__exit__(exc_type, exc, tb)
+
+
+def exception_leaves(exc: BaseException) -> Iterable[BaseException]:
+    """The exceptions inside ``exc``, however deeply Trio's nurseries grouped them."""
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            yield from exception_leaves(sub)
+    else:
+        yield exc

@@ -64,7 +64,7 @@ from psycopg.pq.abc import PGconn
 from psycopg.rows import AsyncRowFactory, tuple_row
 
 from ojs_trio.engine.errors import BackendError, BackendUnavailable
-from ojs_trio.storage.errormap import ErrorMapper
+from ojs_trio.storage.errormap import ErrorMapper, exception_leaves
 
 __all__ = [
     "ConnectionLock",
@@ -191,18 +191,10 @@ async def _wait_rw(fileno: int) -> int:
 
 
 def _collapse_cancelled(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    leaves = list(_leaves(group))
+    leaves = list(exception_leaves(group))
     if all(isinstance(leaf, trio.Cancelled) for leaf in leaves):
         return leaves[0]
     return group
-
-
-def _leaves(exc: BaseException) -> Iterable[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        for sub in exc.exceptions:
-            yield from _leaves(sub)
-    else:
-        yield exc
 
 
 async def _wait_fd(fileno: int, s: int, deadline: float | None) -> int:
@@ -270,7 +262,9 @@ async def _wait_conn_gen(gen: PQGenConn[_T], deadline: float | None) -> _T:
 
 
 def _is_interrupt(exc: BaseException) -> bool:
-    return all(isinstance(leaf, trio.Cancelled | KeyboardInterrupt) for leaf in _leaves(exc))
+    return all(
+        isinstance(leaf, trio.Cancelled | KeyboardInterrupt) for leaf in exception_leaves(exc)
+    )
 
 
 def _deadline(timeout: float | None) -> float | None:

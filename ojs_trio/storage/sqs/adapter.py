@@ -54,6 +54,7 @@ from ojs_trio.engine.lifecycle import Failure
 from ojs_trio.engine.queue_limits import RateWindow, queue_limits_from
 from ojs_trio.engine.states import JobState
 from ojs_trio.engine.workflows import Workflow
+from ojs_trio.storage.errormap import exception_leaves
 from ojs_trio.storage.port import (
     AckRequest,
     ClaimRequest,
@@ -2438,18 +2439,10 @@ async def _open_nursery() -> AsyncIterator[trio.Nursery]:
         async with trio.open_nursery() as nursery:
             yield nursery
     except BaseExceptionGroup as group:
-        leaves = list(_leaves(group))
+        leaves = list(exception_leaves(group))
         if all(isinstance(leaf, OjsError) for leaf in leaves):
             raise leaves[0] from None
         raise
-
-
-def _leaves(exc: BaseException) -> Iterable[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        for sub in exc.exceptions:
-            yield from _leaves(sub)
-    else:
-        yield exc
 
 
 def _row_bytes(row: _Row) -> int:
