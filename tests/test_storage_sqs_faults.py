@@ -359,9 +359,11 @@ async def test_large_enqueue_gives_up_before_its_keys_reservation_ends(
     """A large enqueue whose key items took most of the window they reserve the keys
     for (a concurrent enqueue stops waiting for its jobs then) writes no job: it
     undoes the keys and fails with 503."""
-    offset = 0.0
+    # The storage's clock moves only with the writes, so how long moto and a loaded
+    # machine really take cannot push the call past its window.
+    start, offset = time.time(), 0.0
     with trio.fail_after(DEADLINE):
-        storage = SqsStorage(aws_settings, rng=random.Random(0), wall=lambda: time.time() + offset)
+        storage = SqsStorage(aws_settings, rng=random.Random(0), wall=lambda: start + offset)
         async with opened(storage):
             real_write = storage._write
             created: list[str] = []
@@ -569,9 +571,11 @@ async def test_large_enqueue_of_many_steps_gets_a_window_to_match(
     """A batch of many keys takes many steps: at a steady pace slower than moto's (3 s
     a write), 250 keys take longer than PENDING_SECONDS, yet the call is not given
     up: its window grows with its steps (and stays bounded, for a crashed writer)."""
-    offset = 0.0
+    # The storage's clock moves only with the writes, so how long moto and a loaded
+    # machine really take cannot push the call past its window.
+    start, offset = time.time(), 0.0
     with trio.fail_after(DEADLINE):
-        storage = SqsStorage(aws_settings, rng=random.Random(0), wall=lambda: time.time() + offset)
+        storage = SqsStorage(aws_settings, rng=random.Random(0), wall=lambda: start + offset)
         async with opened(storage):
             real_write = storage._write
             windows: list[float] = []
