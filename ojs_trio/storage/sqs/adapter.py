@@ -98,6 +98,8 @@ TRANSACT_MAX: Final = 100  # DynamoDB TransactWriteItems item limit
 TRANSACT_MAX_BYTES: Final = 3_500_000
 #: A job item's size beyond its body (keys, index and bookkeeping attributes), high.
 ITEM_OVERHEAD_BYTES: Final = 1_024
+#: The largest job body stored (DynamoDB's item limit is 400 KB; ``_encode`` refuses more).
+MAX_ITEM_BODY_BYTES: Final = 350_000
 CAS_ATTEMPTS: Final = 25
 MAX_WASTED_RECEIVES: Final = 3  # receives in a row that brought no job, per tier
 #: Job ids kept per unique key (newest); older holders are long finished in practice.
@@ -378,7 +380,7 @@ class SqsStorage:
     def _encode(self, row: _Row, version: int) -> dict[str, Any]:
         job = row.job
         body = json.dumps(job.to_record(), separators=(",", ":"))
-        if len(body) > 350_000:  # DynamoDB's item limit is 400 KB
+        if len(body) > MAX_ITEM_BODY_BYTES:
             raise PayloadTooLarge(
                 f"Job {job.id} is too large to store ({len(body)} bytes)",
                 details={"job_id": job.id, "max_bytes": MAX_JOB_BYTES},
@@ -849,8 +851,7 @@ class SqsStorage:
         # advances in it too (_commit), which may spawn up to three batch callbacks,
         # each with a unique key item: room is kept for that.
         needed = len(rows) + len(changed_keys) + len(cancels) + 7 * len(flows)
-        size = sum(_row_bytes(r) for r in [*rows, *cancels])
-        if needed > TRANSACT_MAX or size > TRANSACT_MAX_BYTES:
+        if needed > TRANSACT_MAX or _over_transact_bytes([*rows, *cancels]):
             cancelled = await self._write_in_chunks(rows, changed_keys, sends, now, cancels=cancels)
         else:
             await self._send_tokens(sends)
@@ -2166,10 +2167,7 @@ class SqsStorage:
         sends = [_Send(r) for r in rows if r.job.state is JobState.AVAILABLE]
         # The workflow, its members and one item per unique key they hold.
         key_count = len({r.job.unique_key for r in rows if r.job.unique_key is not None})
-        in_one = (
-            1 + len(rows) + key_count <= TRANSACT_MAX
-            and size + sum(_row_bytes(r) for r in rows) <= TRANSACT_MAX_BYTES
-        )
+        in_one = 1 + len(rows) + key_count <= TRANSACT_MAX and not _over_transact_bytes(rows, size)
         if in_one:
             await self._send_tokens(sends)
         lost = 0
@@ -2448,6 +2446,16 @@ async def _open_nursery() -> AsyncIterator[trio.Nursery]:
 def _row_bytes(row: _Row) -> int:
     """About what a job's item weighs in a transaction (DynamoDB's 4 MB limit)."""
     return len(json.dumps(row.job.to_record(), separators=(",", ":"))) + ITEM_OVERHEAD_BYTES
+
+
+def _over_transact_bytes(rows: Sequence[_Row], extra: int = 0) -> bool:
+    """Whether ``rows`` (plus ``extra`` bytes) may weigh more than TRANSACT_MAX_BYTES.
+    So few rows that even the largest items would fit are not encoded to find out:
+    single enqueues, the common case, pay nothing for the check."""
+    largest = len(rows) * (MAX_ITEM_BODY_BYTES + ITEM_OVERHEAD_BYTES)
+    if extra + largest <= TRANSACT_MAX_BYTES:
+        return False
+    return extra + sum(_row_bytes(r) for r in rows) > TRANSACT_MAX_BYTES
 
 
 def _chunks(items: Sequence[Any], size: int) -> list[Any]:
