@@ -19,6 +19,7 @@ import pytest
 import trio
 import trio.testing
 
+from ojs_trio.actors.fetcher import CONCURRENT_ROUNDS
 from ojs_trio.engine.engine import Engine, EngineConfig, open_engine
 from ojs_trio.engine.errors import (
     BackendError,
@@ -36,7 +37,7 @@ from ojs_trio.engine.lifecycle import Failure
 from ojs_trio.engine.states import JobState
 from ojs_trio.engine.timeutil import format_ts
 from ojs_trio.engine.validation import parse_job
-from ojs_trio.engine.worker import DeadLetter, Discard, JobContext
+from ojs_trio.engine.worker import SETTLE_WRITES, DeadLetter, Discard, JobContext
 from ojs_trio.storage.memory import MemoryStorage
 from ojs_trio.storage.port import AckRequest
 
@@ -410,6 +411,41 @@ async def test_one_claim_call_serves_every_parked_fetch() -> None:
         assert sorted(len(batch) for batch in got) == [1] * fetchers
         assert {batch[0].id for batch in got} == {job.id for job in jobs}
         assert engine.statistics().waiting_fetches == 0
+
+
+async def test_a_fetch_arriving_during_a_claim_round_gets_a_round_of_its_own() -> None:
+    """Claim rounds overlap, up to CONCURRENT_ROUNDS: a fetch that arrives while a
+    round's claim is still running does not wait for it; one more than that does."""
+    storage = MemoryStorage()
+    real_claim = storage.claim
+    gate = trio.Event()
+    in_claim = 0
+
+    async def slow_claim(requests: Sequence[Any], now: float) -> list[list[Job]]:
+        nonlocal in_claim
+        in_claim += 1
+        await gate.wait()
+        in_claim -= 1
+        return await real_claim(requests, now)
+
+    storage.claim = slow_claim  # type: ignore[method-assign]
+    async with open_engine(storage, EngineConfig(clock=wall)) as engine:
+        for n in range(CONCURRENT_ROUNDS + 1):
+            await engine.enqueue("t.job", [n])
+        got: list[list[Job]] = []
+
+        async def fetch() -> None:
+            got.append(await engine.fetch(["default"], worker_id="w"))
+
+        async with trio.open_nursery() as nursery:
+            for n in range(CONCURRENT_ROUNDS + 1):
+                nursery.start_soon(fetch)
+                await trio.testing.wait_all_tasks_blocked()
+                # Each fetch so far is in a claim of its own, up to the limit.
+                assert in_claim == min(n + 1, CONCURRENT_ROUNDS)
+            gate.set()
+        assert sorted(len(jobs) for jobs in got) == [1] * (CONCURRENT_ROUNDS + 1)
+        assert len({jobs[0].id for jobs in got}) == CONCURRENT_ROUNDS + 1
 
 
 # -- retries, leases, heartbeats (MockClock) ---------------------------------------------
@@ -907,19 +943,21 @@ async def test_ack_many_settles_each_job_and_reports_each_refusal() -> None:
 
 
 class _GatedAcks(MemoryStorage):
-    """Records each ack_many call; the first waits for ``gate`` and may fail."""
+    """Records each ack_many call; the first ``gated`` wait for ``gate``, the first may fail."""
 
-    def __init__(self, *, fail_first: bool = False) -> None:
+    def __init__(self, *, fail_first: bool = False, gated: int = 1) -> None:
         super().__init__(rng=random.Random(0))
         self.gate = trio.Event()
         self.batches: list[list[str]] = []
         self.fail_first = fail_first
+        self.gated = gated
 
     async def ack_many(self, acks: Sequence[AckRequest], now: float) -> list[Job | OjsError]:
         self.batches.append([ack.job_id for ack in acks])
-        if len(self.batches) == 1:
+        if len(self.batches) <= self.gated:
+            first = len(self.batches) == 1
             await self.gate.wait()
-            if self.fail_first:
+            if first and self.fail_first:
                 raise BackendUnavailable("the database is restarting")
         return await super().ack_many(acks, now)
 
@@ -927,19 +965,23 @@ class _GatedAcks(MemoryStorage):
 async def test_a_pool_writes_the_outcomes_that_queued_meanwhile_in_one_call(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    storage = _GatedAcks()
+    # Both write slots are taken by parked writes of one outcome each; the
+    # outcomes that queue meanwhile go out together once a slot is free.
+    storage = _GatedAcks(gated=SETTLE_WRITES)
     async with open_engine(storage, EngineConfig(clock=wall)) as engine:
         engine.register("t.quick", _returns_ok)
         async with running_workers(engine, concurrency=4):
-            first = (await engine.enqueue("t.quick")).job
-            while not storage.batches:  # noqa: ASYNC110 (the first write is parked)
-                await trio.sleep(0.01)
+            early = []
+            for n in range(SETTLE_WRITES):
+                early.append((await engine.enqueue("t.quick")).job)
+                while len(storage.batches) <= n:  # noqa: ASYNC110 (the write is parked)
+                    await trio.sleep(0.01)
             rest = [(await engine.enqueue("t.quick")).job for _ in range(4)]
             await trio.testing.wait_all_tasks_blocked()
             storage.gate.set()
-            for job in [first, *rest]:
+            for job in [*early, *rest]:
                 await wait_for_state(engine, job.id, JobState.COMPLETED)
-        assert storage.batches == [[first.id], [job.id for job in rest]]
+        assert storage.batches == [[job.id] for job in early] + [[job.id for job in rest]]
 
 
 async def test_a_failed_ack_write_leaves_the_jobs_to_their_leases(

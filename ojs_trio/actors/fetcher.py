@@ -28,6 +28,8 @@ log = logging.getLogger("ojs_trio.fetcher")
 # anyway.  Jobs made available by another server process on a shared backend
 # arrive through adapter notifications; this bound only limits a lost one.
 IDLE_RECHECK = 1.0
+# Claim rounds a pool runs at once (see _serve).
+CONCURRENT_ROUNDS = 2
 
 
 @dataclass(eq=False)
@@ -92,7 +94,8 @@ class FetcherPool:
         self._wake = trio.Event()
         self._jobs_maybe = False  # wake() since the last round over the parked fetches
         self._earliest = math.inf  # no parked fetch's deadline comes before this
-        self._in_round: list[FetchRequest] = []  # being claimed for right now
+        self._rounds = 0  # claim rounds running
+        self._in_round = 0  # fetches those rounds are claiming for
         self._draining = False
         self._claims = 0
         self._delivered = 0
@@ -125,44 +128,59 @@ class FetcherPool:
         # and empty) only when jobs may have arrived (wake) or every IDLE_RECHECK.
         # Re-claiming for every parked fetch on every arrival made the ramp to
         # 10,000 held long-polls quadratic and kept a core busy once they were held.
+        # Up to CONCURRENT_ROUNDS rounds run at once: fetches that arrive while a
+        # round's statement runs get a round of their own instead of queueing
+        # behind it, so a busy pool's claims overlap (docs/performance.md).
         recheck_at = trio.current_time() + IDLE_RECHECK
-        while True:
-            self._wake = trio.Event()
-            if self._draining:
-                for request in self._waiting + self._fresh:
-                    request.fulfil([])
-                self._waiting, self._fresh = [], []
-            now = trio.current_time()
-            if self._jobs_maybe or now >= recheck_at:
-                self._jobs_maybe = False
-                recheck_at = now + IDLE_RECHECK
-                candidates, self._waiting = self._waiting + self._fresh, []
-                self._earliest = math.inf
-            else:
-                candidates = self._fresh  # arrivals queue behind the parked ones
-            self._fresh = []
-            self._in_round = candidates  # still counted as waiting meanwhile
-            try:
-                left = await self._serve_batches([r for r in candidates if not r.abandoned])
-            except BaseException:
-                # A crash (the supervisor restarts the pool) or cancellation: every
-                # fetch not answered yet stays with the pool for the next run.
-                self._fresh = [r for r in candidates if not r.done.is_set()] + self._fresh
-                raise
-            finally:
-                self._in_round = []
-            self._waiting += left
-            self._earliest = min((r.deadline for r in left), default=self._earliest)
-            self._expire(trio.current_time())
-            if not self._waiting and not self._fresh:
-                await self._wake.wait()
-                recheck_at = trio.current_time() + IDLE_RECHECK
-                continue
-            if self._fresh:
-                continue
-            with trio.move_on_at(min(self._earliest, recheck_at)):
-                await self._wake.wait()
-            self._expire(trio.current_time())
+        async with trio.open_nursery() as rounds:
+            while True:
+                self._wake = trio.Event()
+                if self._draining:
+                    for request in self._waiting + self._fresh:
+                        request.fulfil([])
+                    self._waiting, self._fresh = [], []
+                now = trio.current_time()
+                if self._rounds < CONCURRENT_ROUNDS:
+                    if self._jobs_maybe or now >= recheck_at:
+                        self._jobs_maybe = False
+                        recheck_at = now + IDLE_RECHECK
+                        candidates, self._waiting = self._waiting + self._fresh, []
+                        self._earliest = math.inf
+                    else:
+                        candidates = self._fresh  # arrivals queue behind the parked ones
+                    self._fresh = []
+                    if candidates:
+                        self._rounds += 1
+                        self._in_round += len(candidates)  # still counted as waiting
+                        rounds.start_soon(self._round, candidates)
+                        continue
+                self._expire(now)
+                if not self._waiting and not self._fresh and not self._rounds:
+                    await self._wake.wait()
+                    recheck_at = trio.current_time() + IDLE_RECHECK
+                    continue
+                # With every round slot taken, a recheck waits for a slot (a wake).
+                due = self._earliest
+                if self._rounds < CONCURRENT_ROUNDS:
+                    due = min(due, recheck_at)
+                with trio.move_on_at(due):
+                    await self._wake.wait()
+
+    async def _round(self, candidates: list[FetchRequest]) -> None:
+        """Claim for ``candidates``; the ones that got nothing and may wait are parked."""
+        try:
+            left = await self._serve_batches([r for r in candidates if not r.abandoned])
+        except BaseException:
+            # A crash (the supervisor restarts the pool) or cancellation: every
+            # fetch not answered yet stays with the pool for the next run.
+            self._fresh = [r for r in candidates if not r.done.is_set()] + self._fresh
+            raise
+        finally:
+            self._rounds -= 1
+            self._in_round -= len(candidates)
+            self._wake.set()  # a round slot is free: arrivals may be waiting for it
+        self._waiting += left
+        self._earliest = min((r.deadline for r in left), default=self._earliest)
 
     async def _serve_batches(self, candidates: list[FetchRequest]) -> list[FetchRequest]:
         """Claim rounds of up to max_batch fetches; returns those left waiting.
@@ -231,5 +249,5 @@ class FetcherPool:
         return left, any(results)
 
     def statistics(self) -> PoolStatistics:
-        waiting = len(self._waiting) + len(self._fresh) + len(self._in_round)
+        waiting = len(self._waiting) + len(self._fresh) + self._in_round
         return PoolStatistics(self.queues, waiting, self._claims, self._delivered)

@@ -38,6 +38,10 @@ Outcome = tuple[str, Any, Failure | None]  # job id, result, failure (None: an a
 
 FETCH_RETRY_FIRST = 0.1  # seconds before fetching again after a backend error
 FETCH_RETRY_MAX = 5.0
+# Fetches and outcome writes a pool keeps in flight.  With one of each, a
+# no-op job's pool waited on one statement at a time (docs/performance.md).
+FETCHERS = 2
+SETTLE_WRITES = 2
 LOST_ACKS = "could not ack %d jobs: %s; their leases will run out and they run again"
 
 
@@ -123,7 +127,8 @@ class WorkerPool:
         # Jobs fetched for the workers and the heartbeater entries that keep them leased.
         self._ready: deque[tuple[Job, Tracked]] = deque()
         self._job_ready = trio.lowlevel.ParkingLot()  # idle workers wait here
-        self._fetching = True
+        self._fetchers = FETCHERS  # running; the workers stop when none is left
+        self._asked = 0  # room reserved by fetches in flight
         # Workers without a job, less the jobs fetched for none (at most -prefetch).
         self._free = concurrency
         self._freed = trio.lowlevel.ParkingLot()
@@ -131,20 +136,22 @@ class WorkerPool:
         self.failed = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        # One fetcher asks for as many jobs as there are free workers and queues
-        # them for the workers: one fetch request per batch instead of one per job.
+        # Fetchers ask for as many jobs as there are free workers and queue them
+        # for the workers: one fetch request per batch instead of one per job.
         # Outcomes (ack/nack) are written beside the workers: a worker queues its
-        # job's outcome and takes the next job, and one settler task writes
-        # everything queued meanwhile with one ``ack_many`` (nacks side by side).
-        # At most ``concurrency`` outcomes wait, so a slow database still slows
-        # the workers down; the outer nursery lets the settler finish on the way out.
+        # job's outcome and takes the next job, and the settler writes everything
+        # queued meanwhile with one ``ack_many`` (nacks side by side), up to
+        # SETTLE_WRITES writes at once.  At most ``concurrency`` outcomes wait, so a
+        # slow database still slows the workers down; the outer nursery lets the
+        # settler finish on the way out.
         async with trio.open_nursery() as settling:
             settling.start_soon(self._settler)
             try:
                 async with trio.open_nursery() as nursery:
                     for n in range(self.concurrency):
                         nursery.start_soon(self._work, f"{self.worker_id}-{n}")
-                    nursery.start_soon(self._fetch)
+                    for _ in range(FETCHERS):
+                        nursery.start_soon(self._fetch)
                     task_status.started()
             finally:
                 self._closing = True
@@ -153,17 +160,29 @@ class WorkerPool:
                     await self._release_ready()
 
     async def _fetch(self) -> None:
-        """Long-poll for jobs for every free worker; the workers stop when it returns."""
+        """Long-poll for jobs for free workers; the workers stop when every fetcher returns.
+
+        Room (free workers plus prefetch) is reserved by the fetch that asks for
+        it.  A second fetcher asks only once half the pool's room is free: its
+        claim then overlaps the first one's instead of waiting for it, without
+        splitting the pool's claims into many small ones.
+        """
         engine = self._engine
         delay = FETCH_RETRY_FIRST
+        capacity = self.concurrency + self.prefetch
         try:
             while not engine.draining:
-                while self._free + self.prefetch <= 0:
+                while True:
+                    room = self._free + self.prefetch - self._asked
+                    need = 1 if not self._asked else max(1, capacity // 2)
+                    if room >= need:
+                        break
                     await self._freed.park()
+                self._asked += room
                 try:
                     jobs = await engine.fetch(
                         self.queues,
-                        self._free + self.prefetch,
+                        room,
                         worker_id=self.worker_id,
                         visibility_ms=self._visibility_ms,
                         wait_ms=self._poll_wait_ms,
@@ -181,6 +200,9 @@ class WorkerPool:
                     await trio.sleep(delay)
                     delay = min(delay * 2, FETCH_RETRY_MAX)
                     continue
+                finally:
+                    self._asked -= room
+                    self._freed.unpark_all()
                 delay = FETCH_RETRY_FIRST
                 self._free -= len(jobs)
                 # Leased from now on: prefetched jobs may wait for a worker a while.
@@ -190,8 +212,9 @@ class WorkerPool:
                 if jobs:
                     self._job_ready.unpark()
         finally:
-            self._fetching = False
-            self._job_ready.unpark_all()
+            self._fetchers -= 1
+            if not self._fetchers:
+                self._job_ready.unpark_all()
 
     async def _release_ready(self) -> None:
         untrack = self._engine.heartbeater.untrack_nowait
@@ -213,7 +236,7 @@ class WorkerPool:
         ready = self._ready
         while True:
             if not ready:
-                if not self._fetching:
+                if not self._fetchers:
                     return
                 await self._job_ready.park()
                 continue
@@ -272,17 +295,30 @@ class WorkerPool:
         self._outcome_queued.unpark_all()
 
     async def _settler(self) -> None:
-        """Write queued outcomes, a batch at a time, until the workers are gone."""
-        while True:
-            while not self._outcomes:
-                if self._closing:
-                    return
-                await self._outcome_queued.park()
-            batch, self._outcomes = self._outcomes, []
-            self._outcome_taken.unpark_all()
+        """Write queued outcomes in batches until the workers are gone.
+
+        A batch is everything queued when a write slot is free: while
+        SETTLE_WRITES batches are being written, the next one gathers.
+        """
+        writes = trio.Semaphore(SETTLE_WRITES)
+        async with trio.open_nursery() as nursery:
+            while True:
+                while not self._outcomes:
+                    if self._closing:
+                        return
+                    await self._outcome_queued.park()
+                await writes.acquire()
+                batch, self._outcomes = self._outcomes, []
+                self._outcome_taken.unpark_all()
+                nursery.start_soon(self._write_released, batch, writes)
+
+    async def _write_released(self, batch: list[Outcome], writes: trio.Semaphore) -> None:
+        try:
             # Shielded: outcomes taken off the queue are written, even on the way out.
             with trio.CancelScope(shield=True):
                 await self._write(batch)
+        finally:
+            writes.release()
 
     async def _write(self, batch: list[Outcome]) -> None:
         acks = [(job_id, result) for job_id, result, failure in batch if failure is None]
