@@ -219,21 +219,24 @@ UPDATE ojs_jobs AS j
    SET finished = true, state = 'completed', finished_at = a.now, run_at = NULL,
        lease_until = NULL, worker_id = NULL, dead_letter = false,
        attempt = NULL, started_at = NULL, lease_expires_at = NULL,
-       record = (j.record - 'error' - 'result')
-                || CASE WHEN a.has_result THEN jsonb_build_object('result', a.result)
-                        ELSE '{}'::jsonb END
+       -- Each "-" or "||" copies the whole value, and the record's rewrite was
+       -- nearly half of this statement's cost: keys are removed by one array each,
+       -- and the new ones come in one object each (jsonb_strip_nulls drops the
+       -- started_at and worker_id a claim kept in columns did not bring).
+       record = (j.record - '{error,result}'::text[])
                 || jsonb_build_object(
                     'state', 'completed',
                     'attempt', coalesce(j.attempt, (j.record->>'attempt')::integer),
-                    -- a claim kept in columns brings its started_at and worker (or none)
-                    '_private', ((j.record->'_private') - 'lease_expires_at' - 'scheduled_at'
+                    '_private', ((j.record->'_private')
                                  - CASE WHEN j.attempt IS NOT NULL AND j.worker_id IS NULL
-                                        THEN 'worker_id' ELSE '' END)
-                        || CASE WHEN j.attempt IS NULL THEN '{}'::jsonb
-                                ELSE jsonb_build_object('started_at', j.started_at) END
-                        || CASE WHEN j.attempt IS NULL OR j.worker_id IS NULL THEN '{}'::jsonb
-                                ELSE jsonb_build_object('worker_id', j.worker_id) END
-                        || jsonb_build_object('completed_at', a.now, 'has_result', a.has_result))
+                                        THEN '{lease_expires_at,scheduled_at,worker_id}'::text[]
+                                        ELSE '{lease_expires_at,scheduled_at}'::text[] END)
+                        || jsonb_strip_nulls(jsonb_build_object(
+                            'started_at', CASE WHEN j.attempt IS NOT NULL THEN j.started_at END,
+                            'worker_id', CASE WHEN j.attempt IS NOT NULL THEN j.worker_id END,
+                            'completed_at', a.now, 'has_result', a.has_result)))
+                || CASE WHEN a.has_result THEN jsonb_build_object('result', a.result)
+                        ELSE '{}'::jsonb END
   FROM acks AS a
  -- The ids twice: "= ANY" makes every plan look the jobs up by key.  On a
  -- never-analyzed table the planner otherwise read every active job (through
