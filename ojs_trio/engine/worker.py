@@ -129,6 +129,7 @@ class WorkerPool:
         self._job_ready = trio.lowlevel.ParkingLot()  # idle workers wait here
         self._fetchers = FETCHERS  # running; the workers stop when none is left
         self._asked = 0  # room reserved by fetches in flight
+        self._waking = False  # a worker was woken and has not run yet
         # Workers without a job, less the jobs fetched for none (at most -prefetch).
         self._free = concurrency
         self._freed = trio.lowlevel.ParkingLot()
@@ -169,15 +170,11 @@ class WorkerPool:
         """
         engine = self._engine
         delay = FETCH_RETRY_FIRST
-        capacity = self.concurrency + self.prefetch
         try:
             while not engine.draining:
-                while True:
-                    room = self._free + self.prefetch - self._asked
-                    need = 1 if not self._asked else max(1, capacity // 2)
-                    if room >= need:
-                        break
+                while not self._should_fetch():
                     await self._freed.park()
+                room = self._free + self.prefetch - self._asked
                 self._asked += room
                 try:
                     jobs = await engine.fetch(
@@ -210,7 +207,7 @@ class WorkerPool:
                 for job in jobs:
                     self._ready.append((job, track(job, self.worker_id, self._visibility_ms)))
                 if jobs:
-                    self._job_ready.unpark()
+                    self._wake_worker()
         finally:
             self._fetchers -= 1
             if not self._fetchers:
@@ -239,15 +236,35 @@ class WorkerPool:
                 if not self._fetchers:
                     return
                 await self._job_ready.park()
+                self._waking = False
                 continue
             job, held = ready.popleft()
             if ready:
-                self._job_ready.unpark()
+                self._wake_worker()
             try:
                 await self._execute(job, slot, held)
             finally:
                 self._free += 1
-                self._freed.unpark_all()
+                if self._should_fetch():
+                    self._freed.unpark_all()
+
+    def _wake_worker(self) -> None:
+        """Wake one idle worker, unless one is already on its way.
+
+        One wake-up at a time still fans jobs out when handlers block (each
+        worker woken takes a job and wakes the next), but a worker whose
+        handlers never block takes the whole queue before anyone else runs:
+        waking a worker per job then cost a task switch per job for nothing.
+        """
+        if not self._waking and self._job_ready.unpark():
+            self._waking = True
+
+    def _should_fetch(self) -> bool:
+        """Is there room enough for a fetch (see _fetch)?"""
+        room = self._free + self.prefetch - self._asked
+        if not self._asked:
+            return room >= 1
+        return room >= max(1, (self.concurrency + self.prefetch) // 2)
 
     async def _execute(self, job: Job, slot: str, held: Tracked) -> None:
         engine = self._engine
