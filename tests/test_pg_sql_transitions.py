@@ -65,7 +65,7 @@ async def _claim_and_compare(
     # The claim went to columns (migration 0002); the record is as it was before.
     assert claim == [expected.attempt, expected.started_at, expected.lease_expires_at]
     assert record == before.to_record()
-    stored = _job((record, state, worker_id, *claim))
+    stored = _job((record, state, worker_id, *claim, None, None))
     assert stored.to_record() == expected.to_record()
     return got[0]
 
@@ -80,11 +80,11 @@ async def _fail_attempt(storage: PostgresStorage, job_id: str) -> float:
 
 
 async def _columns(storage: PostgresStorage, job_id: str) -> tuple[Any, ...]:
-    """The row after an ack: the record is complete again and the claim columns NULL."""
     async with storage._pool.connection() as conn:
         cur = await conn.execute(
             "SELECT state, lease_until, worker_id, run_at, finished, finished_at, dead_letter,"
-            " record, attempt, started_at, lease_expires_at FROM ojs_jobs WHERE id = %s",
+            " record, attempt, started_at, lease_expires_at, ack_result"
+            " FROM ojs_jobs WHERE id = %s",
             (job_id,),
         )
         row = await cur.fetchone()
@@ -96,17 +96,30 @@ async def _ack_and_compare(
     storage: PostgresStorage, job_id: str, worker: str | None, result: Any, has_result: bool
 ) -> Job:
     now = T0 + 9.87654321
+    record_before = (await _columns(storage, job_id))[7]
     expected = (await storage.get(job_id)).clone()
     lifecycle.ack(expected, worker, result, has_result, now)
     got = await storage.ack(job_id, worker, result, has_result, now)
     assert got.to_record() == expected.to_record()
-    row = _row(expected)
-    want = tuple(
-        row[k] for k in ("state", "lease_until", "worker_id", "run_at", "finished", "finished_at")
+    # The ack went to columns (migration 0003): the record is as it was before,
+    # and the columns hold the attempt, the worker, the time and the result.
+    (state, lease_until, worker_id, run_at, finished, finished_at, dead_letter, record,
+     *overlay, boxed) = await _columns(storage, job_id)  # fmt: skip
+    assert (state, lease_until, worker_id, run_at, finished, finished_at, dead_letter) == (
+        "completed",
+        None,
+        expected.worker_id,
+        None,
+        True,
+        now,
+        False,
     )
-    assert (*want, row["dead_letter"], expected.to_record(), None, None, None) == await _columns(
-        storage, job_id
-    )
+    assert record == record_before
+    assert overlay == [expected.attempt, expected.started_at, None]
+    assert boxed == ([result] if has_result else None)
+    stored = _job((record, state, worker_id, *overlay, finished_at, boxed))
+    assert stored.to_record() == expected.to_record()
+    assert (await storage.get(job_id)).to_record() == expected.to_record()
     return got
 
 
@@ -173,6 +186,19 @@ async def test_ack_matches_lifecycle(
         await storage.enqueue([job], T0)
         await _claim_and_compare(storage, job.id, T0 + 1, "w1", None)
         await _ack_and_compare(storage, job.id, "w1", result, has_result)
+
+
+async def test_ack_after_a_full_write_takes_the_attempt_from_the_record(fresh_db: str) -> None:
+    """A heartbeat writes the whole record and clears the claim's columns; the ack
+    then copies the attempt and started_at from the record into its columns."""
+    async with _open(fresh_db) as storage:
+        job = make_job(queue=QUEUE, args=["beat"])
+        await storage.enqueue([job], T0)
+        await _claim_and_compare(storage, job.id, T0 + 1, "w1", None)
+        (beaten,) = await storage.heartbeat("w1", [job.id], 60_000, T0 + 2)
+        assert (await _columns(storage, job.id))[8] is None  # the claim's columns cleared
+        done = await _ack_and_compare(storage, job.id, "w1", {"ok": True}, True)
+        assert (done.attempt, done.started_at) == (beaten.attempt, beaten.started_at)
 
 
 async def test_acks_the_statement_leaves_get_the_general_paths_errors(fresh_db: str) -> None:

@@ -153,10 +153,12 @@ async def _configure_session(conn: TrioConnection) -> None:
 
 
 def _job(row: Sequence[Any]) -> Job:
-    """A job from ``record, state, worker_id, attempt, started_at, lease_expires_at``.
+    """A job from ``record, state, worker_id, attempt, started_at, lease_expires_at,
+    finished_at, ack_result``.
 
     While ``attempt`` is set, a claim's changes live in those columns instead of
-    the record (migration 0002): they are laid over it here.
+    the record (migration 0002), and so do a plain ack's (migration 0003): they
+    are laid over it here, as lifecycle.claim and lifecycle.ack would apply them.
     """
     job = Job.from_record(row[0])
     if row[3] is not None:
@@ -167,6 +169,15 @@ def _job(row: Sequence[Any]) -> Job:
             job.worker_id = row[2]
             job.lease_expires_at = row[5]
             job.scheduled_at = None
+        elif job.state is JobState.COMPLETED:
+            job.worker_id = row[2]
+            job.lease_expires_at = None
+            job.scheduled_at = None
+            job.completed_at = row[6]
+            job.error = None
+            boxed = row[7]
+            job.has_result = boxed is not None
+            job.result = boxed[0] if boxed is not None else None
     return job
 
 
@@ -1065,7 +1076,7 @@ class PostgresStorage:
             async with self._pool.connection() as conn:
                 cur = await conn.execute(q("list_dead_letter"), params)
                 rows = await cur.fetchall()
-                total = int(rows[0][6]) if rows else 0
+                total = int(rows[0][8]) if rows else 0
                 if not rows:
                     cur = await conn.execute(q("count_dead_letter"), params)
                     row = await cur.fetchone()

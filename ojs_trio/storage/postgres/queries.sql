@@ -96,7 +96,7 @@ UPDATE ojs_jobs
    SET finished = %(finished)s, state = %(state)s, priority = %(priority)s, run_at = %(run_at)s,
        lease_until = %(lease_until)s, expires_at = %(expires_at)s, dead_letter = %(dead_letter)s,
        worker_id = %(worker_id)s, finished_at = %(finished_at)s, record = %(record)s,
-       attempt = NULL, started_at = NULL, lease_expires_at = NULL
+       attempt = NULL, started_at = NULL, lease_expires_at = NULL, ack_result = NULL
  WHERE id = %(id)s
 
 -- name: ensure_queue
@@ -109,16 +109,16 @@ UPDATE ojs_queues
  WHERE name = %(name)s
 
 -- name: get_job
-SELECT record, state, worker_id, attempt, started_at, lease_expires_at FROM ojs_jobs WHERE id = %s
+SELECT record, state, worker_id, attempt, started_at, lease_expires_at, finished_at, ack_result FROM ojs_jobs WHERE id = %s
 
 -- name: lock_job
-SELECT record, state, worker_id, attempt, started_at, lease_expires_at FROM ojs_jobs WHERE id = %s FOR UPDATE
+SELECT record, state, worker_id, attempt, started_at, lease_expires_at, finished_at, ack_result FROM ojs_jobs WHERE id = %s FOR UPDATE
 
 -- name: lock_jobs
-SELECT record, state, worker_id, attempt, started_at, lease_expires_at FROM ojs_jobs WHERE id = ANY(%s::uuid[]) ORDER BY id FOR UPDATE
+SELECT record, state, worker_id, attempt, started_at, lease_expires_at, finished_at, ack_result FROM ojs_jobs WHERE id = ANY(%s::uuid[]) ORDER BY id FOR UPDATE
 
 -- name: lock_unique
-SELECT record, state, worker_id, attempt, started_at, lease_expires_at FROM ojs_jobs WHERE unique_key = %s ORDER BY created_at FOR UPDATE
+SELECT record, state, worker_id, attempt, started_at, lease_expires_at, finished_at, ack_result FROM ojs_jobs WHERE unique_key = %s ORDER BY created_at FOR UPDATE
 
 -- name: queues_for_claim
 SELECT name, paused, rate_limit, concurrency FROM ojs_queues WHERE name = ANY(%s)
@@ -176,16 +176,18 @@ WITH settings AS (
            lease_expires_at = l.lease
       FROM leased AS l
      WHERE j.id = l.id AND NOT j.finished
- RETURNING l.n, j.record, j.state, j.worker_id, j.attempt, j.started_at, j.lease_expires_at
+ RETURNING l.n, j.record, j.state, j.worker_id, j.attempt, j.started_at, j.lease_expires_at,
+          j.finished_at, j.ack_result
 )
-SELECT n, record, state, worker_id, attempt, started_at, lease_expires_at FROM claimed
+SELECT n, record, state, worker_id, attempt, started_at, lease_expires_at, finished_at, ack_result
+  FROM claimed
 UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM settings WHERE limited AND NOT paused
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM settings WHERE limited AND NOT paused
 
 -- name: claim_available
 -- The claim of a queue with limits, inside the transaction that counted its budget.
 -- Jobs past their TTL are left to the reaper, which discards and reports them.
-SELECT record, state, worker_id, attempt, started_at, lease_expires_at FROM ojs_jobs
+SELECT record, state, worker_id, attempt, started_at, lease_expires_at, finished_at, ack_result FROM ojs_jobs
  WHERE NOT finished AND queue = %s AND state = 'available'
    AND (expires_at IS NULL OR expires_at > %s)
  ORDER BY priority DESC, id
@@ -206,37 +208,26 @@ SELECT %s, %s FROM generate_series(1, %s)
 -- lifecycle.ack for many jobs in one autocommitted statement, for jobs outside
 -- workflows (tests/test_pg_sql_transitions.py compares it with the engine's rule): state
 -- completed, completed_at, the result if any, the latest error and the lease
--- cleared; the row moves to ojs_jobs_done.  The record is written complete: a
--- claim's changes kept in columns (migration 0002) are folded into it and the
--- columns go back to NULL.  A job that is not active, belongs to a workflow or is
--- held by another worker is left alone; the caller sends those down the general
--- path, which raises the right error.  Ids are distinct.
+-- cleared; the row moves to ojs_jobs_done.  Columns only (migration 0003): the
+-- record is left as it is, `attempt` and `started_at` keep the attempt that
+-- completed (from the record if a full write had put them back there),
+-- `worker_id` the worker that held it, `finished_at` the completion time and
+-- `ack_result` the result; readers lay them over the record.  A job that is not
+-- active, belongs to a workflow or is held by another worker is left alone; the
+-- caller sends those down the general path, which raises the right error.  Ids
+-- are distinct.
 WITH acks AS (
     SELECT * FROM jsonb_to_recordset(%(acks)s::jsonb)
         AS a(id uuid, worker_id text, now double precision, has_result boolean, result jsonb)
 )
 UPDATE ojs_jobs AS j
    SET finished = true, state = 'completed', finished_at = a.now, run_at = NULL,
-       lease_until = NULL, worker_id = NULL, dead_letter = false,
-       attempt = NULL, started_at = NULL, lease_expires_at = NULL,
-       -- Each "-" or "||" copies the whole value, and the record's rewrite was
-       -- nearly half of this statement's cost: keys are removed by one array each,
-       -- and the new ones come in one object each (jsonb_strip_nulls drops the
-       -- started_at and worker_id a claim kept in columns did not bring).
-       record = (j.record - '{error,result}'::text[])
-                || jsonb_build_object(
-                    'state', 'completed',
-                    'attempt', coalesce(j.attempt, (j.record->>'attempt')::integer),
-                    '_private', ((j.record->'_private')
-                                 - CASE WHEN j.attempt IS NOT NULL AND j.worker_id IS NULL
-                                        THEN '{lease_expires_at,scheduled_at,worker_id}'::text[]
-                                        ELSE '{lease_expires_at,scheduled_at}'::text[] END)
-                        || jsonb_strip_nulls(jsonb_build_object(
-                            'started_at', CASE WHEN j.attempt IS NOT NULL THEN j.started_at END,
-                            'worker_id', CASE WHEN j.attempt IS NOT NULL THEN j.worker_id END,
-                            'completed_at', a.now, 'has_result', a.has_result)))
-                || CASE WHEN a.has_result THEN jsonb_build_object('result', a.result)
-                        ELSE '{}'::jsonb END
+       lease_until = NULL, dead_letter = false, lease_expires_at = NULL,
+       attempt = coalesce(j.attempt, (j.record->>'attempt')::integer),
+       started_at = CASE WHEN j.attempt IS NOT NULL THEN j.started_at
+                         ELSE (j.record->'_private'->>'started_at')::double precision END,
+       -- a JSON null result is SQL NULL here: the array tells it from no result
+       ack_result = CASE WHEN a.has_result THEN jsonb_build_array(a.result) END
   FROM acks AS a
  -- The ids twice: "= ANY" makes every plan look the jobs up by key.  On a
  -- never-analyzed table the planner otherwise read every active job (through
@@ -246,7 +237,8 @@ UPDATE ojs_jobs AS j
    AND NOT j.finished AND (j.state = 'active') IS TRUE
    AND j.workflow_id IS NULL
    AND (a.worker_id IS NULL OR j.worker_id IS NULL OR j.worker_id = a.worker_id)
-RETURNING j.record, j.state, j.worker_id, j.attempt, j.started_at, j.lease_expires_at
+RETURNING j.record, j.state, j.worker_id, j.attempt, j.started_at, j.lease_expires_at,
+          j.finished_at, j.ack_result
 
 -- name: update_jobs
 -- update_job for many rows at once (one JSON array of row objects; ids distinct).
@@ -254,7 +246,7 @@ UPDATE ojs_jobs AS j
    SET finished = u.finished, state = u.state, priority = u.priority, run_at = u.run_at,
        lease_until = u.lease_until, expires_at = u.expires_at, dead_letter = u.dead_letter,
        worker_id = u.worker_id, finished_at = u.finished_at, record = u.record,
-       attempt = NULL, started_at = NULL, lease_expires_at = NULL
+       attempt = NULL, started_at = NULL, lease_expires_at = NULL, ack_result = NULL
   FROM jsonb_to_recordset(%s::jsonb) AS u(
        id uuid, finished boolean, state text, priority integer, run_at double precision,
        lease_until double precision, expires_at double precision, dead_letter boolean,
@@ -265,21 +257,21 @@ UPDATE ojs_jobs AS j
 DELETE FROM ojs_queue_starts WHERE started_at < %s
 
 -- name: due_jobs
-SELECT record, state, worker_id, attempt, started_at, lease_expires_at FROM ojs_jobs
+SELECT record, state, worker_id, attempt, started_at, lease_expires_at, finished_at, ack_result FROM ojs_jobs
  WHERE NOT finished AND state IN ('scheduled', 'retryable') AND run_at <= %s
  ORDER BY run_at
  LIMIT %s
  FOR UPDATE SKIP LOCKED
 
 -- name: expired_leases
-SELECT record, state, worker_id, attempt, started_at, lease_expires_at FROM ojs_jobs
+SELECT record, state, worker_id, attempt, started_at, lease_expires_at, finished_at, ack_result FROM ojs_jobs
  WHERE NOT finished AND state = 'active' AND lease_until <= %s
  ORDER BY lease_until
  LIMIT %s
  FOR UPDATE SKIP LOCKED
 
 -- name: expired_ttl
-SELECT record, state, worker_id, attempt, started_at, lease_expires_at FROM ojs_jobs
+SELECT record, state, worker_id, attempt, started_at, lease_expires_at, finished_at, ack_result FROM ojs_jobs
  WHERE NOT finished AND expires_at <= %s
    AND state IN ('available', 'scheduled', 'retryable', 'pending')
  ORDER BY expires_at
@@ -306,7 +298,8 @@ SELECT least(
         AND state IN ('available', 'scheduled', 'retryable', 'pending')))
 
 -- name: list_dead_letter
-SELECT record, state, worker_id, attempt, started_at, lease_expires_at, count(*) OVER () FROM ojs_jobs
+SELECT record, state, worker_id, attempt, started_at, lease_expires_at, finished_at, ack_result,
+       count(*) OVER () FROM ojs_jobs
  WHERE finished AND dead_letter AND (%(queue)s::text IS NULL OR queue = %(queue)s)
  ORDER BY id
  LIMIT %(limit)s OFFSET %(offset)s
@@ -316,7 +309,7 @@ SELECT count(*) FROM ojs_jobs
  WHERE finished AND dead_letter AND (%(queue)s::text IS NULL OR queue = %(queue)s)
 
 -- name: lock_dead_letter
-SELECT record, state, worker_id, attempt, started_at, lease_expires_at FROM ojs_jobs WHERE id = %s AND finished AND dead_letter FOR UPDATE
+SELECT record, state, worker_id, attempt, started_at, lease_expires_at, finished_at, ack_result FROM ojs_jobs WHERE id = %s AND finished AND dead_letter FOR UPDATE
 
 -- name: delete_job
 DELETE FROM ojs_jobs WHERE id = %s
