@@ -25,7 +25,7 @@ from ojs_trio.config import Settings
 from ojs_trio.engine.engine import EngineConfig, open_engine
 from ojs_trio.http.serve import serve
 from ojs_trio.processes import run_processes
-from ojs_trio.runtime import freeze_startup_heap
+from ojs_trio.runtime import freeze_startup_heap, raise_gc_threshold
 from ojs_trio.storage import open_storage
 
 
@@ -76,6 +76,7 @@ async def main(storage_url: str, pool_size: int, processes: int) -> None:
             nursery.start_soon(watch_signals)
             addresses = await nursery.start(serve, engine, settings, shutdown_trigger)
             freeze_startup_heap()  # as ojs-trio serve does once it listens
+            raise_gc_threshold()
             _report(addresses[0])
         # serve() returned after the graceful drain; the signal watcher has exited.
 

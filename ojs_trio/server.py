@@ -11,7 +11,7 @@ import trio
 from ojs_trio.config import Settings
 from ojs_trio.engine.engine import EngineConfig, open_engine
 from ojs_trio.http.serve import serve
-from ojs_trio.runtime import freeze_startup_heap
+from ojs_trio.runtime import freeze_startup_heap, raise_gc_threshold
 from ojs_trio.storage import open_storage
 
 log = logging.getLogger("ojs_trio.server")
@@ -58,6 +58,7 @@ async def run_server(
                 )
                 log.info("ojs-trio serving on %s (storage %s)", ", ".join(addresses), storage.name)
                 freeze_startup_heap()  # no collector walks over start-up objects
+                raise_gc_threshold()  # no young collection per claimed batch
                 task_status.started(addresses)
             # serve() has returned: the graceful drain is over.
             signal_scope.cancel_scope.cancel()

@@ -15,6 +15,7 @@ library is missing or whose run fails is reported as such; the run goes on.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import subprocess
@@ -80,6 +81,8 @@ async def run_ours(url: str, jobs: int, concurrency: int) -> dict[str, Any]:
             "workers": concurrency,
             "prefetch": concurrency,
             "enqueue_batch": ENQUEUE_BATCH,
+            # ojs_trio.runtime.raise_gc_threshold, as ojs-trio serve runs (bench/run.py)
+            "gc_young_threshold": gc.get_threshold()[0],
         },
         "ok": drain_s is not None,
     }
