@@ -69,7 +69,7 @@ bench-quick: $(BENCH_STAMP)
 # the [bench] extra, PostgreSQL when it is not reachable); writes to a temp dir.
 BENCH_SMOKE_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/ojs_bench_smoke
 bench-smoke: $(STAMP)
-	$(BIN)/python -m bench --smoke --no-progress --pg-url $(BENCH_SMOKE_DATABASE_URL)
+	$(BIN)/python -m bench --smoke --no-progress --storage memory,postgres,sqs --pg-url $(BENCH_SMOKE_DATABASE_URL)
 
 test: lint typecheck unit bench-smoke
 

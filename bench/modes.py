@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ class Sizes:
     gc_jobs: int
     gc_concurrency: int
     gc_runs: int
+    # the throughput scenario's smallest backlog (jobs queued ahead of the workers)
+    tp_backlog: int = 500
 
 
 SMOKE = Sizes(
@@ -126,3 +128,16 @@ FULL = Sizes(
 )
 
 MODES = {"smoke": SMOKE, "quick": QUICK, "full": FULL}
+
+# Storages that only get a smoke run (SQS on moto: moto handles one request at a
+# time, and every job is an item and a message): the smoke sizes, trimmed so
+# that every scenario still runs each code path once.
+SMOKE_ONLY_SIZES = replace(
+    SMOKE,
+    dq_prefill=60,
+    tp_workers=(4,),
+    tp_max_jobs=(10,),
+    tp_backlog=40,
+    cost_resident=(20, 50),
+    cost_dead=20,
+)

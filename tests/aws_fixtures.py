@@ -25,81 +25,36 @@ sync code.
 
 from __future__ import annotations
 
-import logging
 import os
-import urllib.request
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
+
+from ojs_trio.testing.moto import open_moto_server, reset_moto
 
 if TYPE_CHECKING:
     from ojs_trio.storage.sqs.client import AwsSettings
 
-RESET_PATH = "/moto-api/reset"
+__all__ = ["TEST_REGION", "aws_endpoint", "aws_settings", "moto_endpoint", "reset_moto"]
+
 TEST_REGION = "us-east-1"
 
 
-def _require_moto() -> Any:
+def _require_moto() -> None:
     try:
-        from moto.server import ThreadedMotoServer
+        import moto.server  # noqa: F401
     except ImportError:
         if os.environ.get("CI", "").lower() == "true":
             raise
         pytest.skip("moto[server] is not installed")
-    return ThreadedMotoServer
-
-
-def reset_moto(endpoint: str, *, timeout: float = 10.0) -> None:
-    """Wipe every moto backend (all services, all regions)."""
-    request = urllib.request.Request(endpoint + RESET_PATH, data=b"", method="POST")
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        if response.status != 200:
-            raise RuntimeError(f"moto reset failed: HTTP {response.status}")
-
-
-_SERIALIZED = False
-
-
-def _serialize_moto_requests() -> None:
-    """Handle one moto request at a time.
-
-    The threaded server runs requests concurrently, but moto's backends are not
-    thread-safe: a DynamoDB transaction deep-copies the table while another thread
-    writes to it (``RuntimeError: dictionary changed size``), and two conditional
-    writes can both pass. AWS serializes conditional writes per item; one lock gives
-    the same guarantee here.
-    """
-    global _SERIALIZED
-    if _SERIALIZED:
-        return
-    import threading
-
-    from moto.moto_server.werkzeug_app import DomainDispatcherApplication
-
-    lock = threading.Lock()
-    handle = DomainDispatcherApplication.__call__
-
-    def serialized(self: Any, environ: Any, start_response: Any) -> Any:
-        with lock:
-            return handle(self, environ, start_response)
-
-    DomainDispatcherApplication.__call__ = serialized  # type: ignore[method-assign]
-    _SERIALIZED = True
 
 
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
-    server_cls = _require_moto()
-    _serialize_moto_requests()
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request
-    server = server_cls(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
+    _require_moto()
+    with open_moto_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

@@ -128,6 +128,25 @@ async def test_fifo_queues(aws_settings: AwsSettings) -> None:
         assert again == []
 
 
+async def test_a_second_reset_within_a_minute_still_empties_the_queues(
+    aws_settings: AwsSettings,
+) -> None:
+    """SQS refuses a second purge of a queue within 60 s; reset then deletes the
+    messages it can receive, so no stale message is left for later claims."""
+    async with opened(aws_settings) as storage:
+        await storage.enqueue([make_job(queue="r")], T0)
+        await storage.reset()  # purges
+        await storage.enqueue([make_job(queue="r") for _ in range(15)], T0)
+        await storage.reset()  # purge refused: receives and deletes instead
+        urls = (await storage.clients.sqs.list_queues(QueueNamePrefix="ojs-"))["QueueUrls"]
+        assert urls
+        for url in urls:
+            left = await storage.clients.sqs.get_queue_attributes(
+                QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"]
+            )
+            assert left["Attributes"]["ApproximateNumberOfMessages"] == "0", url
+
+
 async def test_open_storage_builds_the_adapter_from_an_sqs_url(
     aws_settings: AwsSettings,
 ) -> None:

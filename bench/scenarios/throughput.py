@@ -5,8 +5,9 @@ For each ``max_jobs`` in ``sizes.tp_max_jobs`` and each worker count in
 ``max_jobs`` is 1, batches of 100 otherwise) while ``workers`` tasks loop
 ``fetch(count=max_jobs)`` then ack every job (one ack call per job, as the OJS
 worker protocol has it).  The queue starts with a backlog of ``high_water`` jobs
-(500 to 3,000), and producers stay at most that far ahead of the acks, so the queue
-neither runs dry nor grows without bound.  Acks are counted over ``sizes.tp_s``
+(from ``sizes.tp_backlog``, 500 except in smoke-only runs, up to 3,000), and
+producers stay at most that far ahead of the acks, so the queue neither runs dry
+nor grows without bound.  Acks are counted over ``sizes.tp_s``
 after a ``sizes.tp_warm_s`` warm-up.
 """
 
@@ -33,7 +34,7 @@ async def run(ctx: Context) -> None:
 async def cycle(ctx: Context, workers: int, max_jobs: int) -> dict[str, object]:
     target, sizes = ctx.target, ctx.sizes
     batch = 1 if max_jobs == 1 else ENQUEUE_BATCH
-    high_water = min(max(500, workers * max_jobs * 2, batch * 4), 3000)
+    high_water = min(max(sizes.tp_backlog, workers * max_jobs * 2, batch * 4), 3000)
     enqueued = 0
     acked = 0
     errors = 0

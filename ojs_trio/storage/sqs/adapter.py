@@ -355,9 +355,25 @@ class SqsStorage:
                 async with map_errors():
                     await self.clients.sqs.purge_queue(QueueUrl=url)
             except OjsError:
-                pass  # purge is rate limited on AWS; stale messages are deleted on receipt
+                # A purge is allowed once a minute per queue (on AWS as on moto):
+                # delete what can be received now; messages in flight stay
+                # invisible until their timeout and are deleted on receipt then.
+                await self._delete_visible_messages(url)
         self._known_tiers.clear()
         self._expired_unreported.clear()
+
+    async def _delete_visible_messages(self, url: str) -> None:
+        while True:
+            out = await self._sqs(
+                "receive_message", QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=0
+            )
+            messages = out.get("Messages", [])
+            if not messages:
+                return
+            entries = [
+                {"Id": str(n), "ReceiptHandle": m["ReceiptHandle"]} for n, m in enumerate(messages)
+            ]
+            await self._sqs("delete_message_batch", QueueUrl=url, Entries=entries)
 
     async def _batch_delete(self, keys: list[dict[str, Any]]) -> None:
         requests = [{"DeleteRequest": {"Key": k}} for k in keys]
