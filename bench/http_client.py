@@ -160,6 +160,12 @@ class HttpClient:
                     got_bytes = isinstance(exc, ConnectionLost) and exc.got_response_bytes
                     if not reused or got_bytes or attempt == 2:
                         raise
+                    # The other idle connections have likely outlived the server's
+                    # keep-alive timeout too (e.g. after minutes of churn through
+                    # another client): drop them all and go on with a fresh one.
+                    stale, self._idle = self._idle, []
+                    for idle in stale:
+                        await idle.aclose()
                     continue
                 finally:
                     if sent:
