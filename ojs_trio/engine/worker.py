@@ -174,7 +174,7 @@ class WorkerPool:
             while not engine.draining:
                 while not self._should_fetch():
                     await self._freed.park()
-                room = self._free + self.prefetch - self._asked
+                room = self._room()
                 self._asked += room
                 try:
                     jobs = await engine.fetch(
@@ -259,9 +259,13 @@ class WorkerPool:
         if not self._waking and self._job_ready.unpark():
             self._waking = True
 
+    def _room(self) -> int:
+        """Free workers plus prefetch, less what fetches in flight asked for."""
+        return self._free + self.prefetch - self._asked
+
     def _should_fetch(self) -> bool:
         """Is there room enough for a fetch (see _fetch)?"""
-        room = self._free + self.prefetch - self._asked
+        room = self._room()
         if not self._asked:
             return room >= 1
         return room >= max(1, (self.concurrency + self.prefetch) // 2)
