@@ -481,8 +481,9 @@ def render(results: dict[str, Any]) -> str:
         'is the maximum. "gen. lag" is how late the load generator itself started '
         "its most delayed call (the latency still counts from the schedule); a large "
         "value means the client process was starved, so read that row with care. The "
-        "open-loop generator wakes at most once per millisecond and starts every call "
-        "due by then, so a latency may include up to 1 ms of generator granularity. "
+        "open-loop generator sleeps until the next call is due and starts every call "
+        "due by the time it wakes; its sleeps end on epoll's millisecond ticks, so a "
+        "latency may include up to about 1 ms of generator granularity. "
         "Quick-mode runs are short and noisy: compare trends, not digits.",
         "",
     ]
