@@ -174,3 +174,27 @@ async def test_without_coalescing_a_failure_is_its_callers_own(
         for i in range(4):
             nursery.start_soon(call, i)
     assert outcomes == {0: 0, 1: "bad 1", 2: 2, 3: "bad 3"}
+
+
+async def test_with_no_handover_delay_a_leader_returns_when_its_own_batch_commits(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The enqueue coalescer (handover_after=0): a leader whose call is done passes
+    # the lead on at once, so no caller waits for batches that are not its own.
+    recorder = Recorder()
+    coalescer: Coalescer[int, int] = Coalescer(recorder.run, handover_after=0.0)
+    latency: dict[int, float] = {}
+
+    async def call(i: int) -> None:
+        start = trio.current_time()
+        assert await coalescer.submit(i) == i * 10
+        latency[i] = trio.current_time() - start
+
+    async with trio.open_nursery() as nursery:
+        for i in range(100):  # one call every 3 ms; each batch takes 10 ms
+            nursery.start_soon(call, i)
+            await trio.sleep(0.003)
+    assert [i for batch in recorder.batches for i in batch] == list(range(100))  # FIFO
+    assert len(recorder.batches) > 10  # still coalesced: ~3 calls per batch
+    # At worst: the batch running when it arrived, then its own.
+    assert max(latency.values()) <= 2 * BATCH_S + 1e-9, max(latency.values())

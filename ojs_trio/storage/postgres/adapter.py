@@ -270,6 +270,11 @@ class PostgresStorage:
         self._enqueues: Coalescer[Enqueue, list[EnqueueResult]] = Coalescer(
             lambda calls: self._retry(lambda: self._enqueue_batch(calls)),
             coalesce=group_commit,
+            # A producer waits for its enqueue: the leader hands the next batch
+            # over as soon as its own has committed.  Running on for 5 ms held
+            # one caller in every few batches 5 ms longer, which was the whole
+            # embedded enqueue p99 (docs/performance.md, 2026-12-07 evening).
+            handover_after=0.0,
         )
         self._beats: Coalescer[Beat, list[Job]] = Coalescer(
             lambda beats: self._retry(lambda: self._heartbeat_batch(beats)),
