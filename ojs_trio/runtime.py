@@ -18,9 +18,9 @@ __all__ = ["YOUNG_GC_THRESHOLD", "freeze_startup_heap", "raise_gc_threshold"]
 # CPython's default, 700, is crossed by a single claim of 32 jobs (each job's
 # record, args and Job object), so a busy engine collected hundreds of times
 # a second, about 9 % of the embedded drain's CPU (docs/performance.md).  A young
-# collection is a pause as long as the walk over the young generation: 2-4 ms
-# at 10,000 (the embedded enqueue p99 at half the maximum rate was those
-# pauses), 0.3-0.6 ms at 2,000, with the same drain throughput.
+# collection is a pause as long as the walk over the young generation: about
+# 2 ms (up to 5) at 10,000, which set the embedded enqueue p99 at half the
+# maximum rate; about 0.3 ms (up to 1.4) at 2,000, with the same drain throughput.
 YOUNG_GC_THRESHOLD = 2_000
 
 

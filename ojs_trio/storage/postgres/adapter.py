@@ -272,7 +272,7 @@ class PostgresStorage:
             coalesce=group_commit,
             # A producer waits for its enqueue: the leader hands the next batch
             # over as soon as its own has committed.  Running on for 5 ms held
-            # one caller in every few batches 5 ms longer, which was the whole
+            # one caller every few milliseconds 5 ms longer, and that set the
             # embedded enqueue p99 (docs/performance.md, 2026-12-07 evening).
             handover_after=0.0,
         )
