@@ -94,7 +94,6 @@ async def open_loop(
     *,
     max_in_flight: int = 20_000,
     drain_timeout_s: float = 30.0,
-    quantum_s: float = 0.0,
 ) -> LoadResult:
     """Call ``op(i)`` at ``rate`` per second for ``duration_s``; latency from the schedule.
 
@@ -103,11 +102,11 @@ async def open_loop(
     Latency is ``completion - due time``, so time spent queued behind a stall, in the
     generator or in the system under test, counts.  ``max_in_flight`` only bounds
     memory; when it binds, the waiting still counts towards latency.  The generator
-    sleeps until the next operation is due (plus ``quantum_s``, if given) and then
-    starts everything due by the time it woke.  Trio's sleeps end on the
-    millisecond ticks of ``epoll``, so a start can be up to about 1 ms late (plus
-    ``quantum_s``); that counts towards the latency (conservative).  Operations still
-    running ``drain_timeout_s`` after the last send are cancelled and counted as errors.
+    sleeps until the next operation is due and then starts everything due by the
+    time it woke.  Trio's sleeps end on the millisecond ticks of ``epoll``, so a
+    start can be up to about 1 ms late; that counts towards the latency
+    (conservative).  Operations still running ``drain_timeout_s`` after the last
+    send are cancelled and counted as errors.
     """
     count = max(1, int(rate * duration_s))
     latencies: list[float] = []
@@ -142,7 +141,7 @@ async def open_loop(
                 # (before 2026-12-07) added 1-2 ms to every latency on top of
                 # epoll's own millisecond rounding.  Latency still counts from
                 # each due time, so lateness can only add to it, never hide a stall.
-                await trio.sleep_until(due + quantum_s)
+                await trio.sleep_until(due)
             now = trio.current_time()
             while i < count and (due := t0 + i / rate) <= now:
                 try:
