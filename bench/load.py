@@ -66,6 +66,8 @@ class LoadResult:
     latencies_s: list[float] = field(default_factory=list)
     lag_max_s: float = 0.0  # how far the generator itself fell behind its schedule
     error_sample: str | None = None
+    # The runs this result pools (see :func:`pooled`); empty for a single run.
+    windows: list[LoadResult] = field(default_factory=list)
 
     @property
     def achieved_rate(self) -> float:
@@ -84,7 +86,60 @@ class LoadResult:
         }
         if self.error_sample:
             out["error_sample"] = self.error_sample
+        if self.windows:
+            out["windows"] = [
+                {
+                    "achieved_rate": round(w.achieved_rate, 1),
+                    "errors": w.errors,
+                    "generator_lag_max_ms": round(w.lag_max_s * 1000, 3),
+                    "latency": summarize(w.latencies_s),
+                }
+                for w in self.windows
+            ]
         return out
+
+
+def pooled(runs: list[LoadResult]) -> LoadResult:
+    """Several runs at one offered rate as one result: their samples pooled.
+
+    The percentiles are those of every sample of every run, as if the runs were
+    one longer run; each run's own summary stays in ``windows``.  A single run is
+    returned as it is.
+    """
+    if len(runs) == 1:
+        return runs[0]
+    samples = [s for run in runs for s in run.latencies_s]
+    return LoadResult(
+        offered_rate=runs[0].offered_rate,
+        duration_s=sum(run.duration_s for run in runs),
+        completed=sum(run.completed for run in runs),
+        errors=sum(run.errors for run in runs),
+        latencies_s=samples,
+        lag_max_s=max(run.lag_max_s for run in runs),
+        error_sample=next((run.error_sample for run in runs if run.error_sample), None),
+        windows=list(runs),
+    )
+
+
+async def open_loop_windows(
+    op: Op,
+    rate: float,
+    duration_s: float,
+    windows: int,
+    prepare: Callable[[], Awaitable[object]],
+) -> LoadResult:
+    """``windows`` open-loop runs of ``duration_s`` at ``rate``, pooled.
+
+    ``prepare()`` runs before each (e.g. empty or refill the queue), outside the
+    measured time.  One window of a few seconds holds a stall or none by chance;
+    the pooled p99 over several, with each window's p99 beside it, says how
+    steady the figure is.
+    """
+    runs = []
+    for _ in range(max(windows, 1)):
+        await prepare()
+        runs.append(await open_loop(op, rate, duration_s))
+    return pooled(runs)
 
 
 async def open_loop(

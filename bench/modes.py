@@ -41,6 +41,10 @@ class Sizes:
     gc_runs: int
     # the throughput scenario's smallest backlog (jobs queued ahead of the workers)
     tp_backlog: int = 500
+    # Windows of ``rate_s`` (``longpoll_s``) at each point a target is read from
+    # (half the maximum; the held long-polls), each prepared afresh.  The verdict
+    # reads the p99 of all their samples; the report lists each window's p99.
+    judged_windows: int = 1
 
 
 SMOKE = Sizes(
@@ -125,7 +129,11 @@ FULL = Sizes(
     gc_jobs=20_000,
     gc_concurrency=64,
     gc_runs=3,
+    judged_windows=3,
 )
+
+# The fraction of the measured maximum that the latency targets are read at.
+JUDGED_FRACTION = 0.5
 
 MODES = {"smoke": SMOKE, "quick": QUICK, "full": FULL}
 

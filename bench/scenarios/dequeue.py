@@ -5,7 +5,8 @@
   closed-loop callers, then open-loop runs stepping down from it until one keeps
   up (:func:`bench.load.measure_max`, the queue refilled before each); then
   open-loop fetches run at ``sizes.dq_fractions`` of it (latency from the
-  scheduled send time).  Fetched jobs are not acked (storage is reset after).
+  scheduled send time; ``sizes.judged_windows`` runs, each on a refilled queue,
+  at the fraction the targets are read at).  Fetched jobs are not acked (storage is reset after).
 * enqueue → start: one worker long-polls (``wait_ms`` 30 s) and acks what it gets;
   jobs are enqueued one at a time, ``sizes.e2s_gap_s`` apart, so the worker is idle
   and waiting each time.  Latency runs from just before the enqueue call to the
@@ -16,7 +17,8 @@ from __future__ import annotations
 
 import trio
 
-from bench.load import max_rate, measure_max, open_loop, summarize
+from bench.load import max_rate, measure_max, open_loop_windows, summarize
+from bench.modes import JUDGED_FRACTION
 from bench.scenarios.common import QUEUE, Context, fill
 
 E2S_QUEUE = "bench-e2s"
@@ -65,9 +67,13 @@ async def run(ctx: Context) -> None:
 
     for fraction in sizes.dq_fractions:
         rate = max(best * fraction, 1.0)
-        await refill(rate, sizes.rate_s)
+        windows = sizes.judged_windows if fraction == JUDGED_FRACTION else 1
+
+        async def prepare_window(rate: float = rate) -> None:
+            await refill(rate, sizes.rate_s)
+
         ctx.progress.show(ctx.label(f"dequeue: {rate:,.0f} fetches/s open loop"))
-        result = await open_loop(fetch_one, rate, sizes.rate_s)
+        result = await open_loop_windows(fetch_one, rate, sizes.rate_s, windows, prepare_window)
         ctx.record("dequeue", {"phase": "open", "fraction": fraction}, result.to_json())
 
     await target.reset()

@@ -6,14 +6,17 @@ For each kind (one job per call; ``sizes.batch`` jobs per call):
    then open-loop runs stepping down from that rate until one keeps up
    (:func:`bench.load.measure_max`);
 2. open-loop runs at ``sizes.fractions`` of that maximum, each for ``sizes.rate_s``,
-   with latency measured from each call's scheduled send time.
+   with latency measured from each call's scheduled send time.  At the fraction
+   the targets are read at, ``sizes.judged_windows`` such runs, pooled
+   (:func:`bench.load.open_loop_windows`).
 
 Storage is emptied before every run so resident rows do not build up across runs.
 """
 
 from __future__ import annotations
 
-from bench.load import max_rate, measure_max, open_loop
+from bench.load import max_rate, measure_max, open_loop_windows
+from bench.modes import JUDGED_FRACTION
 from bench.scenarios.common import QUEUE, Context
 
 
@@ -39,9 +42,9 @@ async def run(ctx: Context) -> None:
         ctx.measured[f"enqueue_{kind}_max_rate"] = best
         for fraction in sizes.fractions:
             rate = max(best * fraction, 1.0)
-            await target.reset()
+            windows = sizes.judged_windows if fraction == JUDGED_FRACTION else 1
             ctx.progress.show(ctx.label(f"enqueue {kind}: {rate:,.0f}/s open loop"))
-            result = await open_loop(op, rate, sizes.rate_s)
+            result = await open_loop_windows(op, rate, sizes.rate_s, windows, target.reset)
             ctx.record(
                 "enqueue",
                 {"kind": kind, "batch": n, "phase": "open", "fraction": fraction},

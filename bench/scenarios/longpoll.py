@@ -8,7 +8,9 @@ its own workers: there the harness counts fetches sent in full and not answered,
 then waits for quick health answers, i.e. for the processes to have parked them).
 Open-loop single enqueues on another queue are then measured at half the session's
 measured single-enqueue maximum (or ``DEFAULT_RATE`` when the enqueue scenario did
-not run), before the workers connect (baseline) and while they are held.
+not run), before the workers connect (baseline) and while they are held, for
+``sizes.judged_windows`` windows each, pooled (the jobs they enqueue stay in
+storage until the scenario ends: a few thousand on another queue).
 
 Once the workers are held, the harness settles the heap as it does before every
 scenario (``freeze_startup_heap``, as docs/embedding.md advises an application once
@@ -26,7 +28,7 @@ from typing import Any
 
 import trio
 
-from bench.load import open_loop
+from bench.load import open_loop_windows
 from bench.scenarios.common import QUEUE, Context
 from bench.server import raise_nofile_limit
 from bench.targets import Target
@@ -48,7 +50,9 @@ async def run(ctx: Context) -> None:
 
     await target.reset()
     ctx.progress.show(ctx.label(f"longpoll: baseline enqueue at {rate:,.0f}/s"))
-    baseline = await open_loop(enqueue_one, rate, sizes.longpoll_s)
+    baseline = await open_loop_windows(
+        enqueue_one, rate, sizes.longpoll_s, sizes.judged_windows, trio.lowlevel.checkpoint
+    )
     await target.reset()
 
     clients: list[Target] = []
@@ -82,7 +86,9 @@ async def run(ctx: Context) -> None:
             freeze_startup_heap()
             settle_ms = (time.perf_counter() - t_settle) * 1000
             ctx.progress.show(ctx.label(f"longpoll: enqueue at {rate:,.0f}/s, {held:,} held"))
-            loaded = await open_loop(enqueue_one, rate, sizes.longpoll_s)
+            loaded = await open_loop_windows(
+                enqueue_one, rate, sizes.longpoll_s, sizes.judged_windows, trio.lowlevel.checkpoint
+            )
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
