@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import trio
+from psycopg.types.json import Jsonb
 
 from ojs_trio.engine import lifecycle
 from ojs_trio.engine.errors import Conflict, InvalidStateTransition
@@ -23,6 +24,7 @@ from ojs_trio.engine.job import Job
 from ojs_trio.engine.lifecycle import Failure
 from ojs_trio.storage.port import ClaimRequest
 from ojs_trio.storage.postgres.adapter import PostgresStorage, _job, _row
+from ojs_trio.storage.postgres.sql import q
 from ojs_trio.testing.storage_contract import T0, make_job
 
 QUEUE = "claims"
@@ -229,3 +231,39 @@ async def test_acks_the_statement_leaves_get_the_general_paths_errors(fresh_db: 
         assert sum(isinstance(o, Job) for o in outcomes) == 2
         assert sum(isinstance(o, InvalidStateTransition) for o in outcomes) == 1
         assert (await storage.get(jobs[1].id)).result == "r"
+
+
+async def test_a_claim_commits_without_waiting_for_the_flush_and_only_itself(
+    fresh_db: str,
+) -> None:
+    """``claim_plain`` turns synchronous_commit off for its own transaction only.
+
+    PostgreSQL reads the setting when the transaction commits and resets a local
+    one after that, so the claim's commit does not wait for its WAL to reach disk,
+    while the connection's next statements (enqueues, acks) still do.
+    """
+    async with _open(fresh_db) as storage:
+        await storage.enqueue([make_job(queue=QUEUE, args=[k]) for k in range(2)], T0)
+        async with storage._pool.connection() as conn:
+
+            async def mode() -> str:
+                cur = await conn.execute("SHOW synchronous_commit")
+                row = await cur.fetchone()
+                assert row is not None
+                return str(row[0])
+
+            assert await mode() == "on"
+            slots = Jsonb([{"n": 1, "worker_id": "w1", "visibility_ms": None}])
+            params = {"queue": QUEUE, "now": T0 + 1, "default_ms": 30_000, "slots": slots}
+            async with conn.transaction():
+                cur = await conn.execute(q("claim_plain"), params)
+                assert len(await cur.fetchall()) == 1
+                assert await mode() == "off"  # in force when this transaction commits
+            assert await mode() == "on"
+        # Through the adapter (one autocommitted statement on a pooled connection):
+        # the job is claimed and every pooled connection is left as it was.
+        (got,) = await storage.claim([ClaimRequest((QUEUE,), 1, "w2", None)], T0 + 2)
+        assert len(got) == 1 and (await storage.get(got[0].id)).state == "active"
+        async with storage._pool.connection() as conn:
+            cur = await conn.execute("SHOW synchronous_commit")
+            assert await cur.fetchone() == ("on",)
