@@ -6,7 +6,8 @@
   up (:func:`bench.load.measure_max`, the queue refilled before each); then
   open-loop fetches run at ``sizes.dq_fractions`` of it (latency from the
   scheduled send time; ``sizes.judged_windows`` runs, each on a refilled queue,
-  at the fraction the targets are read at).  Fetched jobs are not acked (storage is reset after).
+  at the fraction the targets are read at).  Fetched jobs are not acked
+  (storage is reset after).
 * enqueue → start: one worker long-polls (``wait_ms`` 30 s) and acks what it gets;
   jobs are enqueued one at a time, ``sizes.e2s_gap_s`` apart, so the worker is idle
   and waiting each time.  Latency runs from just before the enqueue call to the
