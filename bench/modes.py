@@ -41,6 +41,10 @@ class Sizes:
     gc_runs: int
     # the throughput scenario's smallest backlog (jobs queued ahead of the workers)
     tp_backlog: int = 500
+    # Throughput runs per resident size in ``cost`` (the backlog topped up between
+    # them); the median is the figure.  One run of 5,000 jobs on memory storage
+    # lasts about 0.2 s, and one full collection can take a third of that.
+    cost_runs: int = 1
     # Windows of ``rate_s`` (``longpoll_s``) at each point a target is read from
     # (half the maximum; the held long-polls), each prepared afresh.  The verdict
     # reads the p99 of all their samples; the report lists each window's p99.
@@ -130,6 +134,7 @@ FULL = Sizes(
     gc_concurrency=64,
     gc_runs=3,
     judged_windows=3,
+    cost_runs=3,
 )
 
 # The fraction of the measured maximum that the latency targets are read at.

@@ -1,11 +1,18 @@
-"""The load generator's pooling of windows (bench/load.py) and how the report shows it."""
+"""Repeated measurements in the harness: pooled latency windows (bench/load.py), how
+the report shows them, and the cost scenario's repeated throughput runs."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import trio
 
-from bench.load import LoadResult, open_loop_windows, pooled
+from bench.load import LoadResult, Progress, open_loop_windows, pooled
+from bench.modes import SMOKE
 from bench.report import _windows
+from bench.scenarios import cost
+from bench.scenarios.common import QUEUE, Context, fill
+from bench.targets import open_embedded
 
 
 def _run(latencies_ms: list[float], *, errors: int = 0, lag_ms: float = 0.0) -> LoadResult:
@@ -61,3 +68,20 @@ async def test_each_window_is_prepared_before_it_runs(autojump_clock: trio.abc.C
     assert [w.completed for w in result.windows] == [5, 5, 5]
     assert result.completed == 15
     assert all(abs(s - 0.002) < 1e-6 for s in result.latencies_s)
+
+
+async def test_cost_runs_are_topped_up_and_the_median_is_the_figure() -> None:
+    sizes = replace(SMOKE, cost_resident=(40, 100), cost_samples=10, cost_runs=3, cost_tp_s=30.0)
+    async with open_embedded("memory", "memory://") as target:
+        ctx = Context(target, sizes, Progress(1, enabled=False), [])
+        await target.reset()
+        await fill(target, QUEUE, 40, tick=lambda done: None)
+        metrics = await cost.measure(ctx, "40 resident")
+    # 30 jobs are left after the claim samples.  A run stops taking new batches
+    # once half the smallest size (20) is acked, but 16 workers fetching 10 at a
+    # time have all 30 in hand by then.  The top-up brings the next run's backlog
+    # back to 30: without it the second and third runs would find none.
+    assert metrics["acked"] == 3 * 30
+    runs = metrics["runs_jobs_per_s"]
+    assert len(runs) == 3 and all(rate > 0 for rate in runs)
+    assert metrics["jobs_per_s"] == sorted(runs)[1]
