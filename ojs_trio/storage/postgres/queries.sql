@@ -143,7 +143,7 @@ SELECT name, paused, rate_limit, concurrency FROM ojs_queues WHERE name = ANY(%s
 -- delivered again: at-least-once holds, and enqueues and acks still wait for the
 -- flush (which takes every earlier claim with it).  Waiting, a fetch stalled for
 -- as long as any fsync took: 60 ms at times on the benchmark VM
--- (docs/performance.md, "Claims without waiting for the WAL flush").
+-- (docs/performance.md, "Windows, claims without the flush, ...").
 WITH settings AS (
     SELECT paused, rate_limit IS NOT NULL OR concurrency IS NOT NULL AS limited
       FROM ojs_queues WHERE name = %(queue)s
