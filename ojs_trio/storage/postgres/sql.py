@@ -7,14 +7,31 @@ from functools import cache
 from importlib import resources
 
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+_COMMENT_LINE = re.compile(r"^\s*--.*\n", re.MULTILINE)
+
+# psycopg caches the conversion of a statement's ``%(name)s`` placeholders only
+# for statements up to this many bytes (psycopg/_queries.py); a longer one is
+# parsed again on every execution.  The claim crossing it cost a fetch about 15 %
+# more CPU (docs/performance.md), so tests/test_pg_sql.py holds every query to it.
+CACHED_STATEMENT_BYTES = 4096
 
 
 @cache
 def queries() -> dict[str, str]:
+    """Each named statement, its whole-line comments left in the file.
+
+    The comments say why; the server needs none of them, and kept they would
+    be sent with every execution and count towards ``CACHED_STATEMENT_BYTES``.
+    A first line naming the statement is kept instead, so it can be told apart
+    in ``pg_stat_activity`` and the server's log.
+    """
     text = resources.files(__package__).joinpath("queries.sql").read_text()
     parts = _NAME.split(text)
     # parts: [preamble, name1, body1, name2, body2, ...]
-    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+    return {
+        name: f"-- {name}\n" + _COMMENT_LINE.sub("", body.strip() + "\n").strip()
+        for name, body in zip(parts[1::2], parts[2::2], strict=True)
+    }
 
 
 def q(name: str) -> str:
