@@ -374,3 +374,52 @@ async def test_client_disconnect_cancels_a_long_poll(fast_path: bool) -> None:
             response = await client.post("/ojs/v1/workers/fetch", json={"queues": ["lp"]})
             assert [j["id"] for j in response.json()["jobs"]] == [job_id]
         stop.set()
+
+
+async def _read_to_close(url: str, request: bytes) -> bytes:
+    """Send one raw request; everything the server sends until it closes."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        await stream.send_all(request)
+        received = b""
+        with trio.fail_after(5):  # the server must close; a hang fails here
+            while chunk := await stream.receive_some():
+                received += chunk
+        return received
+
+
+@pytest.mark.parametrize("wait_ms", [0, 200])
+async def test_a_fetch_asking_for_connection_close_gets_its_reply_and_the_close(
+    wait_ms: int,
+) -> None:
+    # A client that reads a reply to the end (HTTP/1.0 style) must not be left waiting:
+    # with the disconnect watcher still receiving, Hypercorn kept the connection open.
+    body = b'{"queues": ["cc"], "wait_ms": %d}' % wait_ms
+    request = (
+        b"POST /ojs/v1/workers/fetch HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+        b"Content-Type: application/openjobspec+json\r\nContent-Length: %d\r\n\r\n%s"
+        % (len(body), body)
+    )
+    async with twin_servers() as twin:
+        job_id = await _enqueue(twin.fast, "cc")
+        url = str(twin.fast.client.base_url)
+        first = await _read_to_close(url, request)
+        assert first.startswith(b"HTTP/1.1 200 ")
+        assert job_id.encode() in first
+        empty = await _read_to_close(url, request)  # nothing left: waits wait_ms first
+        assert empty.startswith(b"HTTP/1.1 200 ") and empty.endswith(b'{"jobs":[]}')
+
+
+async def test_a_quart_route_asking_for_connection_close_gets_the_close() -> None:
+    # Quart-Trio's disconnect watcher has a receive() pending as the reply ends.
+    async with twin_servers() as twin:
+        url = str(twin.fast.client.base_url)
+        for path in (b"/ojs/v1/health", b"/ojs/v1/queues"):
+            reply = await _read_to_close(
+                url, b"GET %s HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n" % path
+            )
+            assert reply.startswith(b"HTTP/1.1 200 "), reply
+        # Keep-alive still holds: two requests on one connection.
+        for _ in range(2):
+            assert (await twin.fast.client.get("/ojs/v1/health")).status_code == 200

@@ -24,6 +24,14 @@ with the same answers, byte for byte (tests/test_http_fastpath.py compares them)
 As in Quart-Trio, a client that disconnects while a fetch is waiting for jobs
 cancels the fetch.  The other hot routes finish in milliseconds and are not
 watched: a watcher task per request cost about 5 % of the server's CPU per job.
+
+Hypercorn does not close a connection whose request asked for
+``Connection: close`` if the app still has a ``receive()`` pending when it
+sends the end of its reply, and a client reading the reply to the end of the
+stream then waits until the keep-alive timeout.  Quart-Trio always has one
+pending (its disconnect watcher), so requests passed to Quart get a ``receive``
+that gives up its pending call as the last part of the reply goes out
+(``_ReplyEnds``); the fetch watcher here is stopped before the reply is sent.
 """
 
 from __future__ import annotations
@@ -31,7 +39,14 @@ from __future__ import annotations
 import logging
 
 import trio
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
+from hypercorn.typing import (
+    ASGIReceiveCallable,
+    ASGIReceiveEvent,
+    ASGISendCallable,
+    ASGISendEvent,
+    HTTPScope,
+    Scope,
+)
 from quart_trio import QuartTrio
 
 from ojs_trio.engine.errors import BackendError, OjsError, PayloadTooLarge, Unauthenticated
@@ -83,6 +98,10 @@ class FastPath:
             if handler is not None:
                 await self._serve(handler, scope, receive, send)
                 return
+        if scope["type"] == "http":
+            ends = _ReplyEnds(receive, send)
+            await self.app(scope, ends.receive, ends.send)
+            return
         await self.app(scope, receive, send)
 
     async def _serve(
@@ -153,11 +172,17 @@ class FastPath:
             reply = await self._reply(handler, scope, content_type, raw, request_id)
             await _send_reply(send, reply, request_id)
             return
+        waited: Reply | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
-            reply = await self._reply(handler, scope, content_type, raw, request_id)
-            await _send_reply(send, reply, request_id)
+            waited = await self._reply(handler, scope, content_type, raw, request_id)
             nursery.cancel_scope.cancel()
+        if waited is None:
+            return  # the client went away while the fetch waited
+        # Sent once the watcher is gone: with a receive() still pending, Hypercorn
+        # keeps a connection open after a reply to a request that asked for
+        # ``Connection: close`` (a client reading to the end would wait forever).
+        await _send_reply(send, waited, request_id)
 
     async def _reply(
         self,
@@ -207,6 +232,36 @@ async def _cancel_on_disconnect(
     while (await receive())["type"] != "http.disconnect":
         pass
     cancel_scope.cancel()
+
+
+class _ReplyEnds:
+    """``receive``/``send`` for Quart: a pending ``receive()`` ends as the reply does.
+
+    Until the last body message, ``receive`` is Hypercorn's, so a disconnect still
+    reaches Quart-Trio (which cancels the handler, e.g. an event stream).  When
+    the last body message is sent, a pending ``receive`` is cancelled first and
+    waits from then on; Quart-Trio cancels it once the reply is out.
+    """
+
+    def __init__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        self._receive = receive
+        self._send = send
+        self._pending: trio.CancelScope | None = None
+        self._ended = False
+
+    async def receive(self) -> ASGIReceiveEvent:
+        if not self._ended:
+            with trio.CancelScope() as self._pending:
+                return await self._receive()
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def send(self, message: ASGISendEvent) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self._ended = True
+            if self._pending is not None:
+                self._pending.cancel()
+        await self._send(message)
 
 
 async def _send_reply(send: ASGISendCallable, reply: Reply, request_id: str) -> None:
