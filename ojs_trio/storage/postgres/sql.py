@@ -11,7 +11,7 @@ _COMMENT_LINE = re.compile(r"^\s*--.*\n", re.MULTILINE)
 
 # psycopg caches the conversion of a statement's ``%(name)s`` placeholders only
 # for statements up to this many bytes (psycopg/_queries.py); a longer one is
-# parsed again on every execution.  The claim crossing it cost a fetch about 15 %
+# parsed again on every execution.  The claim crossing it cost a fetch about 6 %
 # more CPU (docs/performance.md), so tests/test_pg_sql.py holds every query to it.
 CACHED_STATEMENT_BYTES = 4096
 
