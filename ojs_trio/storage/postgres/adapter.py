@@ -411,6 +411,7 @@ class PostgresStorage:
             "status": "connected",
             "latency_ms": round((trio.current_time() - start) * 1000, 2),
             "pool": vars(self._pool.statistics()) if hasattr(self._pool, "statistics") else {},
+            "group_commit": {k: vars(v) for k, v in self.group_commit_statistics().items()},
         }
 
     async def reset(self) -> None:
