@@ -413,6 +413,113 @@ async def test_one_claim_call_serves_every_parked_fetch() -> None:
         assert engine.statistics().waiting_fetches == 0
 
 
+async def test_a_wake_claims_for_the_oldest_parked_fetches_until_one_comes_back_empty(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """1,100 parked fetches (over two claim batches of 512), 3 jobs arrive: one claim
+    of the oldest batch serves the 3 oldest, and the fetches behind them are left
+    alone (a claim with an empty-handed fetch means storage is dry)."""
+    parked = 1_100
+    storage = MemoryStorage()
+    real_claim = storage.claim
+    calls: list[tuple[int, int]] = []  # per claim call: (requests carried, jobs returned)
+
+    async def counting_claim(requests: Sequence[Any], now: float) -> list[list[Job]]:
+        results = await real_claim(requests, now)
+        calls.append((len(requests), sum(len(jobs) for jobs in results)))
+        return results
+
+    storage.claim = counting_claim  # type: ignore[method-assign]
+    async with open_engine(storage, EngineConfig(clock=wall)) as engine:
+        got: dict[int, list[Job]] = {}
+
+        async def long_poll(n: int) -> None:
+            got[n] = await engine.fetch(["default"], worker_id=f"w{n}", wait_ms=30_000)
+
+        async with trio.open_nursery() as nursery:
+            for n in range(parked):
+                nursery.start_soon(long_poll, n)
+                await trio.testing.wait_all_tasks_blocked()  # parked in arrival order
+            assert engine.statistics().waiting_fetches == parked
+            calls.clear()
+            jobs = [parse_job({"type": "t.job", "args": [n]}, wall()) for n in range(3)]
+            await engine.enqueue_jobs(jobs)
+            await trio.testing.wait_all_tasks_blocked()
+            assert calls == [(512, 3)]
+            assert sorted(got) == [0, 1, 2]
+            assert engine.statistics().waiting_fetches == parked - 3
+            # The idle re-check claims for one batch of the oldest, finds nothing, stops.
+            calls.clear()
+            await trio.sleep(1.5)
+            assert calls == [(512, 0)]
+            nursery.cancel_scope.cancel()
+
+
+async def test_parked_fetches_expire_each_at_its_own_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Deadlines in any order: each fetch is answered (empty) at its own, the count of
+    waiting fetches follows, and a fetch parked after the others still gets a job."""
+    waits_s = [5, 1, 4, 2, 3] * 40
+    async with running_engine() as engine:
+        answered: list[tuple[float, int]] = []
+        start = trio.current_time()
+
+        async def long_poll(wait_s: int) -> None:
+            jobs = await engine.fetch(["default"], wait_ms=wait_s * 1000)
+            assert jobs == []
+            answered.append((trio.current_time() - start, wait_s))
+
+        async with trio.open_nursery() as nursery:
+            for wait_s in waits_s:
+                nursery.start_soon(long_poll, wait_s)
+            for second in range(1, 6):
+                await trio.sleep_until(start + second + 0.5)
+                expected = sum(1 for w in waits_s if w > second)
+                assert engine.statistics().waiting_fetches == expected
+        assert len(answered) == len(waits_s)
+        assert all(at == pytest.approx(wait_s, abs=0.01) for at, wait_s in answered)
+        job = (await engine.enqueue("t.job")).job
+        assert [j.id for j in await engine.fetch(["default"], wait_ms=1000)] == [job.id]
+        assert engine.statistics().waiting_fetches == 0
+
+
+async def test_a_fetch_whose_wait_ends_during_its_claim_gets_the_claimed_job(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The idle re-check claims for a parked fetch and the claim outlasts the fetch's
+    wait: the expiry pass must leave it to the claim, which found a job for it."""
+    storage = MemoryStorage()
+    real_claim = storage.claim
+    gate = trio.Event()
+    in_claim = trio.Event()
+
+    async def slow_claim(requests: Sequence[Any], now: float) -> list[list[Job]]:
+        if trio.current_time() > 0.5:  # the re-check, not the fetch's first claim
+            in_claim.set()
+            await gate.wait()
+        return await real_claim(requests, now)
+
+    storage.claim = slow_claim  # type: ignore[method-assign]
+    async with open_engine(storage, EngineConfig(clock=wall)) as engine:
+        got: list[list[Job]] = []
+
+        async def long_poll() -> None:
+            got.append(await engine.fetch(["default"], worker_id="w", wait_ms=2_000))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(long_poll)
+            await in_claim.wait()  # the 1 s re-check is claiming for the parked fetch
+            # A job another process enqueued (no wake-up here), then the wait runs out.
+            job = parse_job({"type": "t.job", "args": []}, wall())
+            await storage.enqueue([job], wall())
+            await trio.sleep(2.0)
+            assert got == []  # not answered empty-handed behind the claim's back
+            gate.set()
+        assert [[j.id for j in jobs] for jobs in got] == [[job.id]]
+        assert (await engine.get(job.id)).state is JobState.ACTIVE
+
+
 async def test_a_fetch_arriving_during_a_claim_round_gets_a_round_of_its_own() -> None:
     """Claim rounds overlap, up to CONCURRENT_ROUNDS: a fetch that arrives while a
     round's claim is still running does not wait for it; one more than that does."""

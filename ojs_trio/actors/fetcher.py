@@ -10,6 +10,7 @@ engine, never a poll loop) or their deadline passes.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -43,6 +44,7 @@ class FetchRequest:
     done: trio.Event = field(default_factory=trio.Event)
     abandoned: bool = False
     tried: bool = False  # has a claim round looked for jobs for it yet?
+    claiming: bool = False  # in a claim round's storage call right now
     error: OjsError | None = None  # the claim failed (e.g. the backend is down)
 
     def claim_request(self) -> ClaimRequest:
@@ -89,11 +91,16 @@ class FetcherPool:
         self._on_claimed = on_claimed
         self._max_batch = max_batch
         self.send_channel, self._receive = trio.open_memory_channel[FetchRequest](buffer)
-        self._waiting: list[FetchRequest] = []  # tried at least once, parked, oldest first
+        # Parked fetches (tried at least once), oldest first.  Entries answered by
+        # _expire or abandoned by their fetcher stay until a round or a compaction
+        # passes them: nothing walks the whole list while fetches are held.
+        self._waiting: list[FetchRequest] = []
+        self._expired = 0  # entries of _waiting answered by _expire, not removed yet
+        self._deadlines: list[tuple[float, int, FetchRequest]] = []  # heap of parked fetches
+        self._parked_seq = 0  # heap tie-breaker: requests do not compare
         self._fresh: list[FetchRequest] = []  # arrived since the last claim round
         self._wake = trio.Event()
         self._jobs_maybe = False  # wake() since the last round over the parked fetches
-        self._earliest = math.inf  # no parked fetch's deadline comes before this
         self._rounds = 0  # claim rounds running
         self._in_round = 0  # fetches those rounds are claiming for
         self._draining = False
@@ -125,9 +132,12 @@ class FetcherPool:
 
     async def _serve(self) -> None:
         # New fetches get one claim round as they arrive; the parked ones (tried
-        # and empty) only when jobs may have arrived (wake) or every IDLE_RECHECK.
-        # Re-claiming for every parked fetch on every arrival made the ramp to
-        # 10,000 held long-polls quadratic and kept a core busy once they were held.
+        # and empty) only when jobs may have arrived (wake) or every IDLE_RECHECK,
+        # and then from the oldest, a batch at a time, until storage comes back
+        # dry.  Re-claiming for every parked fetch on every arrival made the ramp to
+        # 10,000 held long-polls quadratic and kept a core busy once they were held;
+        # walking all of them once a second (even without claiming) stalled the
+        # server for 10-20 ms every second (docs/performance.md).
         # Up to CONCURRENT_ROUNDS rounds run at once: fetches that arrive while a
         # round's statement runs get a round of their own instead of queueing
         # behind it, so a busy pool's claims overlap (docs/performance.md).
@@ -137,22 +147,23 @@ class FetcherPool:
                 self._wake = trio.Event()
                 if self._draining:
                     for request in self._waiting + self._fresh:
-                        request.fulfil([])
-                    self._waiting, self._fresh = [], []
+                        if not request.done.is_set():
+                            request.fulfil([])
+                    self._waiting, self._fresh, self._deadlines = [], [], []
+                    self._expired = 0
                 now = trio.current_time()
                 if self._rounds < CONCURRENT_ROUNDS:
+                    parked = False
                     if self._jobs_maybe or now >= recheck_at:
                         self._jobs_maybe = False
                         recheck_at = now + IDLE_RECHECK
-                        candidates, self._waiting = self._waiting + self._fresh, []
-                        self._earliest = math.inf
-                    else:
-                        candidates = self._fresh  # arrivals queue behind the parked ones
-                    self._fresh = []
-                    if candidates:
+                        parked = len(self._waiting) > self._expired
+                    # Without a wake, arrivals queue behind the parked fetches.
+                    if parked or self._fresh:
+                        fresh, self._fresh = self._fresh, []
                         self._rounds += 1
-                        self._in_round += len(candidates)  # still counted as waiting
-                        rounds.start_soon(self._round, candidates)
+                        self._in_round += len(fresh)  # still counted as waiting
+                        rounds.start_soon(self._round, fresh, parked)
                         continue
                 self._expire(now)
                 if not self._waiting and not self._fresh and not self._rounds:
@@ -160,64 +171,91 @@ class FetcherPool:
                     recheck_at = trio.current_time() + IDLE_RECHECK
                     continue
                 # With every round slot taken, a recheck waits for a slot (a wake).
-                due = self._earliest
+                due = self._deadlines[0][0] if self._deadlines else math.inf
                 if self._rounds < CONCURRENT_ROUNDS:
                     due = min(due, recheck_at)
                 with trio.move_on_at(due):
                     await self._wake.wait()
 
-    async def _round(self, candidates: list[FetchRequest]) -> None:
-        """Claim for ``candidates``; the ones that got nothing and may wait are parked."""
+    async def _round(self, fresh: list[FetchRequest], parked: bool) -> None:
+        """Claim for the parked fetches (if ``parked``), then for ``fresh``.
+
+        The parked ones are taken from the oldest, a batch at a time, until a
+        claim leaves one of them empty-handed (storage is dry: every fetch of a
+        pool asks for the same queues); the rest are not touched.  The fresh
+        ones always get their first claim.  Those that got nothing and may wait
+        are parked.
+        """
+        in_flight: list[FetchRequest] = []  # parked fetches in the current claim
+        left: list[FetchRequest] = []
         try:
-            left = await self._serve_batches([r for r in candidates if not r.abandoned])
+            dry = False
+            while parked and not dry and self._waiting:
+                in_flight = self._take_parked()
+                kept, got_jobs = await self._claim_round(in_flight)
+                self._waiting[:0] = kept  # back in front: still the oldest
+                self._in_round -= len(in_flight)
+                in_flight = []
+                dry = not got_jobs or bool(kept)
+            for i in range(0, len(fresh), self._max_batch):
+                batch = [r for r in fresh[i : i + self._max_batch] if not r.abandoned]
+                left += (await self._claim_round(batch))[0]
         except BaseException:
             # A crash (the supervisor restarts the pool) or cancellation: every
             # fetch not answered yet stays with the pool for the next run.
-            self._fresh = [r for r in candidates if not r.done.is_set()] + self._fresh
+            self._fresh = [r for r in in_flight + fresh if not r.done.is_set()] + self._fresh
+            self._in_round -= len(in_flight)
             raise
         finally:
             self._rounds -= 1
-            self._in_round -= len(candidates)
+            self._in_round -= len(fresh)
             self._wake.set()  # a round slot is free: arrivals may be waiting for it
-        self._waiting += left
-        self._earliest = min((r.deadline for r in left), default=self._earliest)
+        self._park(left)
 
-    async def _serve_batches(self, candidates: list[FetchRequest]) -> list[FetchRequest]:
-        """Claim rounds of up to max_batch fetches; returns those left waiting.
+    def _take_parked(self) -> list[FetchRequest]:
+        """Remove up to max_batch of the oldest parked fetches still waiting."""
+        batch: list[FetchRequest] = []
+        taken = 0
+        for request in self._waiting:
+            taken += 1
+            if request.done.is_set():
+                self._expired -= 1
+            elif not request.abandoned:
+                batch.append(request)
+                if len(batch) == self._max_batch:
+                    break
+        del self._waiting[:taken]
+        self._in_round += len(batch)
+        return batch
 
-        Once a round finds storage dry, later batches of fetches that were tried
-        before are not claimed for again; new ones always get their first round.
-        """
-        still: list[FetchRequest] = []
-        dry = False
-        for i in range(0, len(candidates), self._max_batch):
-            batch = candidates[i : i + self._max_batch]
-            if dry and all(r.tried for r in batch):
-                still += batch
-                continue
-            left, got_jobs = await self._claim_round(batch)
-            still += left
-            dry = dry or not got_jobs
-        return still
+    def _park(self, requests: list[FetchRequest]) -> None:
+        """Fetches after their first claim round, empty-handed: wait for jobs."""
+        self._waiting += requests
+        for request in requests:
+            self._parked_seq += 1
+            heapq.heappush(self._deadlines, (request.deadline, self._parked_seq, request))
 
     def _expire(self, now: float) -> None:
-        """Answer the parked fetches whose wait is over (a pass only when one is due)."""
-        if now < self._earliest:
-            return
-        still = []
-        for request in self._waiting:
-            if request.abandoned:
+        """Answer the parked fetches whose wait is over (one heap pop each)."""
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, request = heapq.heappop(self._deadlines)
+            if request.done.is_set() or request.abandoned:
                 continue
-            # A fetch that never had a claim round gets one before it may expire.
-            if request.tried and request.deadline <= now:
-                request.fulfil([])
-            else:
-                still.append(request)
-        self._waiting = still
-        self._earliest = min((r.deadline for r in still), default=math.inf)
+            if request.claiming:
+                continue  # its round answers it if the claim brings nothing
+            request.fulfil([])
+            self._expired += 1
+        # Drop answered and abandoned entries once they are most of the list.
+        if self._expired * 2 > len(self._waiting):
+            self._waiting = [r for r in self._waiting if not (r.done.is_set() or r.abandoned)]
+            self._expired = 0
 
     async def _claim_round(self, batch: list[FetchRequest]) -> tuple[list[FetchRequest], bool]:
         """One claim for ``batch``; returns the fetches left waiting and whether any got jobs."""
+        if not batch:
+            return [], False
+        for request in batch:
+            request.claiming = True
         try:
             results = await self._storage.claim([r.claim_request() for r in batch], self._clock())
         except OjsError as exc:
@@ -229,6 +267,9 @@ class FetcherPool:
             for request in batch:
                 request.fail(exc)
             return [], False
+        finally:
+            for request in batch:
+                request.claiming = False
         self._claims += 1
         now = trio.current_time()
         left: list[FetchRequest] = []
@@ -249,5 +290,5 @@ class FetcherPool:
         return left, any(results)
 
     def statistics(self) -> PoolStatistics:
-        waiting = len(self._waiting) + len(self._fresh) + self._in_round
+        waiting = len(self._waiting) - self._expired + len(self._fresh) + self._in_round
         return PoolStatistics(self.queues, waiting, self._claims, self._delivered)
