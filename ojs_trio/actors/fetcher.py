@@ -2,10 +2,13 @@
 
 HTTP handlers and embedded workers do not call storage to fetch.  They send a
 :class:`FetchRequest` to the pool for their queue set and wait for it to be
-filled.  The pool gathers every waiting request and serves them with one
-``Storage.claim`` call; requests that got nothing and asked to wait stay
-parked until a job arrives in one of the pool's queues (a wake-up from the
-engine, never a poll loop) or their deadline passes.
+filled.  The pool gathers the waiting requests and serves them with one
+``Storage.claim`` call per batch of up to ``max_batch``; requests that got
+nothing and asked to wait stay parked until a job arrives in one of the pool's
+queues (a wake-up from the engine; a re-check every ``IDLE_RECHECK`` covers a
+notification lost on a shared backend) or their deadline passes.  With many
+parked, the cost of a round grows with the jobs found, not with the fetches
+held.
 """
 
 from __future__ import annotations
@@ -158,7 +161,7 @@ class FetcherPool:
                         self._jobs_maybe = False
                         recheck_at = now + IDLE_RECHECK
                         parked = len(self._waiting) > self._expired
-                    # Without a wake, arrivals queue behind the parked fetches.
+                    # Without a wake or a re-check, only the arrivals get a round.
                     if parked or self._fresh:
                         fresh, self._fresh = self._fresh, []
                         self._rounds += 1
