@@ -484,6 +484,39 @@ async def test_parked_fetches_expire_each_at_its_own_deadline(
         assert engine.statistics().waiting_fetches == 0
 
 
+async def test_fetches_given_up_leave_the_count_at_once_and_the_pool_soon(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """200 of 300 parked long-polls are cancelled (their clients left): the waiting
+    count drops at once, the pool lets go of them within a re-check, and a job
+    that arrives goes to the oldest fetch still waiting."""
+    async with running_engine() as engine:
+        got: dict[int, list[Job]] = {}
+        scopes = [trio.CancelScope() for _ in range(300)]
+
+        async def long_poll(n: int) -> None:
+            with scopes[n]:
+                got[n] = await engine.fetch(["default"], worker_id=f"w{n}", wait_ms=30_000)
+
+        async with trio.open_nursery() as nursery:
+            for n in range(300):
+                nursery.start_soon(long_poll, n)
+                await trio.testing.wait_all_tasks_blocked()
+            for n in range(200):
+                scopes[n].cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            assert engine.statistics().waiting_fetches == 100
+            await trio.sleep(1.5)
+            (pool,) = engine._pools.values()
+            assert len(pool._waiting) == 100  # the given-up entries are gone
+            job = (await engine.enqueue("t.job")).job
+            await trio.testing.wait_all_tasks_blocked()
+            assert [n for n, jobs in got.items() if jobs] == [200]
+            assert got[200][0].id == job.id
+            assert engine.statistics().waiting_fetches == 99
+            nursery.cancel_scope.cancel()
+
+
 async def test_a_fetch_whose_wait_ends_during_its_claim_gets_the_claimed_job(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -47,7 +47,7 @@ class FetchRequest:
     done: trio.Event = field(default_factory=trio.Event)
     abandoned: bool = False
     tried: bool = False  # has a claim round looked for jobs for it yet?
-    claiming: bool = False  # in a claim round's storage call right now
+    parked: bool = False  # in the pool's list of parked fetches, still waiting
     error: OjsError | None = None  # the claim failed (e.g. the backend is down)
 
     def claim_request(self) -> ClaimRequest:
@@ -94,11 +94,11 @@ class FetcherPool:
         self._on_claimed = on_claimed
         self._max_batch = max_batch
         self.send_channel, self._receive = trio.open_memory_channel[FetchRequest](buffer)
-        # Parked fetches (tried at least once), oldest first.  Entries answered by
-        # _expire or abandoned by their fetcher stay until a round or a compaction
-        # passes them: nothing walks the whole list while fetches are held.
+        # Parked fetches (tried at least once), oldest first.  An entry whose wait
+        # ended or whose fetcher left (``parked`` false) stays until a round or a
+        # compaction passes it: nothing walks the whole list while fetches are held.
         self._waiting: list[FetchRequest] = []
-        self._expired = 0  # entries of _waiting answered by _expire, not removed yet
+        self._dead = 0  # entries of _waiting no longer parked, not removed yet
         self._deadlines: list[tuple[float, int, FetchRequest]] = []  # heap of parked fetches
         self._parked_seq = 0  # heap tie-breaker: requests do not compare
         self._fresh: list[FetchRequest] = []  # arrived since the last claim round
@@ -114,6 +114,13 @@ class FetcherPool:
         """Jobs may have become available in one of our queues."""
         self._jobs_maybe = True
         self._wake.set()
+
+    def abandon(self, request: FetchRequest) -> None:
+        """The fetcher gave up (e.g. its client went away): stop waiting for it."""
+        request.abandoned = True
+        if request.parked:
+            request.parked = False
+            self._dead += 1
 
     def drain(self) -> None:
         """Shutdown: answer every waiting fetch now (with whatever it has: nothing)."""
@@ -153,14 +160,14 @@ class FetcherPool:
                         if not request.done.is_set():
                             request.fulfil([])
                     self._waiting, self._fresh, self._deadlines = [], [], []
-                    self._expired = 0
+                    self._dead = 0
                 now = trio.current_time()
                 if self._rounds < CONCURRENT_ROUNDS:
                     parked = False
                     if self._jobs_maybe or now >= recheck_at:
                         self._jobs_maybe = False
                         recheck_at = now + IDLE_RECHECK
-                        parked = len(self._waiting) > self._expired
+                        parked = len(self._waiting) > self._dead
                     # Without a wake or a re-check, only the arrivals get a round.
                     if parked or self._fresh:
                         fresh, self._fresh = self._fresh, []
@@ -196,6 +203,8 @@ class FetcherPool:
             while parked and not dry and self._waiting:
                 in_flight = self._take_parked()
                 kept, got_jobs = await self._claim_round(in_flight)
+                for request in kept:
+                    request.parked = True  # its deadline is still in the heap
                 self._waiting[:0] = kept  # back in front: still the oldest
                 self._in_round -= len(in_flight)
                 in_flight = []
@@ -221,9 +230,11 @@ class FetcherPool:
         taken = 0
         for request in self._waiting:
             taken += 1
-            if request.done.is_set():
-                self._expired -= 1
-            elif not request.abandoned:
+            if not request.parked:
+                self._dead -= 1
+                continue
+            request.parked = False
+            if not request.abandoned:
                 batch.append(request)
                 if len(batch) == self._max_batch:
                     break
@@ -235,30 +246,33 @@ class FetcherPool:
         """Fetches after their first claim round, empty-handed: wait for jobs."""
         self._waiting += requests
         for request in requests:
+            request.parked = True
             self._parked_seq += 1
             heapq.heappush(self._deadlines, (request.deadline, self._parked_seq, request))
 
     def _expire(self, now: float) -> None:
-        """Answer the parked fetches whose wait is over (one heap pop each)."""
+        """Answer the parked fetches whose wait is over (one heap pop each).
+
+        A fetch in a claim round is not parked: its round answers it, with the
+        jobs the claim found if any.  An abandoned one stops being counted here.
+        """
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, request = heapq.heappop(self._deadlines)
-            if request.done.is_set() or request.abandoned:
+            if not request.parked:
                 continue
-            if request.claiming:
-                continue  # its round answers it if the claim brings nothing
-            request.fulfil([])
-            self._expired += 1
-        # Drop answered and abandoned entries once they are most of the list.
-        if self._expired * 2 > len(self._waiting):
-            self._waiting = [r for r in self._waiting if not (r.done.is_set() or r.abandoned)]
-            self._expired = 0
+            request.parked = False
+            self._dead += 1
+            if not request.abandoned:
+                request.fulfil([])
+        # Drop the entries no longer parked once they are most of the list.
+        if self._dead * 2 > len(self._waiting):
+            self._waiting = [r for r in self._waiting if r.parked]
+            self._dead = 0
 
     async def _claim_round(self, batch: list[FetchRequest]) -> tuple[list[FetchRequest], bool]:
         """One claim for ``batch``; returns the fetches left waiting and whether any got jobs."""
         if not batch:
             return [], False
-        for request in batch:
-            request.claiming = True
         try:
             results = await self._storage.claim([r.claim_request() for r in batch], self._clock())
         except OjsError as exc:
@@ -270,9 +284,6 @@ class FetcherPool:
             for request in batch:
                 request.fail(exc)
             return [], False
-        finally:
-            for request in batch:
-                request.claiming = False
         self._claims += 1
         now = trio.current_time()
         left: list[FetchRequest] = []
@@ -293,5 +304,5 @@ class FetcherPool:
         return left, any(results)
 
     def statistics(self) -> PoolStatistics:
-        waiting = len(self._waiting) - self._expired + len(self._fresh) + self._in_round
+        waiting = len(self._waiting) - self._dead + len(self._fresh) + self._in_round
         return PoolStatistics(self.queues, waiting, self._claims, self._delivered)

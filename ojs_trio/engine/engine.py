@@ -375,11 +375,12 @@ class Engine:
             visibility_ms=visibility_ms,
             deadline=trio.current_time() + wait,
         )
-        await self._pool_for(key).send_channel.send(request)
+        pool = self._pool_for(key)
+        await pool.send_channel.send(request)
         try:
             await request.done.wait()
         except BaseException:
-            request.abandoned = True
+            pool.abandon(request)
             if request.done.is_set() and request.jobs:
                 with trio.CancelScope(shield=True):
                     await self.release(request.jobs)
