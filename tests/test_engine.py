@@ -373,13 +373,10 @@ async def test_jobs_claimed_for_an_abandoned_fetch_are_handed_back(
         assert again.attempt == 1
 
 
-async def test_one_claim_call_serves_every_parked_fetch() -> None:
-    """20 long-polls parked on one queue set, then 20 jobs in one enqueue call: the
-    pool serves all the fetches with a single storage.claim carrying 20 requests."""
-    fetchers = 20
-    storage = MemoryStorage()
+def count_claims(storage: MemoryStorage) -> list[tuple[int, int]]:
+    """Record each storage.claim call as (requests carried, jobs returned)."""
     real_claim = storage.claim
-    calls: list[tuple[int, int]] = []  # per claim call: (requests carried, jobs returned)
+    calls: list[tuple[int, int]] = []
 
     async def counting_claim(requests: Sequence[Any], now: float) -> list[list[Job]]:
         results = await real_claim(requests, now)
@@ -387,6 +384,15 @@ async def test_one_claim_call_serves_every_parked_fetch() -> None:
         return results
 
     storage.claim = counting_claim  # type: ignore[method-assign]
+    return calls
+
+
+async def test_one_claim_call_serves_every_parked_fetch() -> None:
+    """20 long-polls parked on one queue set, then 20 jobs in one enqueue call: the
+    pool serves all the fetches with a single storage.claim carrying 20 requests."""
+    fetchers = 20
+    storage = MemoryStorage()
+    calls = count_claims(storage)
     async with open_engine(storage, EngineConfig(clock=wall)) as engine:
         got: list[list[Job]] = []
 
@@ -421,15 +427,7 @@ async def test_a_wake_claims_for_the_oldest_parked_fetches_until_one_comes_back_
     alone (a claim with an empty-handed fetch means storage is dry)."""
     parked = 1_100
     storage = MemoryStorage()
-    real_claim = storage.claim
-    calls: list[tuple[int, int]] = []  # per claim call: (requests carried, jobs returned)
-
-    async def counting_claim(requests: Sequence[Any], now: float) -> list[list[Job]]:
-        results = await real_claim(requests, now)
-        calls.append((len(requests), sum(len(jobs) for jobs in results)))
-        return results
-
-    storage.claim = counting_claim  # type: ignore[method-assign]
+    calls = count_claims(storage)
     async with open_engine(storage, EngineConfig(clock=wall)) as engine:
         got: dict[int, list[Job]] = {}
 
