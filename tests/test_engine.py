@@ -19,7 +19,7 @@ import pytest
 import trio
 import trio.testing
 
-from ojs_trio.actors.fetcher import CONCURRENT_ROUNDS
+from ojs_trio.actors.fetcher import CONCURRENT_ROUNDS, PROBE_BATCH
 from ojs_trio.engine.engine import Engine, EngineConfig, open_engine
 from ojs_trio.engine.errors import (
     BackendError,
@@ -446,10 +446,38 @@ async def test_a_wake_claims_for_the_oldest_parked_fetches_until_one_comes_back_
             assert calls == [(512, 3)]
             assert sorted(got) == [0, 1, 2]
             assert engine.statistics().waiting_fetches == parked - 3
-            # The idle re-check claims for one batch of the oldest, finds nothing, stops.
+            # The idle re-check claims for a few of the oldest, finds nothing, stops.
             calls.clear()
             await trio.sleep(1.5)
-            assert calls == [(512, 0)]
+            assert calls == [(PROBE_BATCH, 0)]
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_recheck_goes_on_past_its_probe_while_every_fetch_gets_a_job(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Jobs another process enqueued (no wake-up here) for half of 100 parked fetches:
+    the idle re-check's probe of the oldest all get one, so it goes on in a full
+    batch, and every job goes out in that one re-check."""
+    storage = MemoryStorage()
+    calls = count_claims(storage)
+    async with open_engine(storage, EngineConfig(clock=wall)) as engine:
+        got: dict[int, list[Job]] = {}
+
+        async def long_poll(n: int) -> None:
+            got[n] = await engine.fetch(["default"], worker_id=f"w{n}", wait_ms=30_000)
+
+        async with trio.open_nursery() as nursery:
+            for n in range(100):
+                nursery.start_soon(long_poll, n)
+                await trio.testing.wait_all_tasks_blocked()
+            calls.clear()
+            jobs = [parse_job({"type": "t.job", "args": [n]}, wall()) for n in range(50)]
+            await storage.enqueue(jobs, wall())
+            await trio.sleep(1.5)
+            assert calls == [(PROBE_BATCH, PROBE_BATCH), (100 - PROBE_BATCH, 50 - PROBE_BATCH)]
+            assert sorted(got) == list(range(50))
+            assert engine.statistics().waiting_fetches == 50
             nursery.cancel_scope.cancel()
 
 
