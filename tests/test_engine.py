@@ -387,6 +387,20 @@ def count_claims(storage: MemoryStorage) -> list[tuple[int, int]]:
     return calls
 
 
+async def park_in_order(engine: Engine, nursery: trio.Nursery, count: int) -> dict[int, list[Job]]:
+    """Start ``count`` long-polls on "default", each parked before the next starts;
+    what fetch ``n`` gets lands in the returned dict under ``n``."""
+    got: dict[int, list[Job]] = {}
+
+    async def long_poll(n: int) -> None:
+        got[n] = await engine.fetch(["default"], worker_id=f"w{n}", wait_ms=30_000)
+
+    for n in range(count):
+        nursery.start_soon(long_poll, n)
+        await trio.testing.wait_all_tasks_blocked()
+    return got
+
+
 async def test_one_claim_call_serves_every_parked_fetch() -> None:
     """20 long-polls parked on one queue set, then 20 jobs in one enqueue call: the
     pool serves all the fetches with a single storage.claim carrying 20 requests."""
@@ -429,15 +443,8 @@ async def test_a_wake_claims_for_the_oldest_parked_fetches_until_one_comes_back_
     storage = MemoryStorage()
     calls = count_claims(storage)
     async with open_engine(storage, EngineConfig(clock=wall)) as engine:
-        got: dict[int, list[Job]] = {}
-
-        async def long_poll(n: int) -> None:
-            got[n] = await engine.fetch(["default"], worker_id=f"w{n}", wait_ms=30_000)
-
         async with trio.open_nursery() as nursery:
-            for n in range(parked):
-                nursery.start_soon(long_poll, n)
-                await trio.testing.wait_all_tasks_blocked()  # parked in arrival order
+            got = await park_in_order(engine, nursery, parked)
             assert engine.statistics().waiting_fetches == parked
             calls.clear()
             jobs = [parse_job({"type": "t.job", "args": [n]}, wall()) for n in range(3)]
@@ -462,15 +469,8 @@ async def test_a_recheck_goes_on_past_its_probe_while_every_fetch_gets_a_job(
     storage = MemoryStorage()
     calls = count_claims(storage)
     async with open_engine(storage, EngineConfig(clock=wall)) as engine:
-        got: dict[int, list[Job]] = {}
-
-        async def long_poll(n: int) -> None:
-            got[n] = await engine.fetch(["default"], worker_id=f"w{n}", wait_ms=30_000)
-
         async with trio.open_nursery() as nursery:
-            for n in range(100):
-                nursery.start_soon(long_poll, n)
-                await trio.testing.wait_all_tasks_blocked()
+            got = await park_in_order(engine, nursery, 100)
             calls.clear()
             jobs = [parse_job({"type": "t.job", "args": [n]}, wall()) for n in range(50)]
             await storage.enqueue(jobs, wall())
