@@ -50,7 +50,6 @@ class FetchRequest:
     jobs: list[Job] = field(default_factory=list)
     done: trio.Event = field(default_factory=trio.Event)
     abandoned: bool = False
-    tried: bool = False  # has a claim round looked for jobs for it yet?
     parked: bool = False  # in the pool's list of parked fetches, still waiting
     error: OjsError | None = None  # the claim failed (e.g. the backend is down)
 
@@ -233,7 +232,7 @@ class FetcherPool:
         self._park(left)
 
     def _take_parked(self, limit: int) -> list[FetchRequest]:
-        """Remove up to ``limit`` of the oldest parked fetches still waiting."""
+        """Remove up to ``limit`` of the oldest parked fetches, and the dead before them."""
         batch: list[FetchRequest] = []
         taken = 0
         for request in self._waiting:
@@ -242,10 +241,9 @@ class FetcherPool:
                 self._dead -= 1
                 continue
             request.parked = False
-            if not request.abandoned:
-                batch.append(request)
-                if len(batch) == limit:
-                    break
+            batch.append(request)
+            if len(batch) == limit:
+                break
         del self._waiting[:taken]
         self._in_round += len(batch)
         return batch
@@ -262,7 +260,7 @@ class FetcherPool:
         """Answer the parked fetches whose wait is over (one heap pop each).
 
         A fetch in a claim round is not parked: its round answers it, with the
-        jobs the claim found if any.  An abandoned one stops being counted here.
+        jobs the claim found if any.  One given up (``abandon``) is not parked either.
         """
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, request = heapq.heappop(self._deadlines)
@@ -270,8 +268,7 @@ class FetcherPool:
                 continue
             request.parked = False
             self._dead += 1
-            if not request.abandoned:
-                request.fulfil([])
+            request.fulfil([])
         # Drop the entries no longer parked once they are most of the list.
         if self._dead * 2 > len(self._waiting):
             self._waiting = [r for r in self._waiting if r.parked]
@@ -297,7 +294,6 @@ class FetcherPool:
         left: list[FetchRequest] = []
         orphans: list[Job] = []
         for request, jobs in zip(batch, results, strict=True):
-            request.tried = True
             if request.abandoned:
                 # The fetcher gave up while we were claiming: hand the jobs back.
                 orphans.extend(jobs)
