@@ -59,9 +59,7 @@ async def test_health_reports_how_many_calls_each_group_commit_batch_carried(
 ) -> None:
     # Operators read the batch size (calls / batches) from /health to see whether
     # group commit is coalescing under their load.
-    storage = PostgresStorage(fresh_db, apply_migrations=False)
-    await storage.open()
-    try:
+    async with opened(fresh_db) as storage:
         async with trio.open_nursery() as nursery:
             for i in range(5):
                 nursery.start_soon(storage.enqueue, [make_job(args=[i])], T0)
@@ -70,14 +68,12 @@ async def test_health_reports_how_many_calls_each_group_commit_batch_carried(
             for job in claimed:
                 nursery.start_soon(storage.ack, job.id, "w", None, False, T0 + 1)
         group_commit = (await storage.ping())["group_commit"]
-        assert group_commit["enqueue"]["calls"] == 5
-        assert group_commit["settle"]["calls"] == 5
-        # Calls started in one scheduling round share a batch.
-        assert 1 <= group_commit["settle"]["batches"] < 5
-        assert group_commit["settle"]["largest_batch"] > 1
-        assert group_commit["heartbeat"] == {"calls": 0, "batches": 0, "largest_batch": 0}
-    finally:
-        await storage.aclose()
+    assert group_commit["enqueue"]["calls"] == 5
+    assert group_commit["settle"]["calls"] == 5
+    # Calls started in one scheduling round share a batch.
+    assert 1 <= group_commit["settle"]["batches"] < 5
+    assert group_commit["settle"]["largest_batch"] > 1
+    assert group_commit["heartbeat"] == {"calls": 0, "batches": 0, "largest_batch": 0}
 
 
 async def test_hot_queries_use_indexes_on_a_table_the_planner_has_not_analyzed(
